@@ -1,0 +1,36 @@
+"""ddetr: Deformable DETR with a native (C++/CUDA) multi-scale deformable attention core."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version as _dist_version
+
+import torch
+
+from ddetr import _ext
+from ddetr.models.ms_deform_attn import MSDeformAttn
+
+try:
+    __version__ = _dist_version("ddetr")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0+unknown"
+
+__all__ = ["MSDeformAttn", "build_info", "__version__"]
+
+
+def build_info() -> dict:
+    """How the native extension was built and what it will use at run time.
+
+    Keys: ``version``, ``native`` (the extension imported), ``cuda`` (CUDA kernels
+    compiled in), ``cuda_archs``, ``cuda_version``, ``openmp``, ``threads`` (what the
+    CPU kernels use: ``torch.get_num_threads()``), ``cpu_arch_flags``, ``max_levels``,
+    and ``import_error`` when the extension is missing.
+    """
+    info = {"version": __version__, "native": _ext.available()}
+    if _ext.available():
+        info.update(_ext._C.build_info())
+        info["version"] = __version__
+    else:
+        info.update(cuda=False, cuda_archs="", cuda_version="", openmp=False,
+                    import_error=str(_ext.IMPORT_ERROR))
+    info["threads"] = torch.get_num_threads()
+    return info

@@ -1,0 +1,127 @@
+"""``MSDeformAttn``: the multi-scale deformable attention module of Deformable DETR.
+
+Parameter names (``sampling_offsets``, ``attention_weights``, ``value_proj``,
+``output_proj``), constructor arguments and initialisation follow the official
+implementation, so its checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddetr.ops import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention.
+
+    Args:
+        d_model: channels of queries and values (divisible by ``n_heads``).
+        n_levels: feature levels sampled (L).
+        n_heads: attention heads (M).
+        n_points: sampling points per head and level (P).
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8,
+                 n_points: int = 4):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads),
+                        ("n_points", n_points)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Offsets start at zero weight; the bias points head m at angle 2*pi*m/M, scaled so
+        # the larger coordinate is 1, and point p at (p + 1) times that: a ring per head.
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        direction = torch.stack([angles.cos(), angles.sin()], -1)
+        direction = direction / direction.abs().max(-1, keepdim=True).values
+        scale = torch.arange(1, self.n_points + 1, dtype=torch.float32)
+        # (M, 2) -> (M, L, P, 2)
+        bias = direction[:, None, None, :] * scale[None, None, :, None]
+        bias = bias.expand(self.n_heads, self.n_levels, self.n_points, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(bias.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor,
+                input_spatial_shapes: Tensor, input_level_start_index: Tensor | None = None,
+                input_padding_mask: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            query: (N, Lq, d_model).
+            reference_points: (N, Lq, L, 2) normalised (x, y) centres, or (N, Lq, L, 4)
+                (cx, cy, w, h) boxes; offsets are then scaled by half the box size.
+            input_flatten: (N, S, d_model) flattened multi-scale features.
+            input_spatial_shapes: (L, 2) (H_l, W_l).
+            input_level_start_index: (L,) or None.
+            input_padding_mask: (N, S) bool, True on padding (those values are zeroed).
+
+        Returns:
+            (N, Lq, d_model).
+        """
+        n, lq, _ = query.shape
+        s = input_flatten.shape[1]
+        self._check(query, reference_points, input_flatten, input_spatial_shapes,
+                    input_padding_mask)
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        m, lv, p = self.n_heads, self.n_levels, self.n_points
+        # (N, S, d_model) -> (N, S, M, D)
+        value = value.view(n, s, m, self.d_model // m)
+        # (N, Lq, M*L*P*2) -> (N, Lq, M, L, P, 2)
+        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
+        # (N, Lq, M*L*P) -> softmax over L*P -> (N, Lq, M, L, P)
+        weights = F.softmax(self.attention_weights(query).view(n, lq, m, lv * p), -1)
+        weights = weights.view(n, lq, m, lv, p)
+        shapes = torch.as_tensor(input_spatial_shapes, device=query.device)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: normalise by (W, H)
+            normalizer = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(offsets.dtype)
+            locations = (reference_points[:, :, None, :, None, :]
+                         + offsets / normalizer[None, None, None, :, None, :])
+        else:
+            locations = (reference_points[:, :, None, :, None, :2] + offsets / p
+                         * reference_points[:, :, None, :, None, 2:] * 0.5)
+        out = ms_deform_attn(value, shapes, input_level_start_index, locations, weights)
+        return self.output_proj(out)
+
+    def _check(self, query, reference_points, input_flatten, shapes, padding_mask) -> None:
+        if query.dim() != 3 or query.shape[-1] != self.d_model:
+            raise ValueError(f"query: expected (N, Lq, {self.d_model}), got {tuple(query.shape)}")
+        n, lq = query.shape[:2]
+        if input_flatten.dim() != 3 or input_flatten.shape[0] != n \
+                or input_flatten.shape[-1] != self.d_model:
+            raise ValueError(f"input_flatten: expected ({n}, S, {self.d_model}), "
+                             f"got {tuple(input_flatten.shape)}")
+        if tuple(reference_points.shape[:3]) != (n, lq, self.n_levels) \
+                or reference_points.shape[-1] not in (2, 4) or reference_points.dim() != 4:
+            raise ValueError(f"reference_points: expected ({n}, {lq}, {self.n_levels}, 2 or 4), "
+                             f"got {tuple(reference_points.shape)}")
+        if len(shapes) != self.n_levels:
+            raise ValueError(f"input_spatial_shapes: expected {self.n_levels} levels, "
+                             f"got {len(shapes)}")
+        if padding_mask is not None and (padding_mask.dtype != torch.bool
+                                         or tuple(padding_mask.shape) != tuple(input_flatten.shape[:2])):
+            raise ValueError(f"input_padding_mask: expected a bool tensor of shape "
+                             f"{tuple(input_flatten.shape[:2])}, got {padding_mask.dtype} "
+                             f"{tuple(padding_mask.shape)}")
