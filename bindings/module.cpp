@@ -106,14 +106,14 @@ void forward(const std::string& dtype, const std::string& device, int device_ind
   }
 }
 
-size_t workspace_bytes(const std::string& device, const Sizes& sizes, const Levels& levels,
-                       bool deterministic) {
+size_t workspace_bytes(const std::string& device, int device_index, const Sizes& sizes,
+                       const Levels& levels, bool deterministic) {
   const MsdaShape s = make_shape(sizes, levels);
   if (device != "cuda") return 0;
 #ifdef DDETR_WITH_CUDA
-  return msda_backward_workspace_bytes_cuda(s, deterministic);
+  return msda_backward_workspace_bytes_cuda(s, deterministic, device_index);
 #else
-  (void)deterministic;
+  (void)deterministic; (void)device_index;
   no_cuda();
 #endif
 }

@@ -31,11 +31,18 @@
 namespace ddetr {
 namespace {
 
-int resolve_threads(int requested) {
+// Below this many samples a call takes microseconds and waking a thread team costs
+// more than it saves (and on a loaded machine a spinning OpenMP worker can hold the
+// core the caller needs for a whole scheduler slice).
+constexpr int64_t kSerialBelowSamples = 8192;
+
+int resolve_threads(int requested, int64_t samples) {
 #ifdef _OPENMP
+  if (samples < kSerialBelowSamples) return 1;
   return requested > 0 ? requested : omp_get_max_threads();
 #else
   (void)requested;
+  (void)samples;
   return 1;
 #endif
 }
@@ -57,8 +64,8 @@ void forward_query(const MsdaShape& s, const T* value_nm, Sample<T> smp, const T
     const T* level = value_nm + s.level_start[l] * row_stride;
     for (int64_t p = 0; p < s.P; ++p, ++i) {
       Bilinear<A> b;
-      const A x = smp.loc[2 * i], y = smp.loc[2 * i + 1];
-      if (!bilinear_setup(x, y, s.level_h[l], s.level_w[l], b)) continue;
+      if (!bilinear_setup(smp.loc[2 * i], smp.loc[2 * i + 1], s.level_h[l], s.level_w[l], b))
+        continue;
       const A a = smp.attn[i];
       const T* v[4];
       A w[4];
@@ -207,7 +214,8 @@ void msda_forward_cpu(const MsdaShape& s, const T* value, const Acc<T>* loc,
   validate(s);
   if (s.N * s.Lq * s.M * s.D == 0) return;
   with_head_size(s.D, [&](auto dc) {
-    forward<T, decltype(dc)::value>(s, value, loc, attn, out, resolve_threads(num_threads));
+    const int threads = resolve_threads(num_threads, s.N * s.Lq * s.M * s.L * s.P);
+    forward<T, decltype(dc)::value>(s, value, loc, attn, out, threads);
   });
 }
 
@@ -218,8 +226,9 @@ void msda_backward_cpu(const MsdaShape& s, const T* value, const Acc<T>* loc,
   validate(s);
   if (s.N * s.Lq * s.M == 0) return;
   with_head_size(s.D, [&](auto dc) {
+    const int threads = resolve_threads(num_threads, s.N * s.Lq * s.M * s.L * s.P);
     backward<T, decltype(dc)::value>(s, value, loc, attn, grad_out, grad_value, grad_loc,
-                                     grad_attn, resolve_threads(num_threads));
+                                     grad_attn, threads);
   });
 }
 

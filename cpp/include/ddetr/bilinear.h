@@ -36,29 +36,33 @@ template <class A> struct Bilinear {
 };
 
 // Fills `b` for the normalised location (x, y) on an H x W level. Returns false
-// when the location contributes nothing (outside the map, NaN or infinite).
+// when the location contributes nothing (outside the map, NaN or infinite); `b`
+// then holds four off-map corners. Branch-free, so a loop over samples that calls
+// it can keep several samples in flight (and vectorise).
 template <class A>
 DDETR_HD bool bilinear_setup(A x, A y, int64_t H, int64_t W, Bilinear<A>& b) {
   const A w = x * A(W) - A(0.5);
   const A h = y * A(H) - A(0.5);
-  if (!(h > A(-1) && w > A(-1) && h < A(H) && w < A(W))) return false;
-  const A h0f = floor_acc(h);
-  const A w0f = floor_acc(w);
+  const bool inside = h > A(-1) && w > A(-1) && h < A(H) && w < A(W);
+  // Pin positions off the map so floor and the integer conversion stay defined.
+  const A hc = inside ? h : A(-2), wc = inside ? w : A(-2);
+  const A h0f = floor_acc(hc), w0f = floor_acc(wc);
   const int64_t h0 = int64_t(h0f), w0 = int64_t(w0f);
-  const int64_t h1 = h0 + 1, w1 = w0 + 1;
-  b.ly = h - h0f;
-  b.lx = w - w0f;
+  b.ly = hc - h0f;
+  b.lx = wc - w0f;
   const A hy = A(1) - b.ly, hx = A(1) - b.lx;
-  const bool top = h0 >= 0, bottom = h1 <= H - 1, left = w0 >= 0, right = w1 <= W - 1;
+  // Inside the map h0 <= H - 1 and h0 + 1 >= 0, so one test per side is enough.
+  const bool top = inside && h0 >= 0, bottom = inside && h0 + 1 <= H - 1;
+  const bool left = w0 >= 0, right = w0 + 1 <= W - 1;
   b.pixel[0] = (top && left) ? h0 * W + w0 : -1;
-  b.pixel[1] = (top && right) ? h0 * W + w1 : -1;
-  b.pixel[2] = (bottom && left) ? h1 * W + w0 : -1;
-  b.pixel[3] = (bottom && right) ? h1 * W + w1 : -1;
+  b.pixel[1] = (top && right) ? h0 * W + w0 + 1 : -1;
+  b.pixel[2] = (bottom && left) ? (h0 + 1) * W + w0 : -1;
+  b.pixel[3] = (bottom && right) ? (h0 + 1) * W + w0 + 1 : -1;
   b.weight[0] = b.pixel[0] >= 0 ? hy * hx : A(0);
   b.weight[1] = b.pixel[1] >= 0 ? hy * b.lx : A(0);
   b.weight[2] = b.pixel[2] >= 0 ? b.ly * hx : A(0);
   b.weight[3] = b.pixel[3] >= 0 ? b.ly * b.lx : A(0);
-  return true;
+  return inside;
 }
 
 // Gradients of one weighted sample `attn * v(x, y)` given dot[k] = <g, v_k>

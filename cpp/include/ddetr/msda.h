@@ -54,7 +54,7 @@ void msda_backward_cpu(const MsdaShape& shape, const T* value, const Acc<T>* loc
 // Element types understood by the CUDA launchers (the CPU takes f32, f64, bf16).
 enum class DType { f32, f64, f16, bf16 };
 
-// CUDA launchers (cuda/msda_cuda.cu). `stream` is a cudaStream_t passed as an
+// CUDA launchers (cuda/msda_forward.cu, cuda/msda_backward*.cu). `stream` is a cudaStream_t passed as an
 // integer so this header stays free of CUDA includes; `device` is the CUDA
 // device index the pointers live on. Both throw std::runtime_error on CUDA errors.
 // loc, attn, grad_value, grad_loc and grad_attn are float for f32/f16/bf16 and
@@ -62,8 +62,9 @@ enum class DType { f32, f64, f16, bf16 };
 void msda_forward_cuda(DType dtype, const MsdaShape& shape, const void* value, const void* loc,
                        const void* attn, void* out, int device, uintptr_t stream);
 
-// Scratch bytes the backward needs (0 for the fast, atomic path).
-size_t msda_backward_workspace_bytes_cuda(const MsdaShape& shape, bool deterministic);
+// Scratch bytes the backward needs on `device` (0 for the fast, atomic path).
+size_t msda_backward_workspace_bytes_cuda(const MsdaShape& shape, bool deterministic,
+                                          int device);
 
 void msda_backward_cuda(DType dtype, const MsdaShape& shape, const void* value,
                         const void* loc, const void* attn, const void* grad_out,

@@ -131,7 +131,8 @@ def backward(grad_out: Tensor, value: Tensor, spatial_shapes: Tensor, level_star
     grad_value = torch.zeros(value.shape, dtype=acc_dtype(value.dtype), device=value.device)
     grad_loc = torch.empty_like(loc)
     grad_attn = torch.empty_like(attn)
-    ws_bytes = _ext._C.msda_backward_workspace_bytes(device, sizes, levels, deterministic)
+    ws_bytes = _ext._C.msda_backward_workspace_bytes(device, index, sizes, levels,
+                                                     deterministic)
     workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=value.device)
     _ext._C.msda_backward(_DTYPE_NAMES[value.dtype], device, index, sizes, levels,
                           value.data_ptr(), loc.data_ptr(), attn.data_ptr(), grad_out.data_ptr(),

@@ -1,0 +1,275 @@
+"""Shapes, inputs, timed calls and peak-memory probes for ``bench_msda.py``.
+
+Everything here runs inside one measurement (normally a fresh worker process), so it
+imports torch eagerly; the driver only needs the shape tables and ``measure``.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ddetr.ops import ms_deform_attn, ms_deform_attn_reference
+
+HEADS, HEAD_DIM, POINTS = 8, 32, 4
+STRIDES = (8, 16, 32, 64)      # the four levels Deformable DETR takes from the backbone
+NOISE_PX = 2.0                 # std of the per-level, per-point offset, in pixels of that level
+LOC_KINDS = ("realistic", "uniform")
+IMPLS = ("native", "native-bf16v", "reference", "dense")
+PASSES = ("fwd", "fwd+bwd")
+SEED = 0
+
+
+# ---------------------------------------------------------------- shapes
+
+def image_levels(height: int, width: int) -> list[list[int]]:
+    """(H_l, W_l) of each level: the image size divided by the stride, rounded up."""
+    return [[-(-height // s), -(-width // s)] for s in STRIDES]
+
+
+def make_shape(name: str, image, batch: int = 1, queries: int | None = None) -> dict:
+    """A benchmark geometry; ``queries=None`` means every token is a query (the encoder)."""
+    levels = image_levels(*image)
+    tokens = sum(h * w for h, w in levels)
+    return {"name": name, "image": list(image), "batch": batch, "levels": levels,
+            "tokens": tokens, "queries": queries or tokens, "all_tokens": queries is None,
+            "heads": HEADS, "head_dim": HEAD_DIM, "points": POINTS}
+
+
+def standard_shapes(quick: bool) -> dict[str, list[dict]]:
+    """Shape groups by CLI name; ``quick`` swaps in tiny images for a smoke run."""
+    image = (96, 128) if quick else (800, 1333)
+    sweep = ([(64, 64), (96, 128)] if quick else
+             [(256, 256), (384, 384), (512, 512), (640, 640), (800, 800), (800, 1333)])
+    return {"E1": [make_shape("E1", image)],
+            "E2": [make_shape("E2", image, batch=2)],
+            "D1": [make_shape("D1", image, queries=50 if quick else 300)],
+            "sweep": [make_shape(f"{h}x{w}", (h, w)) for h, w in sweep]}
+
+
+def geometry_key(shape: dict) -> tuple:
+    """Two shapes with the same key measure exactly the same thing (E1 and sweep 800x1333)."""
+    return (shape["batch"], tuple(map(tuple, shape["levels"])), shape["queries"],
+            shape["all_tokens"])
+
+
+def gather_bytes(shape: dict, impl: str, pass_: str, dtype: torch.dtype) -> int:
+    """Nominal bytes of value read by the bilinear gathers: 4 corners x D per sample.
+
+    fwd+bwd counts three sweeps (forward gather, backward gather, backward scatter-add).
+    """
+    elem = 2 if impl == "native-bf16v" else torch.empty((), dtype=dtype).element_size()
+    samples = (shape["batch"] * shape["queries"] * shape["heads"] * len(shape["levels"])
+               * shape["points"])
+    return samples * 4 * shape["head_dim"] * elem * (3 if pass_ == "fwd+bwd" else 1)
+
+
+# ---------------------------------------------------------------- inputs
+
+def query_positions(shape: dict, gen: torch.Generator) -> torch.Tensor:
+    """(Lq, 2) normalised (x, y) of each query.
+
+    Encoder: every token is a query at the centre of its own pixel on its own level.
+    Decoder: 300 learnt reference points, which end up spread over the image: uniform.
+    """
+    if not shape["all_tokens"]:
+        return torch.rand(shape["queries"], 2, generator=gen)
+    parts = []
+    for h, w in shape["levels"]:
+        y, x = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w,
+                              indexing="ij")
+        parts.append(torch.stack([x, y], dim=-1).reshape(-1, 2))
+    return torch.cat(parts)
+
+
+def sampling_locations(shape: dict, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """(N, Lq, M, L, P, 2) locations: 'realistic' (own position + a few pixels of noise
+    on every level) or 'uniform' (uniform in [0, 1], the cache-hostile worst case)."""
+    size = (shape["batch"], shape["queries"], shape["heads"], len(shape["levels"]),
+            shape["points"], 2)
+    if kind == "uniform":
+        return torch.rand(size, generator=gen)
+    ref = query_positions(shape, gen)[None, :, None, None, None, :]
+    # One pixel of each level in normalised units, shaped (L, 1, 2) to broadcast over P.
+    pixel = torch.tensor([[1.0 / w, 1.0 / h] for h, w in shape["levels"]])[:, None, :]
+    return ref + torch.randn(size, generator=gen) * (NOISE_PX * pixel)
+
+
+def msda_steps(shape: dict, impl: str, grad: bool, dtype, device) -> dict:
+    """One callable per location kind, each running the op once (and its backward)."""
+    gen = torch.Generator().manual_seed(SEED)
+    n, lq, m, d = shape["batch"], shape["queries"], shape["heads"], shape["head_dim"]
+    levels, points = shape["levels"], shape["points"]
+    value_dtype = torch.bfloat16 if impl == "native-bf16v" else dtype
+    # Locations and weights stay float32 (float64 for float64 runs): what the op computes in.
+    side_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    value = torch.randn(n, shape["tokens"], m, d, generator=gen).to(device, value_dtype)
+    logits = torch.randn(n, lq, m, len(levels) * points, generator=gen)
+    attn = logits.softmax(-1).view(n, lq, m, len(levels), points).to(device, side_dtype)
+    locs = {k: sampling_locations(shape, k, gen).to(device, side_dtype) for k in LOC_KINDS}
+    grad_out = torch.randn(n, lq, m * d, generator=gen).to(device, value_dtype)
+    spatial = torch.tensor(levels, dtype=torch.int64, device=device)
+    start = torch.cat([spatial.new_zeros(1), spatial.prod(1).cumsum(0)[:-1]])
+    fn = ms_deform_attn_reference if impl == "reference" else ms_deform_attn
+    return {kind: _make_step(fn, (value, spatial, start, loc, attn), (value, loc, attn),
+                             grad_out, grad)
+            for kind, loc in locs.items()}
+
+
+def dense_steps(shape: dict, grad: bool, dtype, device) -> dict:
+    """SDPA over all tokens as DETR's encoder (q = k = v = tokens), or Lq queries over them."""
+    gen = torch.Generator().manual_seed(SEED)
+    n, m, d = shape["batch"], shape["heads"], shape["head_dim"]
+    tokens = torch.randn(n, m, shape["tokens"], d, generator=gen).to(device, dtype)
+    q = tokens if shape["all_tokens"] else torch.randn(
+        n, m, shape["queries"], d, generator=gen).to(device, dtype)
+    grad_out = torch.randn(n, m, shape["queries"], d, generator=gen).to(device, dtype)
+    leaves = (tokens,) if q is tokens else (q, tokens)
+    return {"dense": _make_step(F.scaled_dot_product_attention, (q, tokens, tokens), leaves,
+                                grad_out, grad)}
+
+
+def _make_step(fn, args, leaves, grad_out, grad: bool):
+    """fwd: inference (no autograd graph kept). fwd+bwd: gradients of all leaves, discarded
+    right away so one step's peak memory never includes the previous step's gradients."""
+    if not grad:
+        def step():
+            with torch.no_grad():
+                fn(*args)
+        return step
+    for t in leaves:
+        t.requires_grad_(True)
+
+    def step():
+        torch.autograd.grad(fn(*args), leaves, grad_out)
+    return step
+
+
+# ---------------------------------------------------------------- timing and memory
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            begin.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakMemory:
+    """Peak memory growth over a ``with`` block.
+
+    CUDA: the caching allocator's ``max_memory_allocated`` minus what was allocated at entry
+    (the inputs). CPU: torch's CPU allocations bypass tracemalloc, so this is the growth of
+    the resident set's high-water mark (VmHWM) over the resident set at entry; writing 5 to
+    /proc/self/clear_refs resets the mark, so one process can measure several blocks. Where
+    that is not allowed it falls back to ``ru_maxrss``, which only works once per process.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_bytes = device, None
+
+    def __enter__(self):
+        _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda max_memory_allocated - allocated inputs"
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _proc_status_kb("VmRSS") * 1024
+            self.method = "VmHWM growth over VmRSS at start (clear_refs reset)"
+        except OSError:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.method = "ru_maxrss growth"
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.method.startswith("VmHWM"):
+            peak = _proc_status_kb("VmHWM") * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.peak_bytes = max(0, peak - self.base)
+        return False
+
+
+def limit_address_space(fraction: float = 0.85) -> None:
+    """Turn a CPU allocation beyond the free RAM into a catchable RuntimeError rather than
+    a visit from the OOM killer (which might pick another process). CPU workers only:
+    CUDA reserves far more address space than it uses."""
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+    limit = (_proc_status_kb("VmSize") + int(fraction * info["MemAvailable"])) * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard == resource.RLIM_INFINITY or limit < hard:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return (isinstance(exc, MemoryError) or "out of memory" in text
+            or "can't allocate memory" in text or "cannot allocate memory" in text)
+
+
+def measure(spec: dict) -> dict:
+    """Time and memory of one (shape, impl, pass): ``{"ok", "times_ms", "peak_mb", ...}``."""
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    shape, impl, grad = spec["shape"], spec["impl"], spec["pass"] == "fwd+bwd"
+    result = {"ok": True, "times_ms": {}, "median_ms": {}, "peak_mb": {}}
+    build = (lambda shp: dense_steps(shp, grad, dtype, device)) if impl == "dense" else (
+        lambda shp: msda_steps(shp, impl, grad, dtype, device))
+    try:
+        # Prime on a tiny input first: the op's first call imports torch._dynamo (seconds,
+        # ~70 MB of RSS), which is neither the op's time nor its memory.
+        for step in build(make_shape("prime", (64, 64))).values():
+            step()
+        steps = build(shape)
+        if spec.get("guard_memory") and device.type == "cpu":
+            limit_address_space()
+        for kind, step in steps.items():
+            with PeakMemory(device) as mem:
+                times = time_step(step, device, spec["warmup"], spec["repeats"])
+            result["times_ms"][kind] = times
+            result["median_ms"][kind] = statistics.median(times)
+            result["peak_mb"][kind] = mem.peak_bytes / 2**20
+            result["memory_method"] = mem.method
+    except (RuntimeError, MemoryError) as exc:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        reason = "out of memory" if _is_oom(exc) else "failed"
+        return {"ok": False, "error": f"{reason}: {str(exc).splitlines()[0][:160]}"}
+    return result
