@@ -1,4 +1,5 @@
 // Argument checks of the MSDA contract, shared by every backend.
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -32,6 +33,9 @@ void validate(const MsdaShape& s) {
     if (s.level_h[l] < 1 || s.level_w[l] < 1)
       fail("spatial_shapes: " + level + " has size (" + std::to_string(s.level_h[l]) + ", " +
            std::to_string(s.level_w[l]) + "); every H and W must be >= 1");
+    if (s.level_h[l] > INT32_MAX / s.level_w[l])
+      fail("spatial_shapes: " + level + " has " + std::to_string(s.level_h[l]) + " x " +
+           std::to_string(s.level_w[l]) + " pixels; at most 2^31 - 1 per level are supported");
     if (s.level_start[l] != total)
       fail("level_start_index: " + level + " starts at " + std::to_string(s.level_start[l]) +
            " but the levels before it hold " + std::to_string(total) + " rows");

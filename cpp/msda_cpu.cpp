@@ -1,12 +1,18 @@
 // CPU kernels of multi-scale deformable attention (layouts in ddetr/msda.h, the
 // sampling math in ddetr/bilinear.h).
 //
-// Forward: out[n, q, m, :] = sum_{l, p} attn * sum_k weight_k * value[row_k, m, :].
+// Both passes work in two phases per query:
+//   1. corner setup, vectorised across the query's samples: bilinear_setup for each
+//      sample, then the element offsets of its four corners and their weights
+//      (folded with the attention weight), into small per-thread SoA arrays;
+//   2. the channel loops: per sample, four gathers of D contiguous channels.
+// Phase 1 is most of the instructions of a naive loop (floor, compares, index
+// math); vectorised it costs a few per sample. Corners off the map get the offset
+// of a per-thread row of zeros, so phase 2 has no branch on the channels.
+//
+// Forward: out[n, q, m, :] = sum_{l, p} sum_k (attn * weight_k) * value[row_k, m, :].
 //   Threads split the (n, q) pairs (consecutive queries are neighbouring pixels, so
-//   a thread's gathers stay in a small window of the value map). Per sample the
-//   four corner weights are folded with the attention weight once, then one loop
-//   over the D channels does four FMAs per channel; corners off the map point at a
-//   row of zeros instead of branching, so that loop has no branch and vectorises.
+//   a thread's gathers stay in a small window of the value map).
 //
 // Backward: per sample, one pass over the channels computes the four corner dot
 //   products <grad_out, value_k> and scatters attn * weight_k * grad_out into
@@ -18,6 +24,7 @@
 //
 // D is a template argument for the common head sizes so the channel loops have a
 // constant trip count; other sizes take the runtime-D instantiation.
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -47,120 +54,182 @@ int resolve_threads(int requested, int64_t samples) {
 #endif
 }
 
-template <class T> struct Sample {
-  const Acc<T>* loc;   // (x, y) of sample 0 of this (n, q, m), then the next ones
-  const Acc<T>* attn;  // attention weight of sample 0
+// Address arithmetic in bytes from one base, so a corner off the map can point at a
+// row of zeros elsewhere in memory with the same add as a corner on the map.
+template <class T> const T* at(const void* base, intptr_t offset) {
+  return reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(base) + uintptr_t(offset));
+}
+
+// Level size and head offset of each (m, l, p) sample: constant over queries.
+struct SampleTable {
+  std::vector<int32_t> h, w;
+  std::vector<intptr_t> head;  // bytes from value[n] to value[n, level_start_l, m, 0]
+  intptr_t pixel_bytes;        // a pixel step: M * D elements
+  explicit SampleTable(const MsdaShape& s, size_t elem_bytes) {
+    for (int64_t m = 0; m < s.M; ++m)
+      for (int64_t l = 0; l < s.L; ++l)
+        for (int64_t p = 0; p < s.P; ++p) {
+          h.push_back(int32_t(s.level_h[l]));
+          w.push_back(int32_t(s.level_w[l]));
+          head.push_back(intptr_t((s.level_start[l] * s.M + m) * s.D) * intptr_t(elem_bytes));
+        }
+    pixel_bytes = intptr_t(s.M * s.D) * intptr_t(elem_bytes);
+  }
 };
 
-template <class T, int DC>
-void forward_query(const MsdaShape& s, const T* value_nm, Sample<T> smp, const T* zero_row,
-                   Acc<T>* acc, T* out) {
-  using A = Acc<T>;
-  const int64_t D = DC ? DC : s.D;
-  const int64_t row_stride = s.M * s.D;  // value rows are (S, M, D): a pixel step is M*D
-  for (int64_t c = 0; c < D; ++c) acc[c] = A(0);
-  int64_t i = 0;
-  for (int64_t l = 0; l < s.L; ++l) {
-    const T* level = value_nm + s.level_start[l] * row_stride;
-    for (int64_t p = 0; p < s.P; ++p, ++i) {
-      Bilinear<A> b;
-      if (!bilinear_setup(smp.loc[2 * i], smp.loc[2 * i + 1], s.level_h[l], s.level_w[l], b))
-        continue;
-      const A a = smp.attn[i];
-      const T* v[4];
-      A w[4];
-      for (int k = 0; k < 4; ++k) {
-        v[k] = b.pixel[k] >= 0 ? level + b.pixel[k] * row_stride : zero_row;
-        w[k] = a * b.weight[k];
-      }
-#pragma omp simd
-      for (int64_t c = 0; c < D; ++c)
-        acc[c] += w[0] * to_acc(v[0][c]) + w[1] * to_acc(v[1][c]) + w[2] * to_acc(v[2][c]) +
-                  w[3] * to_acc(v[3][c]);
+// Phase 1 output for up to M*L*P samples (structure of arrays for vector stores).
+template <class A> struct Corners {
+  std::vector<intptr_t> off[4];  // bytes from the base of value[n] (or to the zero row)
+  std::vector<A> w[4];           // attn * bilinear weight
+  std::vector<A> raw[4];         // bilinear weight alone (backward)
+  std::vector<A> ly, lx;         // fractional parts (backward)
+  std::vector<uint8_t> inside;   // the sample is on the map (backward)
+  explicit Corners(int64_t n) : ly(n), lx(n), inside(n) {
+    for (int k = 0; k < 4; ++k) {
+      off[k].resize(n);
+      w[k].resize(n);
+      raw[k].resize(n);
     }
   }
-  for (int64_t c = 0; c < D; ++c) out[c] = from_acc<T>(acc[c]);
+};
+
+// Samples [first, first + count) of the table for one query: loc / attn point at
+// the first of them. `zero` is the byte offset from `base` to the zero row.
+template <class A>
+void setup_corners(const SampleTable& t, int64_t first, int64_t count, const A* loc,
+                   const A* attn, intptr_t zero, Corners<A>& c) {
+  // Raw pointers: the vectoriser does not see through std::vector inside the loop.
+  const int32_t *h = t.h.data() + first, *w = t.w.data() + first;
+  const intptr_t* head = t.head.data() + first;
+  const intptr_t pixel_bytes = t.pixel_bytes;
+  intptr_t *off0 = c.off[0].data(), *off1 = c.off[1].data(), *off2 = c.off[2].data(),
+           *off3 = c.off[3].data();
+  A *w0 = c.w[0].data(), *w1 = c.w[1].data(), *w2 = c.w[2].data(), *w3 = c.w[3].data();
+  A *r0 = c.raw[0].data(), *r1 = c.raw[1].data(), *r2 = c.raw[2].data(), *r3 = c.raw[3].data();
+  A *ly = c.ly.data(), *lx = c.lx.data();
+  uint8_t* inside = c.inside.data();
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) {
+    Bilinear<A> b;
+    inside[j] = bilinear_setup(loc[2 * j], loc[2 * j + 1], h[j], w[j], b);
+    ly[j] = b.ly;
+    lx[j] = b.lx;
+    off0[j] = b.pixel[0] >= 0 ? head[j] + intptr_t(b.pixel[0]) * pixel_bytes : zero;
+    off1[j] = b.pixel[1] >= 0 ? head[j] + intptr_t(b.pixel[1]) * pixel_bytes : zero;
+    off2[j] = b.pixel[2] >= 0 ? head[j] + intptr_t(b.pixel[2]) * pixel_bytes : zero;
+    off3[j] = b.pixel[3] >= 0 ? head[j] + intptr_t(b.pixel[3]) * pixel_bytes : zero;
+    const A a = attn[j];
+    w0[j] = a * b.weight[0];
+    w1[j] = a * b.weight[1];
+    w2[j] = a * b.weight[2];
+    w3[j] = a * b.weight[3];
+    r0[j] = b.weight[0];
+    r1[j] = b.weight[1];
+    r2[j] = b.weight[2];
+    r3[j] = b.weight[3];
+  }
 }
 
 template <class T, int DC>
 void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>* attn, T* out,
              int threads) {
-  const int64_t samples = s.L * s.P;  // per (n, q, m)
+  using A = Acc<T>;
+  const int64_t D = DC ? DC : s.D;
+  const int64_t lp = s.L * s.P, samples = s.M * lp;  // per (n, q, m) and per (n, q)
   const int64_t pairs = s.N * s.Lq;
+  const SampleTable table(s, sizeof(T));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<Acc<T>> acc(s.D);
-    std::vector<T> zero_row(s.D, from_acc<T>(Acc<T>(0)));
+    std::vector<A> acc(D);
+    std::vector<T> zero_row(D, from_acc<T>(A(0)));
+    Corners<A> c(samples);
 #pragma omp for schedule(static)
     for (int64_t nq = 0; nq < pairs; ++nq) {
-      const int64_t n = nq / s.Lq;
+      const T* value_n = value + (nq / s.Lq) * s.S * s.M * s.D;
+      const intptr_t zero = intptr_t(reinterpret_cast<uintptr_t>(zero_row.data()) -
+                                     reinterpret_cast<uintptr_t>(value_n));
+      setup_corners(table, 0, samples, loc + 2 * nq * samples, attn + nq * samples, zero, c);
       for (int64_t m = 0; m < s.M; ++m) {
-        const int64_t nqm = nq * s.M + m;
-        const Sample<T> smp{loc + 2 * nqm * samples, attn + nqm * samples};
-        forward_query<T, DC>(s, value + (n * s.S * s.M + m) * s.D, smp, zero_row.data(),
-                             acc.data(), out + nqm * s.D);
+        for (int64_t ch = 0; ch < D; ++ch) acc[ch] = A(0);
+        for (int64_t j = m * lp; j < (m + 1) * lp; ++j) {
+          const T* v0 = at<T>(value_n, c.off[0][j]);
+          const T* v1 = at<T>(value_n, c.off[1][j]);
+          const T* v2 = at<T>(value_n, c.off[2][j]);
+          const T* v3 = at<T>(value_n, c.off[3][j]);
+          const A w0 = c.w[0][j], w1 = c.w[1][j], w2 = c.w[2][j], w3 = c.w[3][j];
+#pragma omp simd
+          for (int64_t ch = 0; ch < D; ++ch)
+            acc[ch] += w0 * to_acc(v0[ch]) + w1 * to_acc(v1[ch]) + w2 * to_acc(v2[ch]) +
+                       w3 * to_acc(v3[ch]);
+        }
+        T* o = out + (nq * s.M + m) * D;
+        for (int64_t ch = 0; ch < D; ++ch) o[ch] = from_acc<T>(acc[ch]);
       }
     }
   }
 }
 
-template <class T> struct BackwardBuffers {
-  const T* value_nm;      // value[n, 0, m, :]
-  Acc<T>* grad_value_nm;  // grad_value[n, 0, m, :]
-  const T* zero_row;      // D zeros, read for corners off the map
-  Acc<T>* dummy_rows;     // 4 x D scratch, written for corners off the map
-  Acc<T>* g;              // D: grad_out row in the accumulation type
+// Per-thread buffers of the backward.
+template <class T> struct BackwardScratch {
+  std::vector<T> zero_row;          // read for corners off the map
+  std::vector<Acc<T>> dummy;        // 4 rows, written for corners off the map
+  std::vector<Acc<T>> g;            // grad_out row in the accumulation type
+  Corners<Acc<T>> corners;
+  BackwardScratch(int64_t D, int64_t lp)
+      : zero_row(D, from_acc<T>(Acc<T>(0))), dummy(4 * D), g(D), corners(lp) {}
 };
 
-// All samples of one (n, q, m): reads grad_out row `g`, writes grad_value and the
-// L*P location/attention gradients.
+// All samples of one (n, q, m), whose corners are set up in `c`: dots and scatter,
+// then the location and attention gradients of each sample.
 template <class T, int DC>
-void backward_query(const MsdaShape& s, const BackwardBuffers<T>& buf, Sample<T> smp,
+void backward_query(const MsdaShape& s, int64_t l_first_sample, const T* value_n,
+                    Acc<T>* grad_value_n, BackwardScratch<T>& buf, const Acc<T>* attn,
                     Acc<T>* grad_loc, Acc<T>* grad_attn) {
   using A = Acc<T>;
   const int64_t D = DC ? DC : s.D;
-  const int64_t row_stride = s.M * s.D;
-  const A* g = buf.g;
-  int64_t i = 0;
-  for (int64_t l = 0; l < s.L; ++l) {
-    const T* level = buf.value_nm + s.level_start[l] * row_stride;
-    A* grad_level = buf.grad_value_nm + s.level_start[l] * row_stride;
-    for (int64_t p = 0; p < s.P; ++p, ++i) {
-      Bilinear<A> b;
-      const A x = smp.loc[2 * i], y = smp.loc[2 * i + 1];
-      if (!bilinear_setup(x, y, s.level_h[l], s.level_w[l], b)) {
-        grad_attn[i] = grad_loc[2 * i] = grad_loc[2 * i + 1] = A(0);
-        continue;
-      }
-      const A a = smp.attn[i];
-      const T* v[4];
-      A* gv[4];
-      A w[4];
-      for (int k = 0; k < 4; ++k) {
-        const bool on_map = b.pixel[k] >= 0;
-        v[k] = on_map ? level + b.pixel[k] * row_stride : buf.zero_row;
-        gv[k] = on_map ? grad_level + b.pixel[k] * row_stride : buf.dummy_rows + k * s.D;
-        w[k] = a * b.weight[k];
-      }
-      A d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-      for (int64_t c = 0; c < D; ++c) {
-        const A gc = g[c];
-        d0 += gc * to_acc(v[0][c]);
-        d1 += gc * to_acc(v[1][c]);
-        d2 += gc * to_acc(v[2][c]);
-        d3 += gc * to_acc(v[3][c]);
-        gv[0][c] += w[0] * gc;
-        gv[1][c] += w[1] * gc;
-        gv[2][c] += w[2] * gc;
-        gv[3][c] += w[3] * gc;
-      }
-      const A dot[4] = {d0, d1, d2, d3};
-      const SampleGrad<A> sg = bilinear_backward(b, dot, a, s.level_h[l], s.level_w[l]);
-      grad_attn[i] = sg.attn;
-      grad_loc[2 * i] = sg.x;
-      grad_loc[2 * i + 1] = sg.y;
+  const Corners<A>& c = buf.corners;
+  const A* g = buf.g.data();
+  // Scatter targets: the element of grad_value[n] matching the value corner; byte
+  // offsets scale by the element sizes (2x for bf16 values with float gradients).
+  constexpr intptr_t scale = intptr_t(sizeof(A) / sizeof(T));
+  for (int64_t j = 0; j < s.L * s.P; ++j) {
+    const T* v[4];
+    A* gv[4];
+    for (int k = 0; k < 4; ++k) {
+      v[k] = at<T>(value_n, c.off[k][j]);
+      gv[k] = v[k] == buf.zero_row.data()
+                  ? buf.dummy.data() + k * D
+                  : const_cast<A*>(at<A>(grad_value_n, c.off[k][j] * scale));
     }
+    const A w0 = c.w[0][j], w1 = c.w[1][j], w2 = c.w[2][j], w3 = c.w[3][j];
+    A d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+    for (int64_t ch = 0; ch < D; ++ch) {
+      const A gc = g[ch];
+      d0 += gc * to_acc(v[0][ch]);
+      d1 += gc * to_acc(v[1][ch]);
+      d2 += gc * to_acc(v[2][ch]);
+      d3 += gc * to_acc(v[3][ch]);
+      gv[0][ch] += w0 * gc;
+      gv[1][ch] += w1 * gc;
+      gv[2][ch] += w2 * gc;
+      gv[3][ch] += w3 * gc;
+    }
+    if (!c.inside[j]) {  // explicit zeros: a non-finite attn must not make them NaN
+      grad_attn[j] = grad_loc[2 * j] = grad_loc[2 * j + 1] = A(0);
+      continue;
+    }
+    Bilinear<A> b;
+    for (int k = 0; k < 4; ++k) b.weight[k] = c.raw[k][j];
+    b.ly = c.ly[j];
+    b.lx = c.lx[j];
+    const int64_t l = (l_first_sample + j) / s.P % s.L;
+    const A dot[4] = {d0, d1, d2, d3};
+    const SampleGrad<A> sg = bilinear_backward(b, dot, attn[j], int32_t(s.level_h[l]),
+                                                 int32_t(s.level_w[l]));
+    grad_attn[j] = sg.attn;
+    grad_loc[2 * j] = sg.x;
+    grad_loc[2 * j + 1] = sg.y;
   }
 }
 
@@ -168,27 +237,29 @@ template <class T, int DC>
 void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>* attn,
               const T* grad_out, Acc<T>* grad_value, Acc<T>* grad_loc, Acc<T>* grad_attn,
               int threads) {
-  const int64_t samples = s.L * s.P;
+  using A = Acc<T>;
+  const int64_t lp = s.L * s.P;
   const int64_t heads = s.N * s.M;
+  const SampleTable table(s, sizeof(T));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> zero_row(s.D, from_acc<T>(Acc<T>(0)));
-    std::vector<Acc<T>> scratch(5 * s.D);  // 4 dummy rows + the grad_out row
-    BackwardBuffers<T> buf{nullptr, nullptr, zero_row.data(), scratch.data(),
-                           scratch.data() + 4 * s.D};
+    BackwardScratch<T> buf(s.D, lp);
     // Whole heads per thread: see the file comment for why this is race-free.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t nm = 0; nm < heads; ++nm) {
       const int64_t n = nm / s.M, m = nm % s.M;
-      buf.value_nm = value + (n * s.S * s.M + m) * s.D;
-      buf.grad_value_nm = grad_value + (n * s.S * s.M + m) * s.D;
+      const T* value_n = value + n * s.S * s.M * s.D;
+      A* grad_value_n = grad_value + n * s.S * s.M * s.D;
+      const intptr_t zero = intptr_t(reinterpret_cast<uintptr_t>(buf.zero_row.data()) -
+                                     reinterpret_cast<uintptr_t>(value_n));
       for (int64_t q = 0; q < s.Lq; ++q) {
         const int64_t nqm = (n * s.Lq + q) * s.M + m;
         const T* go = grad_out + nqm * s.D;
-        for (int64_t c = 0; c < s.D; ++c) buf.g[c] = to_acc(go[c]);
-        const Sample<T> smp{loc + 2 * nqm * samples, attn + nqm * samples};
-        backward_query<T, DC>(s, buf, smp, grad_loc + 2 * nqm * samples,
-                              grad_attn + nqm * samples);
+        for (int64_t ch = 0; ch < s.D; ++ch) buf.g[ch] = to_acc(go[ch]);
+        setup_corners(table, m * lp, lp, loc + 2 * nqm * lp, attn + nqm * lp, zero,
+                      buf.corners);
+        backward_query<T, DC>(s, m * lp, value_n, grad_value_n, buf, attn + nqm * lp,
+                              grad_loc + 2 * nqm * lp, grad_attn + nqm * lp);
       }
     }
   }

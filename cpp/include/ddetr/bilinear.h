@@ -28,9 +28,18 @@
 
 namespace ddetr {
 
+// floor for |x| < 2^31 through truncation, which SIMD units do natively (a libm
+// floor call would stop a loop over samples from vectorising).
+template <class A> DDETR_HD int32_t floor_to_int(A x) {
+  const int32_t t = int32_t(x);
+  return t - int32_t(x < A(t));
+}
+
 // Corners in the order 00, 01, 10, 11 (row offset, column offset).
+// Pixel indices are 32-bit (validate() caps a level at 2^31 - 1 pixels): SIMD units
+// convert between float and int32 natively, which lets CPU loops over samples vectorise.
 template <class A> struct Bilinear {
-  int64_t pixel[4];  // y * W + x within the level; -1 when the corner is off the map
+  int32_t pixel[4];  // y * W + x within the level; -1 when the corner is off the map
   A weight[4];       // bilinear weight, 0 for corners off the map
   A ly, lx;          // fractional parts, kept for the gradient
 };
@@ -40,28 +49,29 @@ template <class A> struct Bilinear {
 // then holds four off-map corners. Branch-free, so a loop over samples that calls
 // it can keep several samples in flight (and vectorise).
 template <class A>
-DDETR_HD bool bilinear_setup(A x, A y, int64_t H, int64_t W, Bilinear<A>& b) {
+DDETR_HD bool bilinear_setup(A x, A y, int32_t H, int32_t W, Bilinear<A>& b) {
   const A w = x * A(W) - A(0.5);
   const A h = y * A(H) - A(0.5);
-  const bool inside = h > A(-1) && w > A(-1) && h < A(H) && w < A(W);
-  // Pin positions off the map so floor and the integer conversion stay defined.
+  const bool inside = (h > A(-1)) & (w > A(-1)) & (h < A(H)) & (w < A(W));
+  // Pin positions off the map so the integer conversion stays defined (NaN, inf).
   const A hc = inside ? h : A(-2), wc = inside ? w : A(-2);
-  const A h0f = floor_acc(hc), w0f = floor_acc(wc);
-  const int64_t h0 = int64_t(h0f), w0 = int64_t(w0f);
-  b.ly = hc - h0f;
-  b.lx = wc - w0f;
+  const int32_t h0 = floor_to_int(hc), w0 = floor_to_int(wc);
+  b.ly = hc - A(h0);
+  b.lx = wc - A(w0);
   const A hy = A(1) - b.ly, hx = A(1) - b.lx;
   // Inside the map h0 <= H - 1 and h0 + 1 >= 0, so one test per side is enough.
-  const bool top = inside && h0 >= 0, bottom = inside && h0 + 1 <= H - 1;
-  const bool left = w0 >= 0, right = w0 + 1 <= W - 1;
-  b.pixel[0] = (top && left) ? h0 * W + w0 : -1;
-  b.pixel[1] = (top && right) ? h0 * W + w0 + 1 : -1;
-  b.pixel[2] = (bottom && left) ? (h0 + 1) * W + w0 : -1;
-  b.pixel[3] = (bottom && right) ? (h0 + 1) * W + w0 + 1 : -1;
-  b.weight[0] = b.pixel[0] >= 0 ? hy * hx : A(0);
-  b.weight[1] = b.pixel[1] >= 0 ? hy * b.lx : A(0);
-  b.weight[2] = b.pixel[2] >= 0 ? b.ly * hx : A(0);
-  b.weight[3] = b.pixel[3] >= 0 ? b.ly * b.lx : A(0);
+  // Masks as 0/1 integers rather than branches or selects: the loops over samples
+  // that call this stay branch-free and vectorise.
+  const int32_t top = int32_t(inside) & int32_t(h0 >= 0);
+  const int32_t bottom = int32_t(inside) & int32_t(h0 + 1 <= H - 1);
+  const int32_t left = int32_t(w0 >= 0), right = int32_t(w0 + 1 <= W - 1);
+  const int32_t on[4] = {top & left, top & right, bottom & left, bottom & right};
+  const int32_t pix[4] = {h0 * W + w0, h0 * W + w0 + 1, (h0 + 1) * W + w0, (h0 + 1) * W + w0 + 1};
+  const A wt[4] = {hy * hx, hy * b.lx, b.ly * hx, b.ly * b.lx};
+  for (int k = 0; k < 4; ++k) {
+    b.pixel[k] = on[k] * (pix[k] + 1) - 1;  // -1 off the map
+    b.weight[k] = A(on[k]) * wt[k];
+  }
   return inside;
 }
 
@@ -73,7 +83,7 @@ template <class A> struct SampleGrad {
 
 template <class A>
 DDETR_HD SampleGrad<A> bilinear_backward(const Bilinear<A>& b, const A dot[4], A attn,
-                                         int64_t H, int64_t W) {
+                                         int32_t H, int32_t W) {
   const A hy = A(1) - b.ly, hx = A(1) - b.lx;
   SampleGrad<A> g;
   g.attn = b.weight[0] * dot[0] + b.weight[1] * dot[1] + b.weight[2] * dot[2] +

@@ -5,7 +5,6 @@
 // double, float for everything else.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -51,9 +50,6 @@ DDETR_HD uint32_t float_to_bits(float f) {
 DDETR_HD float to_acc(bf16 x) { return bits_to_float(uint32_t(x.bits) << 16); }
 DDETR_HD float to_acc(float x) { return x; }
 DDETR_HD double to_acc(double x) { return x; }
-
-DDETR_HD float floor_acc(float x) { return floorf(x); }
-DDETR_HD double floor_acc(double x) { return ::floor(x); }
 
 // Round to nearest even, NaN kept quiet (what torch does for float -> bfloat16).
 DDETR_HD bf16 to_bf16(float f) {

@@ -1,0 +1,257 @@
+// CPU kernels of multi-scale flattening and of the encoder reference points (the
+// math and layouts are in ddetr/flatten.h).
+//
+// The work is a transpose per (image, level): (C, H*W) feature planes become
+// (H*W, C) token rows. Threads split work items of (n, level l, a block of up to
+// kFlattenCpuBlockTokens consecutive tokens of l); a block never spans two levels.
+// Inside an item the transpose is cache-blocked by tiles of kTile tokens x all C
+// channels: each channel plane contributes one cache line (kTile consecutive
+// tokens) per tile, and the tile's kTile output rows (kTile * C elements: 16 KiB
+// for float and C = 256) stay in L1 while every plane's line is scattered into
+// them, so each byte of input and output crosses the memory bus once.
+//
+// Forward: one sweep writes src, pos (+ level_embed) and the mask for every item;
+// the valid ratios read only the first row and column of each mask, O(H + W) per
+// (n, l), and are done by the same thread team afterwards.
+//
+// Backward: the same items, transposing back grad_src -> grad_features and
+// grad_pos -> grad_pos_embeds; the item also sums its tokens' grad_pos rows in
+// double into its own workspace row (no atomics, no shared accumulator). A second
+// loop adds the rows of each level in item order, so grad_level_embed depends on
+// the shape only, never on the thread count.
+#include <algorithm>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "ddetr/flatten.h"
+
+namespace ddetr {
+namespace {
+
+constexpr int64_t kTile = 16;  // tokens per cache tile: a 64-byte line of float
+
+// Below this many elements moved a call takes microseconds and waking a thread team
+// costs more than it saves.
+constexpr int64_t kSerialBelowElements = 1 << 15;
+
+int resolve_threads(int requested, int64_t elements) {
+#ifdef _OPENMP
+  if (elements < kSerialBelowElements) return 1;
+  return requested > 0 ? requested : omp_get_max_threads();
+#else
+  (void)requested;
+  (void)elements;
+  return 1;
+#endif
+}
+
+// Work items numbered image-major, then level, then block: item = n * per_image +
+// first[l] + b. The same numbering indexes the workspace rows of the backward.
+struct ItemTable {
+  int64_t first[kMaxLevels + 1] = {};
+  int64_t per_image = 0;
+
+  explicit ItemTable(const FlattenShape& s) {
+    for (int64_t l = 0; l < s.L; ++l)
+      first[l + 1] = first[l] + (s.level_h[l] * s.level_w[l] + kFlattenCpuBlockTokens - 1) /
+                                    kFlattenCpuBlockTokens;
+    per_image = first[s.L];
+  }
+};
+
+struct Item {
+  int64_t n, l;
+  int64_t t0, t1;  // tokens [t0, t1) of level l
+};
+
+Item item_at(const FlattenShape& s, const ItemTable& items, int64_t id) {
+  Item it{id / items.per_image, 0, 0, 0};
+  const int64_t b = id % items.per_image;
+  while (items.first[it.l + 1] <= b) ++it.l;
+  it.t0 = (b - items.first[it.l]) * kFlattenCpuBlockTokens;
+  it.t1 = std::min(it.t0 + kFlattenCpuBlockTokens, s.level_h[it.l] * s.level_w[it.l]);
+  return it;
+}
+
+// tokens[t * C + c] = planes[c * hw + t] (+ embed[c]) for t < count and every c.
+// The loop over c gathers with stride hw from kTile lines already in L1 and writes a
+// contiguous row; it vectorises (gathers) for float and double.
+template <class T>
+void planes_to_tokens(const T* planes, int64_t hw, int64_t C, int64_t count, const T* embed,
+                      T* tokens) {
+  for (int64_t t = 0; t < count; ++t) {
+    const T* in = planes + t;
+    T* out = tokens + t * C;
+    if (embed) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) out[c] = from_acc<T>(to_acc(in[c * hw]) + to_acc(embed[c]));
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) out[c] = in[c * hw];
+    }
+  }
+}
+
+// planes[c * hw + t] = tokens[t * C + c] for t < count and every c: the inverse.
+template <class T>
+void tokens_to_planes(const T* tokens, int64_t C, int64_t count, int64_t hw, T* planes) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T* in = tokens + c;
+    T* out = planes + c * hw;
+#pragma omp simd
+    for (int64_t t = 0; t < count; ++t) out[t] = in[t * C];
+  }
+}
+
+template <class T>
+void forward_item(const FlattenShape& s, const FlattenForwardArgs& a, const Item& it) {
+  const int64_t hw = s.level_h[it.l] * s.level_w[it.l];
+  const int64_t plane_offset = it.n * s.C * hw;  // features_l[n, 0, 0]
+  const int64_t row = it.n * s.S + s.level_start[it.l];  // src[n, start_l, :]
+  const T* feature = static_cast<const T*>(a.features[it.l]) + plane_offset;
+  const T* pos_embed = static_cast<const T*>(a.pos_embeds[it.l]) + plane_offset;
+  const T* embed = a.level_embed ? static_cast<const T*>(a.level_embed) + it.l * s.C : nullptr;
+  T* src = static_cast<T*>(a.src) + row * s.C;
+  T* pos = static_cast<T*>(a.pos) + row * s.C;
+  for (int64_t t = it.t0; t < it.t1; t += kTile) {
+    const int64_t count = std::min(kTile, it.t1 - t);
+    planes_to_tokens(feature + t, hw, s.C, count, static_cast<const T*>(nullptr), src + t * s.C);
+    planes_to_tokens(pos_embed + t, hw, s.C, count, embed, pos + t * s.C);
+  }
+  uint8_t* mask = a.mask + row;
+  const uint8_t* in = a.masks[it.l];
+  for (int64_t t = it.t0; t < it.t1; ++t) mask[t] = in ? uint8_t(in[it.n * hw + t] != 0) : 0;
+}
+
+// Valid ratios of image n, level l: unpadded entries of the first column and row.
+template <class A>
+void valid_ratio(const FlattenShape& s, const FlattenForwardArgs& a, int64_t n, int64_t l,
+                 A* out) {
+  const int64_t H = s.level_h[l], W = s.level_w[l];
+  int64_t valid_h = H, valid_w = W;
+  if (const uint8_t* m = a.masks[l]) {
+    m += n * H * W;
+    valid_h = valid_w = 0;
+    for (int64_t h = 0; h < H; ++h) valid_h += m[h * W] == 0;
+    for (int64_t w = 0; w < W; ++w) valid_w += m[w] == 0;
+  }
+  // A fully padded row / column counts one valid pixel: ratios stay > 0 (flatten.h).
+  out[0] = A(std::max<int64_t>(valid_w, 1)) / A(W);
+  out[1] = A(std::max<int64_t>(valid_h, 1)) / A(H);
+}
+
+template <class T>
+void backward_item(const FlattenShape& s, const FlattenBackwardArgs& a, const Item& it,
+                   double* partial) {
+  const int64_t hw = s.level_h[it.l] * s.level_w[it.l];
+  const int64_t plane_offset = it.n * s.C * hw;
+  const int64_t row = it.n * s.S + s.level_start[it.l];
+  // Either upstream gradient may be null when nothing that reads it was asked for.
+  const T* grad_src = a.grad_src ? static_cast<const T*>(a.grad_src) + row * s.C : nullptr;
+  const T* grad_pos = a.grad_pos ? static_cast<const T*>(a.grad_pos) + row * s.C : nullptr;
+  T* grad_feature = static_cast<T*>(a.grad_features[it.l]);
+  T* grad_pos_embed = static_cast<T*>(a.grad_pos_embeds[it.l]);
+  for (int64_t t = it.t0; t < it.t1; t += kTile) {
+    const int64_t count = std::min(kTile, it.t1 - t);
+    if (grad_feature)
+      tokens_to_planes(grad_src + t * s.C, s.C, count, hw, grad_feature + plane_offset + t);
+    if (grad_pos_embed)
+      tokens_to_planes(grad_pos + t * s.C, s.C, count, hw, grad_pos_embed + plane_offset + t);
+  }
+  if (!partial) return;
+  std::fill(partial, partial + s.C, 0.0);
+  for (int64_t t = it.t0; t < it.t1; ++t) {
+    const T* g = grad_pos + t * s.C;
+#pragma omp simd
+    for (int64_t c = 0; c < s.C; ++c) partial[c] += double(to_acc(g[c]));
+  }
+}
+
+}  // namespace
+
+template <class T>
+void flatten_forward_cpu(const FlattenShape& s, const FlattenForwardArgs& a, int num_threads) {
+  using A = Acc<T>;
+  const ItemTable items(s);
+  const int64_t total = s.N * items.per_image;
+  const int threads = resolve_threads(num_threads, 2 * s.N * s.S * s.C);
+  A* ratios = static_cast<A*>(a.valid_ratios);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t id = 0; id < total; ++id) forward_item<T>(s, a, item_at(s, items, id));
+#pragma omp for schedule(static)
+    for (int64_t nl = 0; nl < s.N * s.L; ++nl)
+      valid_ratio(s, a, nl / s.L, nl % s.L, ratios + 2 * nl);
+  }
+}
+
+template <class T>
+void flatten_backward_cpu(const FlattenShape& s, const FlattenBackwardArgs& a, int num_threads) {
+  const ItemTable items(s);
+  const int64_t total = s.N * items.per_image;
+  const int threads = resolve_threads(num_threads, 2 * s.N * s.S * s.C);
+  double* partials = a.grad_level_embed ? static_cast<double*>(a.workspace) : nullptr;
+  T* grad_embed = static_cast<T*>(a.grad_level_embed);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t id = 0; id < total; ++id)
+      backward_item<T>(s, a, item_at(s, items, id), partials ? partials + id * s.C : nullptr);
+    if (grad_embed) {
+      // Each (l, c) adds its level's rows image by image, block by block: a fixed order.
+#pragma omp for schedule(static)
+      for (int64_t lc = 0; lc < s.L * s.C; ++lc) {
+        const int64_t l = lc / s.C, c = lc % s.C;
+        double sum = 0.0;
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t b = items.first[l]; b < items.first[l + 1]; ++b)
+            sum += partials[(n * items.per_image + b) * s.C + c];
+        grad_embed[lc] = from_acc<T>(Acc<T>(sum));
+      }
+    }
+  }
+}
+
+template <class A>
+void encoder_reference_points_cpu(const FlattenShape& s, const A* valid_ratios, A* out,
+                                  int num_threads) {
+  const int threads = resolve_threads(num_threads, s.N * s.S * s.L);
+  // Rows of every (n, l): out[n, start_l + i * W_l + j, k, :].
+  int64_t rows_per_image = 0;
+  for (int64_t l = 0; l < s.L; ++l) rows_per_image += s.level_h[l];
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t nr = 0; nr < s.N * rows_per_image; ++nr) {
+    const int64_t n = nr / rows_per_image;
+    int64_t i = nr % rows_per_image, l = 0;
+    while (i >= s.level_h[l]) i -= s.level_h[l++];
+    const int64_t H = s.level_h[l], W = s.level_w[l];
+    const A* ratios = valid_ratios + n * s.L * 2;  // (L, 2) of image n
+    // Same operations and rounding order as the official PyTorch code.
+    const A y = (A(i) + A(0.5)) / (ratios[2 * l + 1] * A(H));
+    const A x_scale = ratios[2 * l] * A(W);
+    A* o = out + ((n * s.S + s.level_start[l] + i * W) * s.L) * 2;
+    for (int64_t j = 0; j < W; ++j) {
+      const A x = (A(j) + A(0.5)) / x_scale;
+      for (int64_t k = 0; k < s.L; ++k, o += 2) {
+        o[0] = x * ratios[2 * k];
+        o[1] = y * ratios[2 * k + 1];
+      }
+    }
+  }
+}
+
+template void flatten_forward_cpu<float>(const FlattenShape&, const FlattenForwardArgs&, int);
+template void flatten_forward_cpu<double>(const FlattenShape&, const FlattenForwardArgs&, int);
+template void flatten_forward_cpu<bf16>(const FlattenShape&, const FlattenForwardArgs&, int);
+template void flatten_backward_cpu<float>(const FlattenShape&, const FlattenBackwardArgs&, int);
+template void flatten_backward_cpu<double>(const FlattenShape&, const FlattenBackwardArgs&, int);
+template void flatten_backward_cpu<bf16>(const FlattenShape&, const FlattenBackwardArgs&, int);
+template void encoder_reference_points_cpu<float>(const FlattenShape&, const float*, float*, int);
+template void encoder_reference_points_cpu<double>(const FlattenShape&, const double*, double*,
+                                                   int);
+
+}  // namespace ddetr
