@@ -17,10 +17,11 @@
 // Backward: per sample, one pass over the channels computes the four corner dot
 //   products <grad_out, value_k> and scatters attn * weight_k * grad_out into
 //   grad_value; bilinear_backward turns the dots into the location and attention
-//   gradients. Threads own whole (n, m) heads: grad_value[n, :, m, :] is written by
-//   exactly one thread, which walks its queries in order, so there are no atomics,
-//   no private copies of grad_value and the result is bitwise reproducible for any
-//   thread count. Corners off the map scatter into a per-thread dummy row.
+//   gradients. Threads own whole (n, m) heads (in contiguous blocks of heads):
+//   grad_value[n, :, m, :] is written by exactly one thread, which walks its queries
+//   in order, so there are no atomics, no private copies of grad_value, and every
+//   element sums its terms in the same order for any thread count (bitwise
+//   reproducible). Corners off the map scatter into a per-thread dummy row.
 //
 // D is a template argument for the common head sizes so the channel loops have a
 // constant trip count; other sizes take the runtime-D instantiation.
@@ -171,34 +172,37 @@ void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>
 
 // Per-thread buffers of the backward.
 template <class T> struct BackwardScratch {
-  std::vector<T> zero_row;          // read for corners off the map
-  std::vector<Acc<T>> dummy;        // 4 rows, written for corners off the map
-  std::vector<Acc<T>> g;            // grad_out row in the accumulation type
+  std::vector<T> zero_row;    // read for corners off the map
+  std::vector<Acc<T>> dummy;  // 4 rows, written for corners off the map
+  std::vector<Acc<T>> g;      // grad_out row in the accumulation type
   Corners<Acc<T>> corners;
-  BackwardScratch(int64_t D, int64_t lp)
-      : zero_row(D, from_acc<T>(Acc<T>(0))), dummy(4 * D), g(D), corners(lp) {}
+  BackwardScratch(int64_t D, int64_t samples)
+      : zero_row(D, from_acc<T>(Acc<T>(0))), dummy(4 * D), g(D), corners(samples) {}
 };
 
-// All samples of one (n, q, m), whose corners are set up in `c`: dots and scatter,
-// then the location and attention gradients of each sample.
+// The L*P samples of one (n, q, m), whose corners start at entry `first` of `c`:
+// dots and scatter, then the location and attention gradients of each sample.
+// loc/attn/grad_loc/grad_attn point at this (n, q, m)'s first sample.
 template <class T, int DC>
-void backward_query(const MsdaShape& s, int64_t l_first_sample, const T* value_n,
-                    Acc<T>* grad_value_n, BackwardScratch<T>& buf, const Acc<T>* attn,
-                    Acc<T>* grad_loc, Acc<T>* grad_attn) {
+void backward_head(const MsdaShape& s, const T* value_n, Acc<T>* grad_value_n,
+                   const BackwardScratch<T>& buf, int64_t first, const Acc<T>* attn,
+                   Acc<T>* grad_loc, Acc<T>* grad_attn) {
   using A = Acc<T>;
   const int64_t D = DC ? DC : s.D;
   const Corners<A>& c = buf.corners;
   const A* g = buf.g.data();
+  A* dummy = const_cast<A*>(buf.dummy.data());  // scratch: contents never read
   // Scatter targets: the element of grad_value[n] matching the value corner; byte
   // offsets scale by the element sizes (2x for bf16 values with float gradients).
   constexpr intptr_t scale = intptr_t(sizeof(A) / sizeof(T));
-  for (int64_t j = 0; j < s.L * s.P; ++j) {
+  for (int64_t i = 0; i < s.L * s.P; ++i) {
+    const int64_t j = first + i;
     const T* v[4];
     A* gv[4];
     for (int k = 0; k < 4; ++k) {
       v[k] = at<T>(value_n, c.off[k][j]);
       gv[k] = v[k] == buf.zero_row.data()
-                  ? buf.dummy.data() + k * D
+                  ? dummy + k * D
                   : const_cast<A*>(at<A>(grad_value_n, c.off[k][j] * scale));
     }
     const A w0 = c.w[0][j], w1 = c.w[1][j], w2 = c.w[2][j], w3 = c.w[3][j];
@@ -216,22 +220,34 @@ void backward_query(const MsdaShape& s, int64_t l_first_sample, const T* value_n
       gv[3][ch] += w3 * gc;
     }
     if (!c.inside[j]) {  // explicit zeros: a non-finite attn must not make them NaN
-      grad_attn[j] = grad_loc[2 * j] = grad_loc[2 * j + 1] = A(0);
+      grad_attn[i] = grad_loc[2 * i] = grad_loc[2 * i + 1] = A(0);
       continue;
     }
     Bilinear<A> b;
     for (int k = 0; k < 4; ++k) b.weight[k] = c.raw[k][j];
     b.ly = c.ly[j];
     b.lx = c.lx[j];
-    const int64_t l = (l_first_sample + j) / s.P % s.L;
+    const int64_t l = i / s.P;
     const A dot[4] = {d0, d1, d2, d3};
-    const SampleGrad<A> sg = bilinear_backward(b, dot, attn[j], int32_t(s.level_h[l]),
-                                                 int32_t(s.level_w[l]));
-    grad_attn[j] = sg.attn;
-    grad_loc[2 * j] = sg.x;
-    grad_loc[2 * j + 1] = sg.y;
+    const SampleGrad<A> sg = bilinear_backward(b, dot, attn[i], int32_t(s.level_h[l]),
+                                               int32_t(s.level_w[l]));
+    grad_attn[i] = sg.attn;
+    grad_loc[2 * i] = sg.x;
+    grad_loc[2 * i + 1] = sg.y;
   }
 }
+
+// Work items of the backward: image n with heads [m0, m1). Heads are split into as
+// few contiguous blocks as give every thread an item, so the corner setup of a
+// query runs over a block's (m1 - m0) * L * P samples at once.
+struct HeadBlocks {
+  int64_t per_image, size;
+  HeadBlocks(const MsdaShape& s, int threads) {
+    const int64_t want = (threads + s.N - 1) / s.N;
+    per_image = want < s.M ? want : s.M;
+    size = (s.M + per_image - 1) / per_image;
+  }
+};
 
 template <class T, int DC>
 void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>* attn,
@@ -239,27 +255,32 @@ void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T
               int threads) {
   using A = Acc<T>;
   const int64_t lp = s.L * s.P;
-  const int64_t heads = s.N * s.M;
+  const HeadBlocks blocks(s, threads);
   const SampleTable table(s, sizeof(T));
 #pragma omp parallel num_threads(threads)
   {
-    BackwardScratch<T> buf(s.D, lp);
+    BackwardScratch<T> buf(s.D, blocks.size * lp);
     // Whole heads per thread: see the file comment for why this is race-free.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t nm = 0; nm < heads; ++nm) {
-      const int64_t n = nm / s.M, m = nm % s.M;
+    for (int64_t item = 0; item < s.N * blocks.per_image; ++item) {
+      const int64_t n = item / blocks.per_image;
+      const int64_t m0 = (item % blocks.per_image) * blocks.size;
+      const int64_t m1 = m0 + blocks.size < s.M ? m0 + blocks.size : s.M;
       const T* value_n = value + n * s.S * s.M * s.D;
       A* grad_value_n = grad_value + n * s.S * s.M * s.D;
       const intptr_t zero = intptr_t(reinterpret_cast<uintptr_t>(buf.zero_row.data()) -
                                      reinterpret_cast<uintptr_t>(value_n));
       for (int64_t q = 0; q < s.Lq; ++q) {
-        const int64_t nqm = (n * s.Lq + q) * s.M + m;
-        const T* go = grad_out + nqm * s.D;
-        for (int64_t ch = 0; ch < s.D; ++ch) buf.g[ch] = to_acc(go[ch]);
-        setup_corners(table, m * lp, lp, loc + 2 * nqm * lp, attn + nqm * lp, zero,
+        const int64_t first = ((n * s.Lq + q) * s.M + m0) * lp;  // sample (n, q, m0, 0, 0)
+        setup_corners(table, m0 * lp, (m1 - m0) * lp, loc + 2 * first, attn + first, zero,
                       buf.corners);
-        backward_query<T, DC>(s, m * lp, value_n, grad_value_n, buf, attn + nqm * lp,
-                              grad_loc + 2 * nqm * lp, grad_attn + nqm * lp);
+        for (int64_t m = m0; m < m1; ++m) {
+          const int64_t nqm = (n * s.Lq + q) * s.M + m;
+          const T* go = grad_out + nqm * s.D;
+          for (int64_t ch = 0; ch < s.D; ++ch) buf.g[ch] = to_acc(go[ch]);
+          backward_head<T, DC>(s, value_n, grad_value_n, buf, (m - m0) * lp,
+                               attn + nqm * lp, grad_loc + 2 * nqm * lp, grad_attn + nqm * lp);
+        }
       }
     }
   }
