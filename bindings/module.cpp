@@ -13,6 +13,7 @@
 #include <omp.h>
 #endif
 
+#include "ddetr/flatten.h"
 #include "ddetr/msda.h"
 
 namespace py = pybind11;
@@ -113,7 +114,7 @@ size_t workspace_bytes(const std::string& device, int device_index, const Sizes&
 #ifdef DDETR_WITH_CUDA
   return msda_backward_workspace_bytes_cuda(s, deterministic, device_index);
 #else
-  (void)deterministic; (void)device_index;
+  (void)s; (void)deterministic; (void)device_index;
   no_cuda();
 #endif
 }
@@ -157,6 +158,152 @@ void backward(const std::string& dtype, const std::string& device, int device_in
   }
 }
 
+// ---------------------------------------------------------------------------
+// Multi-scale flattening and the encoder reference points (ddetr/flatten.h).
+// Lists of per-level tensors arrive as lists of pointers, one per level; the level
+// table is the (H, W) of every level (the starts and S are derived natively).
+
+using Pointers = std::vector<uintptr_t>;
+using LevelSizes = std::vector<std::array<int64_t, 2>>;  // (H, W) per level
+
+FlattenShape flatten_shape(int64_t N, int64_t C, const LevelSizes& levels) {
+  if (int64_t(levels.size()) > kMaxLevels)
+    throw std::invalid_argument("at most " + std::to_string(kMaxLevels) +
+                                " levels are supported, got " + std::to_string(levels.size()));
+  int64_t h[kMaxLevels] = {}, w[kMaxLevels] = {};
+  for (size_t l = 0; l < levels.size(); ++l) {
+    h[l] = levels[l][0];
+    w[l] = levels[l][1];
+  }
+  return make_flatten_shape(N, C, int64_t(levels.size()), h, w);
+}
+
+// One pointer per level into `out`. An empty list (when `optional`) means "none";
+// `needed`: the level tensors hold data, so a null pointer is an error.
+template <class P>
+void level_pointers(const Pointers& ptrs, const FlattenShape& s, bool optional, bool needed,
+                    const std::string& name, P* out) {
+  if (ptrs.empty() && optional) return;
+  if (int64_t(ptrs.size()) != s.L)
+    throw std::invalid_argument(name + ": " + std::to_string(ptrs.size()) +
+                                " pointers for a pyramid of " + std::to_string(s.L) + " levels");
+  for (int64_t l = 0; l < s.L; ++l) {
+    require(ptrs[l], needed, (name + "[" + std::to_string(l) + "]").c_str());
+    out[l] = reinterpret_cast<P>(ptrs[l]);
+  }
+}
+
+void flatten_forward(const std::string& dtype, const std::string& device, int device_index,
+                     int64_t N, int64_t C, const LevelSizes& levels, const Pointers& features,
+                     const Pointers& masks, const Pointers& pos_embeds, uintptr_t level_embed,
+                     uintptr_t src, uintptr_t pos, uintptr_t mask, uintptr_t valid_ratios,
+                     int num_threads, uintptr_t stream) {
+  const FlattenShape s = flatten_shape(N, C, levels);
+  FlattenForwardArgs a;
+  level_pointers(features, s, false, N * C > 0, "features", a.features);
+  level_pointers(pos_embeds, s, false, N * C > 0, "pos_embeds", a.pos_embeds);
+  level_pointers(masks, s, true, N > 0, "masks", a.masks);
+  a.level_embed = as<const void>(level_embed);
+  require(src, N * C > 0, "src");
+  require(pos, N * C > 0, "pos");
+  require(mask, N > 0, "mask");
+  require(valid_ratios, N > 0, "valid_ratios");
+  a.src = as<void>(src);
+  a.pos = as<void>(pos);
+  a.mask = as<uint8_t>(mask);
+  a.valid_ratios = as<void>(valid_ratios);
+  py::gil_scoped_release unlocked;
+  if (device == "cpu") {
+    dispatch_cpu(dtype, [&](auto tag) {
+      flatten_forward_cpu<typename decltype(tag)::type>(s, a, num_threads);
+    });
+  } else if (device == "cuda") {
+#ifdef DDETR_WITH_CUDA
+    flatten_forward_cuda(cuda_dtype(dtype), s, a, device_index, stream);
+#else
+    (void)device_index; (void)stream;
+    no_cuda();
+#endif
+  } else {
+    throw std::invalid_argument("unsupported device type " + device);
+  }
+}
+
+size_t flatten_workspace_bytes(const std::string& device, int64_t N, int64_t C,
+                               const LevelSizes& levels, bool with_level_embed) {
+  return flatten_backward_workspace_bytes(flatten_shape(N, C, levels), with_level_embed,
+                                          device == "cuda");
+}
+
+void flatten_backward(const std::string& dtype, const std::string& device, int device_index,
+                      int64_t N, int64_t C, const LevelSizes& levels, uintptr_t grad_src,
+                      uintptr_t grad_pos, const Pointers& grad_features,
+                      const Pointers& grad_pos_embeds, uintptr_t grad_level_embed,
+                      uintptr_t workspace, size_t workspace_size, int num_threads,
+                      uintptr_t stream) {
+  const FlattenShape s = flatten_shape(N, C, levels);
+  FlattenBackwardArgs a;
+  level_pointers(grad_features, s, true, N * C > 0, "grad_features", a.grad_features);
+  level_pointers(grad_pos_embeds, s, true, N * C > 0, "grad_pos_embeds", a.grad_pos_embeds);
+  const bool embed = grad_level_embed != 0;
+  const size_t needed = flatten_backward_workspace_bytes(s, embed, device == "cuda");
+  require(grad_src, !grad_features.empty() && N * C > 0, "grad_src");
+  require(grad_pos, (!grad_pos_embeds.empty() || embed) && N * C > 0, "grad_pos");
+  require(workspace, needed > 0, "workspace");
+  if (workspace_size < needed)
+    throw std::invalid_argument("workspace: " + std::to_string(workspace_size) +
+                                " bytes, the backward needs " + std::to_string(needed));
+  a.grad_src = as<const void>(grad_src);
+  a.grad_pos = as<const void>(grad_pos);
+  a.grad_level_embed = as<void>(grad_level_embed);
+  a.workspace = as<void>(workspace);
+  a.workspace_bytes = workspace_size;
+  py::gil_scoped_release unlocked;
+  if (device == "cpu") {
+    dispatch_cpu(dtype, [&](auto tag) {
+      flatten_backward_cpu<typename decltype(tag)::type>(s, a, num_threads);
+    });
+  } else if (device == "cuda") {
+#ifdef DDETR_WITH_CUDA
+    flatten_backward_cuda(cuda_dtype(dtype), s, a, device_index, stream);
+#else
+    (void)device_index; (void)stream;
+    no_cuda();
+#endif
+  } else {
+    throw std::invalid_argument("unsupported device type " + device);
+  }
+}
+
+void reference_points(const std::string& dtype, const std::string& device, int device_index,
+                      int64_t N, const LevelSizes& levels, uintptr_t valid_ratios,
+                      uintptr_t out, int num_threads, uintptr_t stream) {
+  const FlattenShape s = flatten_shape(N, 0, levels);
+  if (dtype != "float32" && dtype != "float64")
+    throw std::invalid_argument("valid_ratios must be float32 or float64, got " + dtype);
+  require(valid_ratios, N > 0, "valid_ratios");
+  require(out, N > 0, "reference_points");
+  py::gil_scoped_release unlocked;
+  if (device == "cpu") {
+    dispatch_cpu(dtype, [&](auto tag) {
+      using A = Acc<typename decltype(tag)::type>;
+      encoder_reference_points_cpu<A>(s, as<const A>(valid_ratios), as<A>(out), num_threads);
+    });
+  } else if (device == "cuda") {
+#ifdef DDETR_WITH_CUDA
+    encoder_reference_points_cuda(cuda_dtype(dtype), s, as<const void>(valid_ratios),
+                                  as<void>(out), device_index, stream);
+#else
+    (void)device_index; (void)stream;
+    no_cuda();
+#endif
+  } else {
+    throw std::invalid_argument("unsupported device type " + device);
+  }
+}
+
+// ---------------------------------------------------------------------------
+
 py::dict build_info() {
   py::dict info;
   info["version"] = DDETR_VERSION;
@@ -190,4 +337,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("msda_forward", &ddetr::forward);
   m.def("msda_backward", &ddetr::backward);
   m.def("msda_backward_workspace_bytes", &ddetr::workspace_bytes);
+  m.def("flatten_forward", &ddetr::flatten_forward);
+  m.def("flatten_backward", &ddetr::flatten_backward);
+  m.def("flatten_backward_workspace_bytes", &ddetr::flatten_workspace_bytes);
+  m.def("encoder_reference_points", &ddetr::reference_points);
 }

@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version as _dist_version
 import torch
 
 from ddetr import _ext
+from ddetr.models.deformable_detr import DeformableDetr
 from ddetr.models.ms_deform_attn import MSDeformAttn
 
 try:
@@ -14,7 +15,7 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["MSDeformAttn", "build_info", "__version__"]
+__all__ = ["DeformableDetr", "MSDeformAttn", "build_info", "__version__"]
 
 
 def build_info() -> dict:

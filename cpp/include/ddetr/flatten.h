@@ -4,8 +4,8 @@
 // Per level l (H_l x W_l pixels, tokens t = h * W_l + w, start_l = sum of the
 // earlier H_k * W_k, S = the total):
 //   src[n, start_l + t, c]  = features_l[n, c, t]
-//   pos[n, start_l + t, c]  = pos_embeds_l[n, c, t] + level_embed[l, c]   (no add without level_embed)
-//   mask[n, start_l + t]    = masks_l[n, t] != 0                          (false without masks)
+//   pos[n, start_l + t, c]  = pos_embeds_l[n, c, t] + level_embed[l, c]  (a copy without it)
+//   mask[n, start_l + t]    = masks_l[n, t] != 0                         (false without masks)
 //   valid_ratios[n, l, 0]   = max(valid_W, 1) / W_l,  valid_W = #w with !masks_l[n, 0, w]
 //   valid_ratios[n, l, 1]   = max(valid_H, 1) / H_l,  valid_H = #h with !masks_l[n, h, 0]
 // The official code divides the plain counts; a level whose first row or column is

@@ -84,12 +84,17 @@ def check_inputs(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tens
     if tuple(attention_weights.shape) != expect_attn:
         _fail("attention_weights", f"shape (N, Lq, M, L, P) = {expect_attn}",
               tuple(attention_weights.shape))
-    if value.is_cuda and not (_ext.available() and _ext._C.build_info()["cuda"]):
+    check_device("value", value)
+
+
+def check_device(name: str, t: Tensor) -> None:
+    """A CPU tensor, or a CUDA tensor with the CUDA kernels built in."""
+    if t.is_cuda and not (_ext.available() and _ext._C.build_info()["cuda"]):
         raise RuntimeError(
-            "value is a CUDA tensor but ddetr was built without CUDA kernels. Reinstall on a "
+            f"{name} is a CUDA tensor but ddetr was built without CUDA kernels. Reinstall on a "
             "machine with the CUDA toolkit (nvcc on PATH): DDETR_CUDA=ON pip install .")
-    if value.device.type not in ("cpu", "cuda"):
-        _fail("value", "a CPU or CUDA tensor", value.device)
+    if t.device.type not in ("cpu", "cuda"):
+        _fail(name, "a CPU or CUDA tensor", t.device)
 
 
 def _levels(spatial_shapes: Tensor, level_start_index: Tensor) -> list[tuple[int, int, int]]:

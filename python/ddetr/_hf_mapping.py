@@ -1,0 +1,190 @@
+"""transformers' Deformable DETR -> the official layout: state-dict keys and config.
+
+Key renames (transformers 5.x names, with the 4.x spellings accepted):
+``model.`` is dropped; ``backbone.model.`` (4.x ``backbone.conv_encoder.model.``) ->
+``backbone.0.body.``; ``query_position_embeddings`` -> ``query_embed``; ``level_embed``,
+``reference_points``, ``enc_output*``, ``pos_trans*``, ``encoder``, ``decoder`` go under
+``transformer.``. Encoder layers: ``self_attn_layer_norm`` -> ``norm1``,
+``final_layer_norm`` -> ``norm2``. Decoder layers: ``encoder_attn`` -> ``cross_attn``,
+``encoder_attn_layer_norm`` -> ``norm1``, ``self_attn_layer_norm`` -> ``norm2``,
+``final_layer_norm`` -> ``norm3``, ``self_attn.{q,k,v}_proj`` concatenated (q, k, v rows)
+into ``self_attn.in_proj_{weight,bias}``, ``self_attn.o_proj`` (4.x ``out_proj``) ->
+``self_attn.out_proj``. Both: ``mlp.fc1/fc2`` (4.x ``fc1/fc2``) -> ``linear1/linear2``.
+timm ResNet keys are torchvision's already; HF ResNet keys are renamed to them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ddetr.models.backbone import RESNET_SPECS
+
+_TOP_RULES = [
+    (r"^backbone\.(?:conv_encoder\.)?model\.", "backbone.0.body."),
+    (r"^(?:backbone\.)?position_embedding\.row_embeddings\.", "backbone.1.row_embed."),
+    (r"^(?:backbone\.)?position_embedding\.column_embeddings\.", "backbone.1.col_embed."),
+    (r"^query_position_embeddings\.", "query_embed."),
+    (r"^level_embed$", "transformer.level_embed"),
+    (r"^(reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\.", r"transformer.\1."),
+    (r"^(encoder|decoder)\.", r"transformer.\1."),
+]
+_FFN_RULES = [("mlp.fc1.", "linear1."), ("mlp.fc2.", "linear2."),
+              ("fc1.", "linear1."), ("fc2.", "linear2.")]
+_LAYER_RULES = {
+    "encoder": [("self_attn_layer_norm.", "norm1."), ("final_layer_norm.", "norm2.")] + _FFN_RULES,
+    "decoder": [("encoder_attn_layer_norm.", "norm1."), ("self_attn_layer_norm.", "norm2."),
+                ("final_layer_norm.", "norm3."), ("encoder_attn.", "cross_attn."),
+                ("self_attn.o_proj.", "self_attn.out_proj.")] + _FFN_RULES,
+}
+_LAYER_KEY = re.compile(r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.(.*)$")
+_RESNET_RULES = [
+    (r"^embedder\.embedder\.convolution\.", lambda m: "conv1."),
+    (r"^embedder\.embedder\.normalization\.", lambda m: "bn1."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.",
+     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
+]
+
+
+def convert_state_dict(hf_state: dict, hf_resnet: bool) -> dict:
+    """A transformers Deformable DETR state dict in the official key layout."""
+    with_prefix = any(k.startswith("model.") for k in hf_state)
+    out = {}
+    for key, value in hf_state.items():
+        if with_prefix and key.startswith("model."):
+            key = key[len("model."):]
+        out[rename(key, hf_resnet)] = value
+    return _merge_qkv(out)
+
+
+def rename(key: str, hf_resnet: bool = False) -> str:
+    """One key (without the ``model.`` prefix) in the official layout."""
+    if key.startswith("decoder.bbox_embed.") or key.startswith("decoder.class_embed."):
+        return "transformer." + key
+    for pattern, repl in _TOP_RULES:
+        key, hits = re.subn(pattern, repl, key)
+        if hits:
+            break
+    if hf_resnet and key.startswith("backbone.0.body."):
+        return "backbone.0.body." + _rename_resnet(key[len("backbone.0.body."):])
+    match = _LAYER_KEY.match(key)
+    if match:
+        part, index, rest = match.groups()
+        for old, new in _LAYER_RULES[part]:
+            if rest.startswith(old):
+                rest = new + rest[len(old):]
+                break
+        key = f"transformer.{part}.layers.{index}.{rest}"
+    return key
+
+
+def _rename_resnet(key: str) -> str:
+    for pattern, repl in _RESNET_RULES:
+        new, hits = re.subn(pattern, repl, key)
+        if hits:
+            return new
+    return key
+
+
+def _merge_qkv(state: dict) -> dict:
+    """Decoder ``self_attn.{q,k,v}_proj.{weight,bias}`` -> ``self_attn.in_proj_{weight,bias}``."""
+    out = {}
+    for key, value in state.items():
+        match = re.match(r"^(.*\.self_attn\.)([qkv])_proj\.(weight|bias)$", key)
+        if not match:
+            out[key] = value
+            continue
+        prefix, which, kind = match.groups()
+        if which != "q":
+            continue
+        parts = [state.get(f"{prefix}{p}_proj.{kind}") for p in "qkv"]
+        if any(p is None for p in parts):
+            raise ValueError(f"model_or_state_dict: {prefix}{{q,k,v}}_proj.{kind} incomplete")
+        out[f"{prefix}in_proj_{kind}"] = torch.cat(parts, 0)
+    return out
+
+
+def _get(cfg, name: str, default=None):
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def uses_hf_resnet(config) -> bool:
+    return _get(_get(config, "backbone_config"), "model_type") == "resnet"
+
+
+def config_to_kwargs(config) -> dict:
+    """``DeformableDetr`` arguments from a ``DeformableDetrConfig``."""
+    for enc, dec in (("encoder_attention_heads", "decoder_attention_heads"),
+                     ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if _get(config, enc) != _get(config, dec):
+            raise ValueError(f"config: {enc} ({_get(config, enc)}) != {dec} "
+                             f"({_get(config, dec)}); ddetr uses one value for both")
+    kwargs = dict(
+        num_classes=_get(config, "num_labels"), num_queries=_get(config, "num_queries"),
+        num_feature_levels=_get(config, "num_feature_levels"),
+        with_box_refine=bool(_get(config, "with_box_refine")),
+        two_stage=bool(_get(config, "two_stage")), d_model=_get(config, "d_model"),
+        num_heads=_get(config, "encoder_attention_heads"),
+        num_encoder_layers=_get(config, "encoder_layers"),
+        num_decoder_layers=_get(config, "decoder_layers"),
+        dim_feedforward=_get(config, "encoder_ffn_dim"), dropout=_get(config, "dropout"),
+        activation=_get(config, "activation_function"),
+        enc_num_points=_get(config, "encoder_n_points"),
+        dec_num_points=_get(config, "decoder_n_points"),
+        two_stage_num_proposals=_get(config, "two_stage_num_proposals"),
+        position_embedding=_get(config, "position_embedding_type", "sine"))
+    kwargs.update(_backbone_kwargs(config, kwargs["num_feature_levels"]))
+    return kwargs
+
+
+def _backbone_kwargs(config, num_levels: int) -> dict:
+    backbone = _get(config, "backbone_config")
+    kind = _get(backbone, "model_type", "timm_backbone")
+    if kind == "resnet":
+        return {"backbone": _hf_resnet_spec(backbone, num_levels), "dilation": False}
+    if kind != "timm_backbone":
+        raise ValueError(f"config: backbone model_type {kind!r} is not supported (only ResNets)")
+    name = _get(backbone, "backbone") or _get(config, "backbone") or "resnet50"
+    if name not in RESNET_SPECS:
+        raise ValueError(f"config: timm backbone {name!r} is not supported; "
+                         f"expected one of {sorted(RESNET_SPECS)}")
+    wanted = [2, 3, 4] if num_levels > 1 else [4]
+    out_indices = _get(backbone, "out_indices")
+    if out_indices is not None and list(out_indices) != wanted:
+        raise ValueError(f"config: backbone_config.out_indices {list(out_indices)} must be "
+                         f"{wanted} for num_feature_levels={num_levels}")
+    dilation = _get(backbone, "output_stride") == 16 or bool(_get(config, "dilation", False))
+    return {"backbone": name, "dilation": dilation}
+
+
+def _hf_resnet_spec(backbone, num_levels: int):
+    wanted = ["stage2", "stage3", "stage4"] if num_levels > 1 else ["stage4"]
+    out_features = list(_get(backbone, "out_features") or [])
+    if out_features != wanted:
+        raise ValueError(f"config: backbone_config.out_features {out_features} must be {wanted} "
+                         f"for num_feature_levels={num_levels}")
+    for flag in ("downsample_in_bottleneck", "downsample_in_first_stage"):
+        if _get(backbone, flag):
+            raise ValueError(f"config: backbone_config.{flag}=True is not the torchvision "
+                             f"ResNet layout ddetr implements")
+    if _get(backbone, "hidden_act", "relu") != "relu":
+        raise ValueError("config: backbone_config.hidden_act must be 'relu'")
+    spec = {"block": _get(backbone, "layer_type"), "depths": list(_get(backbone, "depths")),
+            "widths": list(_get(backbone, "hidden_sizes")),
+            "stem_width": _get(backbone, "embedding_size")}
+    for name, (block, depths) in RESNET_SPECS.items():
+        standard = [64, 128, 256, 512] if block == "basic" else [256, 512, 1024, 2048]
+        if spec == {"block": block, "depths": list(depths), "widths": standard, "stem_width": 64}:
+            return name
+    return spec

@@ -1,0 +1,183 @@
+"""Weights from the official Deformable-DETR code and from Hugging Face transformers.
+
+``from_official(path_or_state_dict, **kwargs)`` loads an official checkpoint (the
+``checkpoint.pth`` dict with a ``"model"`` key, or a bare state dict) into a
+``DeformableDetr`` whose variant is read from the tensors: number of levels, d_model,
+classes, queries, encoder/decoder depth, feed-forward width, sampling points (given
+the head count), box refinement, two-stage, position encoding and the ResNet depth.
+What the tensors cannot tell (``dilation``, ``num_heads``, ``dropout``,
+``two_stage_num_proposals``) comes from the checkpoint's saved ``args`` when present,
+else from ``kwargs`` or the official defaults; ``kwargs`` always win.
+
+``from_hf(model_or_state_dict)`` converts a transformers ``DeformableDetrModel`` or
+``DeformableDetrForObjectDetection`` (timm or HF-ResNet backbone; transformers 4.x or
+5.x key names), reading its config, or, for a bare state dict, inferring the variant
+as ``from_official`` does.
+
+Both check every tensor's shape (a mismatch names the tensor) and report missing and
+unexpected keys: a ValueError listing them when ``strict`` (the default), a logged
+warning otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+
+import torch
+
+from ddetr import _hf_mapping
+from ddetr.models.backbone import RESNET_SPECS
+from ddetr.models.deformable_detr import DeformableDetr
+from ddetr.models.weights import load_weights
+
+__all__ = ["from_official", "to_official", "from_hf", "infer_official_config"]
+
+# official argparse names -> DeformableDetr arguments (read from a checkpoint's "args")
+_OFFICIAL_ARGS = {
+    "hidden_dim": "d_model", "nheads": "num_heads", "enc_layers": "num_encoder_layers",
+    "dec_layers": "num_decoder_layers", "dim_feedforward": "dim_feedforward",
+    "dropout": "dropout", "num_queries": "num_queries", "num_feature_levels": "num_feature_levels",
+    "enc_n_points": "enc_num_points", "dec_n_points": "dec_num_points",
+    "two_stage_num_proposals": "two_stage_num_proposals", "dilation": "dilation",
+    "position_embedding": "position_embedding", "with_box_refine": "with_box_refine",
+    "two_stage": "two_stage", "backbone": "backbone", "aux_loss": "aux_loss",
+}
+
+
+def from_official(path_or_state_dict, strict: bool = True, **kwargs) -> DeformableDetr:
+    """A ``DeformableDetr`` holding an official checkpoint's weights (see the module doc).
+
+    Args:
+        path_or_state_dict: a ``.pth`` path, the loaded checkpoint dict (``{"model": ...,
+            "args": ...}``) or a state dict.
+        strict: raise on missing or unexpected keys (else log them).
+        kwargs: ``DeformableDetr`` arguments overriding what is inferred.
+    """
+    state, args = _read_official(path_or_state_dict)
+    config = infer_official_config(state, args, num_heads=kwargs.get("num_heads"))
+    config.update(kwargs)
+    model = DeformableDetr(**config)
+    load_weights(model, state, strict=strict, source="official checkpoint")
+    return model
+
+
+def to_official(model: DeformableDetr) -> dict:
+    """The model's state dict in the official key layout (shared heads repeated per
+    layer). Save ``{"model": to_official(model)}`` to get an official-style ``.pth``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def from_hf(model_or_state_dict, config=None, strict: bool = True, **kwargs) -> DeformableDetr:
+    """A ``DeformableDetr`` equal to a transformers Deformable DETR model.
+
+    Args:
+        model_or_state_dict: a ``DeformableDetrForObjectDetection`` or
+            ``DeformableDetrModel`` (its ``config`` is read), or a state dict of one.
+        config: a ``DeformableDetrConfig`` to use with a bare state dict.
+        strict: raise on missing or unexpected keys. A ``DeformableDetrModel`` has no
+            class and box heads: load it with ``strict=False``.
+        kwargs: ``DeformableDetr`` arguments overriding the config.
+    """
+    if hasattr(model_or_state_dict, "state_dict"):
+        config = config if config is not None else getattr(model_or_state_dict, "config", None)
+        hf_state = model_or_state_dict.state_dict()
+    elif isinstance(model_or_state_dict, dict):
+        hf_state = model_or_state_dict
+    else:
+        raise ValueError(f"model_or_state_dict: expected a transformers model or a state dict, "
+                         f"got {type(model_or_state_dict).__name__}")
+    if config is not None:
+        hf_resnet = _hf_mapping.uses_hf_resnet(config)
+    else:  # an HF ResNet's stem is the only "embedder.embedder" in the model
+        hf_resnet = any(".embedder.embedder." in k for k in hf_state)
+    state = _hf_mapping.convert_state_dict(hf_state, hf_resnet)
+    if config is not None:
+        model_config = _hf_mapping.config_to_kwargs(config)
+    else:
+        model_config = infer_official_config(state, None, num_heads=kwargs.get("num_heads"))
+    model_config.update(kwargs)
+    model = DeformableDetr(**model_config)
+    load_weights(model, state, strict=strict, source="transformers state dict")
+    return model
+
+
+def _read_official(source) -> tuple[dict, dict | None]:
+    if isinstance(source, (str, os.PathLike)):
+        source = _load_pth(os.fspath(source))
+    if not isinstance(source, dict):
+        raise ValueError(f"path_or_state_dict: expected a path or a dict, got {type(source).__name__}")
+    args = source.get("args")
+    state = source["model"] if isinstance(source.get("model"), dict) else source
+    # DataParallel prefixes and a FLOP counter's leftovers are not weights
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()
+             if k not in ("total_ops", "total_params") and not k.endswith((".total_ops", ".total_params"))}
+    return state, (vars(args) if isinstance(args, argparse.Namespace) else args)
+
+
+def _load_pth(path: str) -> dict:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"path_or_state_dict: {path} holds Python objects beyond tensors and "
+                         f"the official 'args'; if you trust the file, load it with "
+                         f"torch.load(path, weights_only=False) and pass the dict ({err})") from None
+
+
+def infer_official_config(state: dict, args: dict | None = None, num_heads=None) -> dict:
+    """``DeformableDetr`` arguments for an official-layout state dict (see the module
+    doc). ``args`` is the checkpoint's saved argparse namespace as a dict, if any."""
+    config = {ours: args[theirs] for theirs, ours in _OFFICIAL_ARGS.items()
+              if args and theirs in args}
+    if "transformer.level_embed" not in state:
+        raise ValueError("path_or_state_dict: no 'transformer.level_embed' tensor; this is "
+                         "not an official Deformable-DETR state dict")
+    levels, d_model = state["transformer.level_embed"].shape
+    config.update(num_feature_levels=levels, d_model=d_model,
+                  two_stage="transformer.enc_output.weight" in state,
+                  with_box_refine=any(k.startswith("transformer.decoder.bbox_embed.") for k in state),
+                  position_embedding="learned" if "backbone.1.row_embed.weight" in state else "sine",
+                  num_encoder_layers=_count(state, "transformer.encoder.layers."),
+                  num_decoder_layers=_count(state, "transformer.decoder.layers."),
+                  dim_feedforward=state["transformer.encoder.layers.0.linear1.weight"].shape[0])
+    if "class_embed.0.weight" in state:
+        config["num_classes"] = state["class_embed.0.weight"].shape[0]
+    if "query_embed.weight" in state:
+        config["num_queries"] = state["query_embed.weight"].shape[0]
+    heads = num_heads or config.get("num_heads", 8)
+    config["num_heads"] = heads
+    for side, key in (("enc", "encoder.layers.0.self_attn"), ("dec", "decoder.layers.0.cross_attn")):
+        rows = state[f"transformer.{key}.attention_weights.weight"].shape[0]
+        if rows % (heads * levels):
+            raise ValueError(f"num_heads: {key}.attention_weights has {rows} rows, not a multiple "
+                             f"of num_heads ({heads}) x levels ({levels}); pass num_heads")
+        config[f"{side}_num_points"] = rows // (heads * levels)
+    backbone = _infer_backbone(state)
+    if backbone is not None:
+        config["backbone"] = backbone
+    return config
+
+
+def _count(state: dict, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+
+def _infer_backbone(state: dict):
+    """A ResNet name (or a custom spec dict) from the ``backbone.0.body.*`` tensors."""
+    prefix = "backbone.0.body."
+    if prefix + "conv1.weight" not in state:
+        return None
+    block = "bottleneck" if prefix + "layer1.0.conv3.weight" in state else "basic"
+    last = "conv3" if block == "bottleneck" else "conv2"
+    depths = tuple(_count(state, f"{prefix}layer{i}.") for i in range(1, 5))
+    widths = tuple(state[f"{prefix}layer{i}.0.{last}.weight"].shape[0] for i in range(1, 5))
+    stem = state[prefix + "conv1.weight"].shape[0]
+    for name, (kind, named_depths) in RESNET_SPECS.items():
+        standard = (64, 128, 256, 512) if kind == "basic" else (256, 512, 1024, 2048)
+        if (kind, named_depths, widths, stem) == (block, depths, standard, 64):
+            return name
+    return {"block": block, "depths": list(depths), "widths": list(widths), "stem_width": stem}

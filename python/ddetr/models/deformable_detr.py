@@ -1,0 +1,253 @@
+"""``DeformableDetr``: the detector of the paper, in every official variant.
+
+Variants (the official configs): multi-scale (``num_feature_levels=4``, default),
+single-scale (``num_feature_levels=1``: ResNet C5 only), DC5 (``dilation=True``),
+iterative box refinement (``with_box_refine=True``) and two-stage
+(``two_stage=True``, which needs ``with_box_refine=True`` as in the official code).
+Module names equal the official checkpoint keys (``backbone.0.body.*``,
+``input_proj.{l}.{0,1}``, ``query_embed``, ``transformer.*``, ``class_embed.{i}``,
+``bbox_embed.{i}.layers.{j}``), so ``ddetr.convert.from_official`` loads directly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from ddetr.models import weights
+from ddetr.models.backbone import Backbone, load_backbone_weights, resize_mask
+from ddetr.models.box_ops import inverse_sigmoid
+from ddetr.models.deformable_transformer import DeformableTransformer
+from ddetr.models.heads import build_heads
+from ddetr.models.position_encoding import build_position_encoding
+from ddetr.models.postprocess import PostProcess
+
+CONFIG_KEYS = ("num_classes", "num_queries", "num_feature_levels", "with_box_refine",
+               "two_stage", "backbone", "d_model", "num_heads", "num_encoder_layers",
+               "num_decoder_layers", "dim_feedforward", "dropout", "activation",
+               "enc_num_points", "dec_num_points", "two_stage_num_proposals", "dilation",
+               "position_embedding", "aux_loss", "train_backbone")
+
+
+class DeformableDetr(nn.Module):
+    """Deformable DETR (Zhu et al., ICLR 2021). Defaults are the official ones.
+
+    Args:
+        num_classes: classification outputs (91 for COCO ids, as the official model).
+        num_queries: object queries (one-stage).
+        num_feature_levels: L; 1 is single-scale, otherwise C3-C5 plus L-3 extra
+            stride-2 levels (L must be 1 or at least 3).
+        with_box_refine: per-layer heads that refine the reference boxes layer by layer.
+        two_stage: decoder queries from the top encoder proposals (needs with_box_refine).
+        backbone: ``"resnet18"``, ``"resnet34"``, ``"resnet50"``, ``"resnet101"`` or a spec
+            dict ``{"block", "depths", "widths", "stem_width"}`` (see ``ResNet``).
+        backbone_weights: a torchvision ResNet state dict (path or dict) to load.
+        d_model, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward,
+        dropout, activation, enc_num_points, dec_num_points: transformer sizes.
+        two_stage_num_proposals: proposals kept in two-stage mode (the query count).
+        dilation: dilated last backbone stage (DC5).
+        position_embedding: ``"sine"`` or ``"learned"``.
+        aux_loss: also return every earlier decoder layer's predictions.
+        train_backbone: False freezes the whole backbone (the stem and layer1 are
+            always frozen).
+    """
+
+    def __init__(self, num_classes: int = 91, num_queries: int = 300, num_feature_levels: int = 4,
+                 with_box_refine: bool = False, two_stage: bool = False, backbone="resnet50",
+                 backbone_weights=None, d_model: int = 256, num_heads: int = 8,
+                 num_encoder_layers: int = 6, num_decoder_layers: int = 6,
+                 dim_feedforward: int = 1024, dropout: float = 0.1, activation: str = "relu",
+                 enc_num_points: int = 4, dec_num_points: int = 4,
+                 two_stage_num_proposals: int = 300, dilation: bool = False,
+                 position_embedding: str = "sine", aux_loss: bool = True,
+                 train_backbone: bool = True):
+        super().__init__()
+        # every argument except the weights file, as save_pretrained records it
+        self.config = copy.deepcopy({k: v for k, v in locals().items() if k in CONFIG_KEYS})
+        _check_config(self.config)
+        self._build(**self.config)
+        if backbone_weights is not None:
+            load_backbone_weights(self.backbone[0].body, backbone_weights)
+
+    def _build(self, num_classes, num_queries, num_feature_levels, with_box_refine, two_stage,
+               backbone, d_model, num_heads, num_encoder_layers, num_decoder_layers,
+               dim_feedforward, dropout, activation, enc_num_points, dec_num_points,
+               two_stage_num_proposals, dilation, position_embedding, aux_loss,
+               train_backbone) -> None:
+        self.num_queries = two_stage_num_proposals if two_stage else num_queries
+        self.num_feature_levels = num_feature_levels
+        self.with_box_refine, self.two_stage, self.aux_loss = with_box_refine, two_stage, aux_loss
+        body = Backbone(backbone, num_feature_levels > 1, dilation, train_backbone)
+        self.backbone = nn.Sequential(body, build_position_encoding(position_embedding, d_model))
+        self.transformer = DeformableTransformer(
+            d_model, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout,
+            activation, num_feature_levels, enc_num_points, dec_num_points, two_stage,
+            two_stage_num_proposals)
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, d_model * 2)
+        self.input_proj = _input_proj(body.num_channels, d_model, num_feature_levels)
+        num_pred = num_decoder_layers + 1 if two_stage else num_decoder_layers
+        self.class_embed, self.bbox_embed = build_heads(d_model, num_classes, num_pred,
+                                                        with_box_refine, two_stage)
+        # the official wiring: refinement and two-stage read the heads from the decoder
+        if with_box_refine:
+            self.transformer.decoder.bbox_embed = self.bbox_embed
+        if two_stage:
+            self.transformer.decoder.class_embed = self.class_embed
+
+    def forward(self, images, mask: Tensor | None = None) -> dict:
+        """Detects objects.
+
+        Args:
+            images: (N, 3, H, W) normalised images, or a list of (3, H_i, W_i) images of
+                any sizes (zero-padded at the bottom and right to a common size).
+            mask: (N, H, W) bool, True on padding; None means no padding. Not allowed
+                with a list (the mask is then built from the sizes).
+
+        Returns:
+            A dict: ``pred_logits`` (N, Q, num_classes) classification logits (sigmoid,
+            no background class); ``pred_boxes`` (N, Q, 4) boxes_cxcywh normalised to
+            [0, 1] relative to each image's unpadded size; ``aux_outputs`` (when
+            aux_loss) a list of num_decoder_layers - 1 dicts with the same two keys from
+            the earlier decoder layers; ``enc_outputs`` (two-stage only) a dict with
+            ``pred_logits`` (N, S, num_classes) and ``pred_boxes`` (N, S, 4)
+            boxes_cxcywh of the encoder proposals (S encoder tokens; invalid proposals
+            have boxes of 1).
+        """
+        images, mask = batch_images(images, mask)
+        srcs, masks, pos = self._pyramid(images, mask)
+        query_embed = None if self.two_stage else self.query_embed.weight
+        out = self.transformer(srcs, masks, pos, query_embed)
+        logits, boxes_cxcywh = self._predict(out.hs, out.init_reference, out.inter_references)
+        result = {"pred_logits": logits[-1], "pred_boxes": boxes_cxcywh[-1]}
+        if self.aux_loss:
+            result["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b}
+                                     for c, b in zip(logits[:-1], boxes_cxcywh[:-1])]
+        if self.two_stage:
+            result["enc_outputs"] = {"pred_logits": out.enc_outputs_class,
+                                     "pred_boxes": out.enc_outputs_coord_unact.sigmoid()}
+        return result
+
+    def _pyramid(self, images: Tensor, mask: Tensor):
+        """Backbone levels projected to d_model, plus the extra stride-2 levels; each
+        with its padding mask and position encoding."""
+        backbone, position = self.backbone[0], self.backbone[1]
+        features = backbone(images, mask)
+        srcs, masks, pos = [], [], []
+        for lvl, (feat, level_mask) in enumerate(features):
+            srcs.append(self.input_proj[lvl](feat))
+            masks.append(level_mask)
+            pos.append(position(level_mask).to(feat.dtype))
+        for lvl in range(len(features), self.num_feature_levels):
+            src = self.input_proj[lvl](features[-1][0] if lvl == len(features) else srcs[-1])
+            level_mask = resize_mask(mask, src.shape[-2:])
+            srcs.append(src)
+            masks.append(level_mask)
+            pos.append(position(level_mask).to(src.dtype))
+        return srcs, masks, pos
+
+    def _predict(self, hs: Tensor, init_reference: Tensor, inter_references: Tensor):
+        """Per decoder layer: class logits and boxes_cxcywh, the box head predicting a
+        correction of that layer's input reference in logit space."""
+        logits, boxes = [], []
+        for lvl in range(hs.shape[0]):
+            reference = inverse_sigmoid(init_reference if lvl == 0 else inter_references[lvl - 1])
+            delta = self.bbox_embed[lvl](hs[lvl])
+            if reference.shape[-1] == 4:
+                coord = delta + reference
+            else:
+                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            logits.append(self.class_embed[lvl](hs[lvl]))
+            boxes.append(coord.sigmoid())
+        return logits, boxes
+
+    def postprocess(self, outputs: dict, target_sizes, num_select: int = 100) -> list[dict]:
+        """``PostProcess(num_select)(outputs, target_sizes)``: per image the top
+        ``num_select`` ``scores``, ``labels`` and ``boxes`` (boxes_xyxy in pixels)."""
+        return PostProcess(num_select)(outputs, target_sizes)
+
+    def save_pretrained(self, directory, safe_serialization: bool = True) -> None:
+        """Writes ``config.json`` and the weights (safetensors, or torch) to ``directory``."""
+        weights.save_pretrained(self, directory, safe_serialization)
+
+    @classmethod
+    def from_pretrained(cls, directory, strict: bool = True, **overrides) -> "DeformableDetr":
+        """Builds the model saved by ``save_pretrained``; ``overrides`` replace config
+        entries (e.g. ``dropout=0.0``)."""
+        config, state = weights.read_pretrained(directory)
+        config.update(overrides)
+        model = cls(**config)
+        weights.load_weights(model, state, strict=strict, source=str(directory))
+        return model
+
+
+def _check_config(cfg: dict) -> None:
+    if cfg["d_model"] % 32:
+        raise ValueError(f"d_model: must be a multiple of 32 (GroupNorm(32) in the input "
+                         f"projections), got {cfg['d_model']}")
+    if cfg["num_feature_levels"] < 1 or cfg["num_feature_levels"] == 2:
+        raise ValueError(f"num_feature_levels: 1 (single-scale) or at least 3 (C3-C5 plus "
+                         f"extra levels), got {cfg['num_feature_levels']}")
+    if cfg["two_stage"] and not cfg["with_box_refine"]:
+        raise ValueError("two_stage: needs with_box_refine=True (as the official model)")
+    for name in ("num_classes", "num_queries", "num_decoder_layers", "num_heads",
+                 "two_stage_num_proposals"):
+        if not isinstance(cfg[name], int) or cfg[name] < 1:
+            raise ValueError(f"{name}: expected a positive int, got {cfg[name]!r}")
+
+
+def _input_proj(num_channels: list[int], d_model: int, num_levels: int) -> nn.ModuleList:
+    """1x1 conv + GroupNorm(32) per backbone level, then 3x3 stride-2 conv + GroupNorm
+    per extra level (the first on the last backbone level, the next on the previous)."""
+    projs = [nn.Sequential(nn.Conv2d(c, d_model, 1), nn.GroupNorm(32, d_model))
+             for c in num_channels]
+    in_ch = num_channels[-1]
+    for _ in range(num_levels - len(num_channels)):
+        projs.append(nn.Sequential(nn.Conv2d(in_ch, d_model, 3, stride=2, padding=1),
+                                   nn.GroupNorm(32, d_model)))
+        in_ch = d_model
+    for proj in projs:
+        nn.init.xavier_uniform_(proj[0].weight, gain=1)
+        nn.init.zeros_(proj[0].bias)
+    return nn.ModuleList(projs)
+
+
+def batch_images(images, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A (N, 3, H, W) batch and its (N, H, W) padding mask (True on padding), from a
+    batch tensor with an optional mask, or from a list of (3, H_i, W_i) images that are
+    zero-padded at the bottom and right to the largest size."""
+    if isinstance(images, (list, tuple)):
+        if mask is not None:
+            raise ValueError("mask: not accepted with a list of images (built from their sizes)")
+        return _pad(images)
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images: expected a floating (N, 3, H, W) tensor or a list of "
+                         f"(3, H, W) tensors, got {_describe(images)}")
+    n, _, h, w = images.shape
+    if mask is None:
+        return images, torch.zeros(n, h, w, dtype=torch.bool, device=images.device)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (n, h, w):
+        raise ValueError(f"mask: expected a bool tensor of shape {(n, h, w)} (True on "
+                         f"padding), got {_describe(mask)}")
+    return images, mask
+
+
+def _pad(images) -> tuple[Tensor, Tensor]:
+    if not images or any(not isinstance(im, Tensor) or im.dim() != 3 for im in images):
+        raise ValueError("images: a list must hold at least one (3, H, W) tensor, and only those")
+    h = max(im.shape[1] for im in images)
+    w = max(im.shape[2] for im in images)
+    batch = images[0].new_zeros(len(images), images[0].shape[0], h, w)
+    mask = torch.ones(len(images), h, w, dtype=torch.bool, device=images[0].device)
+    for i, im in enumerate(images):
+        batch[i, :, :im.shape[1], :im.shape[2]].copy_(im)
+        mask[i, :im.shape[1], :im.shape[2]] = False
+    return batch, mask
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

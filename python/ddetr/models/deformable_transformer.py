@@ -1,0 +1,124 @@
+"""The deformable transformer: flattens the feature pyramid, encodes it with deformable
+self-attention, and decodes object queries (learned, or two-stage proposals).
+
+Parameter names follow the official checkpoint (``level_embed``, ``reference_points``
+or, two-stage, ``enc_output``, ``enc_output_norm``, ``pos_trans``, ``pos_trans_norm``;
+``encoder.layers.*``, ``decoder.layers.*``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ddetr.models.ms_deform_attn import MSDeformAttn
+from ddetr.models.transformer_layers import (DeformableTransformerDecoder,
+                                             DeformableTransformerDecoderLayer,
+                                             DeformableTransformerEncoder,
+                                             DeformableTransformerEncoderLayer)
+from ddetr.models.two_stage import encoder_proposals, proposal_pos_embed
+from ddetr.ops import encoder_reference_points, flatten_multiscale
+
+
+class TransformerOutput(NamedTuple):
+    hs: Tensor                    # (layers, N, Lq, C) every decoder layer's output
+    init_reference: Tensor        # (N, Lq, 2) points or (N, Lq, 4) boxes_cxcywh, in [0, 1]
+    inter_references: Tensor      # (layers, N, Lq, 2|4) the reference after each layer
+    enc_outputs_class: Tensor | None       # (N, S, num_classes), two-stage only
+    enc_outputs_coord_unact: Tensor | None  # (N, S, 4) box logits, two-stage only
+
+
+class DeformableTransformer(nn.Module):
+    """Encoder + decoder. ``forward(srcs, masks, pos_embeds, query_embed)``: per level
+    (N, C, H_l, W_l) features, (N, H_l, W_l) padding masks (True on padding) and
+    (N, C, H_l, W_l) position encodings; ``query_embed`` (Lq, 2C) = (query_pos | tgt),
+    or None in two-stage mode. Returns a ``TransformerOutput``."""
+
+    def __init__(self, d_model=256, num_heads=8, num_encoder_layers=6, num_decoder_layers=6,
+                 dim_feedforward=1024, dropout=0.1, activation="relu", num_feature_levels=4,
+                 enc_num_points=4, dec_num_points=4, two_stage=False,
+                 two_stage_num_proposals=300):
+        super().__init__()
+        self.d_model = d_model
+        self.two_stage = two_stage
+        self.two_stage_num_proposals = two_stage_num_proposals
+        common = dict(d_model=d_model, dim_feedforward=dim_feedforward, dropout=dropout,
+                      activation=activation, num_levels=num_feature_levels, num_heads=num_heads)
+        self.encoder = DeformableTransformerEncoder(
+            [DeformableTransformerEncoderLayer(**common, num_points=enc_num_points)
+             for _ in range(num_encoder_layers)])
+        self.decoder = DeformableTransformerDecoder(
+            [DeformableTransformerDecoderLayer(**common, num_points=dec_num_points)
+             for _ in range(num_decoder_layers)])
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
+            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        else:
+            self.reference_points = nn.Linear(d_model, 2)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # official order: Xavier on every matrix, then MSDeformAttn's own init, the
+        # reference-point layer, and a standard normal level embedding
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m._reset_parameters()
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
+
+    def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
+                query_embed: Tensor | None = None) -> TransformerOutput:
+        flat = flatten_multiscale(srcs, masks, pos_embeds, self.level_embed)
+        # (H, W) pairs as ints: known while tracing, so torch.compile needs no data
+        sizes = [tuple(src.shape[-2:]) for src in srcs]
+        enc_refs = encoder_reference_points(sizes, flat.valid_ratios)
+        memory = self.encoder(flat.src, flat.pos, enc_refs, flat.spatial_shapes,
+                              flat.level_start_index, flat.mask)
+        enc_class = enc_coord = None
+        if self.two_stage:
+            query_pos, tgt, reference_points, enc_class, enc_coord = self._proposal_queries(
+                memory, flat.mask, flat.spatial_shapes)
+        else:
+            if query_embed is None:
+                raise ValueError("query_embed: required unless two_stage")
+            query_pos, tgt, reference_points = self._learned_queries(query_embed, memory.shape[0])
+        hs, refs = self.decoder(tgt, reference_points, memory, flat.spatial_shapes,
+                                flat.level_start_index, flat.valid_ratios, query_pos, flat.mask)
+        return TransformerOutput(torch.stack(hs), reference_points, torch.stack(refs),
+                                 enc_class, enc_coord)
+
+    def _learned_queries(self, query_embed: Tensor, n: int):
+        query_pos, tgt = torch.split(query_embed, self.d_model, dim=1)
+        # (Lq, C) -> (N, Lq, C)
+        query_pos = query_pos[None].expand(n, -1, -1)
+        tgt = tgt[None].expand(n, -1, -1)
+        return query_pos, tgt, self.reference_points(query_pos).sigmoid()
+
+    def _proposal_queries(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor):
+        """Scores one proposal per encoder token with the extra (last) heads, keeps the
+        top ``two_stage_num_proposals`` and embeds their (detached) boxes as queries."""
+        k = self.two_stage_num_proposals
+        if k > memory.shape[1]:
+            raise ValueError(f"two_stage_num_proposals ({k}) exceeds the {memory.shape[1]} "
+                             f"encoder tokens of these images")
+        logits, keep = encoder_proposals(padding_mask, spatial_shapes, memory.dtype)
+        features = self.enc_output_norm(self.enc_output(memory.masked_fill(~keep, 0.0)))
+        head = self.decoder.num_layers
+        enc_class = self.decoder.class_embed[head](features)
+        enc_coord = self.decoder.bbox_embed[head](features) + logits
+        top = torch.topk(enc_class[..., 0], k, dim=1)[1]
+        # (N, K) -> (N, K, 4) indices of the chosen proposals' box logits
+        boxes = torch.gather(enc_coord, 1, top[..., None].expand(-1, -1, 4)).detach()
+        embed = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(boxes, self.d_model // 2)))
+        query_pos, tgt = torch.split(embed, self.d_model, dim=2)
+        return query_pos, tgt, boxes.sigmoid(), enc_class, enc_coord

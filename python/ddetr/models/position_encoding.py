@@ -1,0 +1,84 @@
+"""2-d position encodings of feature maps (the official ``position_encoding.py`` semantics).
+
+``PositionEmbeddingSine``: for each valid pixel, its 1-based row and column counted over
+the non-padded area, shifted by -0.5 to the pixel centre, normalised by the valid height
+(width) and scaled to [0, 2*pi]; then ``num_pos_feats`` sinusoids of each, at
+frequencies ``temperature ** (2*floor(i/2) / num_pos_feats)``, sin on even and cos on odd
+channels. The output is ``cat(y features, x features)`` on the channel axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class PositionEmbeddingSine(nn.Module):
+    """Sine encoding; ``forward(mask)`` maps a (N, H, W) padding mask to (N, 2F, H, W).
+
+    Args:
+        num_pos_feats: F, channels per axis (d_model // 2).
+        temperature: base of the frequencies.
+        normalize: divide positions by the valid extent (the official model: True).
+        scale: the normalised range (2*pi).
+    """
+
+    def __init__(self, num_pos_feats: int = 128, temperature: float = 10000,
+                 normalize: bool = True, scale: float | None = None):
+        super().__init__()
+        if scale is not None and not normalize:
+            raise ValueError("scale: only used with normalize=True")
+        self.num_pos_feats = num_pos_feats
+        self.temperature = temperature
+        self.normalize = normalize
+        self.scale = 2 * math.pi if scale is None else scale
+
+    def forward(self, mask: Tensor) -> Tensor:
+        not_mask = ~mask
+        y = not_mask.cumsum(1, dtype=torch.float32)
+        x = not_mask.cumsum(2, dtype=torch.float32)
+        if self.normalize:
+            eps = 1e-6
+            y = (y - 0.5) / (y[:, -1:, :] + eps) * self.scale
+            x = (x - 0.5) / (x[:, :, -1:] + eps) * self.scale
+        return torch.cat((self._sinusoids(y), self._sinusoids(x)), dim=3).permute(0, 3, 1, 2)
+
+    def _sinusoids(self, pos: Tensor) -> Tensor:
+        """(N, H, W) positions -> (N, H, W, F): sin on even channels, cos on odd ones."""
+        i = torch.arange(self.num_pos_feats, dtype=torch.float32, device=pos.device)
+        freq = self.temperature ** (2 * (i // 2) / self.num_pos_feats)
+        angles = pos[..., None] / freq
+        # (N, H, W, F/2) sin, cos -> (N, H, W, F/2, 2) -> (N, H, W, F) interleaved
+        return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=4).flatten(3)
+
+
+class PositionEmbeddingLearned(nn.Module):
+    """Learned encoding (official ``--position_embedding learned``): a row and a column
+    table of 50 entries each; ``forward(mask)`` -> (N, 2F, H, W) as cat(column, row)."""
+
+    def __init__(self, num_pos_feats: int = 128):
+        super().__init__()
+        self.row_embed = nn.Embedding(50, num_pos_feats)
+        self.col_embed = nn.Embedding(50, num_pos_feats)
+        nn.init.uniform_(self.row_embed.weight)
+        nn.init.uniform_(self.col_embed.weight)
+
+    def forward(self, mask: Tensor) -> Tensor:
+        n, h, w = mask.shape
+        if h > 50 or w > 50:
+            raise ValueError(f"mask: the learned encoding covers at most 50x50 maps, got {h}x{w}")
+        cols = self.col_embed(torch.arange(w, device=mask.device))
+        rows = self.row_embed(torch.arange(h, device=mask.device))
+        # (W, F), (H, F) -> (H, W, 2F) -> (2F, H, W) -> (N, 2F, H, W)
+        grid = torch.cat([cols[None].expand(h, w, -1), rows[:, None].expand(h, w, -1)], dim=-1)
+        return grid.permute(2, 0, 1)[None].expand(n, -1, -1, -1)
+
+
+def build_position_encoding(kind: str, d_model: int) -> nn.Module:
+    if kind == "sine":
+        return PositionEmbeddingSine(d_model // 2, normalize=True)
+    if kind == "learned":
+        return PositionEmbeddingLearned(d_model // 2)
+    raise ValueError(f"position_embedding: expected 'sine' or 'learned', got {kind!r}")

@@ -1,0 +1,46 @@
+"""Detections from raw model outputs: the official top-k over sigmoid scores."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ddetr.models.box_ops import box_cxcywh_to_xyxy
+
+
+class PostProcess(nn.Module):
+    """Turns ``{"pred_logits", "pred_boxes"}`` into per-image detections.
+
+    The top ``num_select`` (default 100) (query, class) pairs by sigmoid score over all
+    queries and classes, as the official ``PostProcess``; a query may appear with several
+    labels.
+
+    ``forward(outputs, target_sizes)``: ``target_sizes`` (N, 2) is each image's (height,
+    width) in pixels. Returns a list of N dicts: ``scores`` (K,), ``labels`` (K,) int64,
+    ``boxes`` (K, 4) boxes_xyxy in pixels of that size, K = min(num_select, Q * classes).
+    """
+
+    def __init__(self, num_select: int = 100):
+        super().__init__()
+        self.num_select = num_select
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, target_sizes) -> list[dict]:
+        logits, boxes_cxcywh = outputs["pred_logits"], outputs["pred_boxes"]
+        n, q, c = logits.shape
+        target_sizes = torch.as_tensor(target_sizes, device=logits.device)
+        if tuple(target_sizes.shape) != (n, 2):
+            raise ValueError(f"target_sizes: expected ({n}, 2) (height, width), "
+                             f"got {tuple(target_sizes.shape)}")
+        k = min(self.num_select, q * c)
+        # (N, Q, C) -> (N, Q*C): index = query * C + class
+        scores, index = torch.topk(logits.sigmoid().view(n, -1), k, dim=1)
+        queries, labels = index // c, index % c
+        boxes_xyxy = box_cxcywh_to_xyxy(boxes_cxcywh)
+        boxes_xyxy = torch.gather(boxes_xyxy, 1, queries[..., None].expand(-1, -1, 4))
+        h, w = target_sizes.to(boxes_xyxy.dtype).unbind(1)
+        # (N, 4) per-image (w, h, w, h) -> (N, 1, 4)
+        scale = torch.stack([w, h, w, h], dim=1)[:, None, :]
+        boxes_xyxy = boxes_xyxy * scale
+        return [{"scores": s, "labels": lb, "boxes": b}
+                for s, lb, b in zip(scores, labels, boxes_xyxy)]

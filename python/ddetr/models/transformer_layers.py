@@ -1,0 +1,146 @@
+"""Encoder and decoder layers of the deformable transformer, and their stacks.
+
+Module names follow the official checkpoint: encoder layers hold ``self_attn``
+(MSDeformAttn over all tokens), ``norm1``, ``linear1``, ``linear2``, ``norm2``; decoder
+layers hold ``self_attn`` (dense ``nn.MultiheadAttention`` among the queries),
+``norm2``, ``cross_attn`` (MSDeformAttn into the encoder memory), ``norm1``,
+``linear1``, ``linear2``, ``norm3``. All layers are post-norm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddetr.models.box_ops import inverse_sigmoid
+from ddetr.models.ms_deform_attn import MSDeformAttn
+
+
+def _activation(name: str):
+    if name == "relu":
+        return F.relu
+    if name == "gelu":
+        return F.gelu
+    raise ValueError(f"activation: expected 'relu' or 'gelu', got {name!r}")
+
+
+def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
+    return x if pos is None else x + pos
+
+
+class DeformableTransformerEncoderLayer(nn.Module):
+    def __init__(self, d_model=256, dim_feedforward=1024, dropout=0.1, activation="relu",
+                 num_levels=4, num_heads=8, num_points=4):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, num_levels, num_heads, num_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.activation = _activation(activation)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """src, pos (N, S, C); reference_points (N, S, L, 2); padding_mask (N, S)."""
+        attn = self.self_attn(_with_pos(src, pos), reference_points, src, spatial_shapes,
+                              level_start_index, padding_mask)
+        src = self.norm1(src + self.dropout1(attn))
+        ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
+
+
+class DeformableTransformerEncoder(nn.Module):
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.num_layers = len(layers)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
+                padding_mask=None) -> Tensor:
+        """Returns the memory (N, S, C); reference_points (N, S, L, 2) are pixel centres."""
+        out = src
+        for layer in self.layers:
+            out = layer(out, pos, reference_points, spatial_shapes, level_start_index,
+                        padding_mask)
+        return out
+
+
+class DeformableTransformerDecoderLayer(nn.Module):
+    def __init__(self, d_model=256, dim_feedforward=1024, dropout=0.1, activation="relu",
+                 num_levels=4, num_heads=8, num_points=4):
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d_model, num_levels, num_heads, num_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout,
+                                               batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.activation = _activation(activation)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
+                spatial_shapes: Tensor, level_start_index: Tensor,
+                memory_padding_mask: Tensor | None = None) -> Tensor:
+        """tgt, query_pos (N, Lq, C); reference_points (N, Lq, L, 2 or 4); memory (N, S, C)."""
+        q = k = _with_pos(tgt, query_pos)
+        attn = self.self_attn(q, k, tgt, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout2(attn))
+        attn = self.cross_attn(_with_pos(tgt, query_pos), reference_points, memory,
+                               spatial_shapes, level_start_index, memory_padding_mask)
+        tgt = self.norm1(tgt + self.dropout1(attn))
+        ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(ffn))
+
+
+class DeformableTransformerDecoder(nn.Module):
+    """The decoder stack. ``bbox_embed`` (and ``class_embed`` in two-stage mode) are the
+    detector's heads, attached by the detector as in the official code: with them the
+    reference boxes are refined layer by layer (iterative box refinement)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.num_layers = len(layers)
+        self.bbox_embed = None
+        self.class_embed = None
+
+    def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index,
+                valid_ratios, query_pos=None, memory_padding_mask=None):
+        """reference_points (N, Lq, 2) points or (N, Lq, 4) boxes_cxcywh, normalised to the
+        valid image area. Returns ``(hs (layers, N, Lq, C), references (layers, N, Lq, 2|4))``:
+        every layer's output and the reference it hands to the next layer."""
+        out, hs, refs = tgt, [], []
+        for i, layer in enumerate(self.layers):
+            # normalised to the valid area -> to the padded map, per level:
+            # (N, Lq, 2|4) x (N, L, 2|4) -> (N, Lq, L, 2|4)
+            ratios = valid_ratios if reference_points.shape[-1] == 2 else valid_ratios.repeat(1, 1, 2)
+            level_refs = reference_points[:, :, None] * ratios[:, None]
+            out = layer(out, query_pos, level_refs, memory, spatial_shapes, level_start_index,
+                        memory_padding_mask)
+            if self.bbox_embed is not None:
+                reference_points = self._refine(self.bbox_embed[i](out), reference_points)
+            hs.append(out)
+            refs.append(reference_points)
+        return hs, refs
+
+    @staticmethod
+    def _refine(delta: Tensor, reference_points: Tensor) -> Tensor:
+        # the head predicts a correction in logit space; the new reference is not
+        # back-propagated through (the official detach)
+        if reference_points.shape[-1] == 4:
+            refined = delta + inverse_sigmoid(reference_points)
+        else:
+            # a point becomes a box: (cx, cy) corrected, (w, h) from the delta alone
+            refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points),
+                                 delta[..., 2:]], -1)
+        return refined.sigmoid().detach()
+

@@ -1,0 +1,63 @@
+"""Two-stage Deformable DETR: one box proposal per encoder pixel, and the sine
+embedding of the selected proposals that seeds the decoder queries.
+
+The official ``gen_encoder_output_proposals`` / ``get_proposal_pos_embed`` semantics:
+the pixel (i, j) of level l, of a map whose valid (unpadded) size is (h, w), proposes
+the box centred at ((j + 0.5) / w, (i + 0.5) / h) with width and height 0.05 * 2**l.
+Proposals with a coordinate outside (0.01, 0.99), and proposals on padding, are
+invalid: their logits are +inf and their encoder features are zeroed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def proposal_boxes(padding_mask: Tensor, spatial_shapes: Tensor, dtype=torch.float32) -> Tensor:
+    """(N, S) padding mask and (L, 2) level shapes -> (N, S, 4) boxes_cxcywh, normalised
+    by each image's valid extent on each level (padding pixels get boxes past 1)."""
+    n = padding_mask.shape[0]
+    device = padding_mask.device
+    boxes, start = [], 0
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        # (N, H*W) -> (N, H, W)
+        level_mask = padding_mask[:, start:start + h * w].view(n, h, w)
+        valid_h = torch.sum(~level_mask[:, :, 0], 1)
+        valid_w = torch.sum(~level_mask[:, 0, :], 1)
+        ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=dtype, device=device),
+                                torch.linspace(0, w - 1, w, dtype=dtype, device=device),
+                                indexing="ij")
+        grid = torch.stack([xs, ys], -1)  # (H, W, 2) as (x, y)
+        # (N, 2) valid (w, h) -> (N, 1, 1, 2)
+        valid = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)
+        centres = (grid[None].expand(n, -1, -1, -1) + 0.5) / valid
+        sizes = torch.ones_like(centres) * (0.05 * 2.0 ** lvl)
+        # (N, H, W, 4) -> (N, H*W, 4)
+        boxes.append(torch.cat([centres, sizes], -1).view(n, -1, 4))
+        start += h * w
+    return torch.cat(boxes, 1)
+
+
+def encoder_proposals(padding_mask: Tensor, spatial_shapes: Tensor,
+                      dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    """Returns ``(logits (N, S, 4), keep (N, S, 1) bool)``: the proposals as
+    inverse-sigmoid box coordinates (+inf where invalid) and which ones are valid."""
+    boxes = proposal_boxes(padding_mask, spatial_shapes, dtype)
+    inside = ((boxes > 0.01) & (boxes < 0.99)).all(-1, keepdim=True)
+    keep = inside & ~padding_mask[..., None]
+    logits = torch.log(boxes / (1 - boxes))
+    return logits.masked_fill(~keep, float("inf")), keep
+
+
+def proposal_pos_embed(logits: Tensor, num_pos_feats: int = 128,
+                       temperature: float = 10000) -> Tensor:
+    """(N, Q, 4) box logits -> (N, Q, 4 * num_pos_feats) sine embedding of the boxes
+    (sigmoid, scaled to [0, 2*pi]; per coordinate, sin on even and cos on odd channels)."""
+    i = torch.arange(num_pos_feats, dtype=torch.float32, device=logits.device)
+    freq = temperature ** (2 * (i // 2) / num_pos_feats)
+    angles = (logits.sigmoid() * (2 * math.pi))[..., None] / freq  # (N, Q, 4, F)
+    # (N, Q, 4, F/2) sin, cos -> (N, Q, 4, F/2, 2) -> (N, Q, 4*F)
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=4).flatten(2)
