@@ -6,13 +6,19 @@ imports torch eagerly; the driver only needs the shape tables and ``measure``.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import datetime
+import os
 import resource
 import statistics
+import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
+import ddetr
 from ddetr.ops import ms_deform_attn, ms_deform_attn_reference
 
 HEADS, HEAD_DIM, POINTS = 8, 32, 4
@@ -185,6 +191,28 @@ def _proc_status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
+
+
+def release_heap(fixed_mmap: bool) -> None:
+    """Make RSS follow live tensors (glibc): free heap memory goes back to the OS now, and,
+    with ``fixed_mmap``, every allocation of 64 KiB or more is mmapped from here on, so it
+    is unmapped when freed. By default glibc raises that threshold after the first big free
+    and keeps later tensors on the heap, where a call can reuse memory freed by input
+    building without the high-water mark moving. This changes allocation costs, so it is
+    only done after the timing, in a worker process that ends right after."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return  # not glibc: figures may read low
+    if fixed_mmap:
+        libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD; also turns off the dynamic raise
+    libc.malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory growth over a ``with`` block.
 
@@ -195,8 +223,8 @@ class PeakMemory:
     that is not allowed it falls back to ``ru_maxrss``, which only works once per process.
     """
 
-    def __init__(self, device: torch.device):
-        self.device, self.peak_bytes = device, None
+    def __init__(self, device: torch.device, fixed_mmap: bool = False):
+        self.device, self.fixed_mmap, self.peak_bytes = device, fixed_mmap, None
 
     def __enter__(self):
         _sync(self.device)
@@ -205,6 +233,7 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
             self.method = "cuda max_memory_allocated - allocated inputs"
             return self
+        release_heap(self.fixed_mmap)
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -258,13 +287,16 @@ def measure(spec: dict) -> dict:
         for step in build(make_shape("prime", (64, 64))).values():
             step()
         steps = build(shape)
-        if spec.get("guard_memory") and device.type == "cpu":
+        if spec.get("isolated") and device.type == "cpu":
             limit_address_space()
         for kind, step in steps.items():
-            with PeakMemory(device) as mem:
-                times = time_step(step, device, spec["warmup"], spec["repeats"])
+            times = time_step(step, device, spec["warmup"], spec["repeats"])
             result["times_ms"][kind] = times
             result["median_ms"][kind] = statistics.median(times)
+        # Memory last, one more call each, once every timing is done (see release_heap).
+        for kind, step in steps.items():
+            with PeakMemory(device, fixed_mmap=spec.get("isolated", False)) as mem:
+                step()
             result["peak_mb"][kind] = mem.peak_bytes / 2**20
             result["memory_method"] = mem.method
     except (RuntimeError, MemoryError) as exc:
@@ -273,3 +305,38 @@ def measure(spec: dict) -> dict:
         reason = "out of memory" if _is_oom(exc) else "failed"
         return {"ok": False, "error": f"{reason}: {str(exc).splitlines()[0][:160]}"}
     return result
+
+
+# ---------------------------------------------------------------- environment
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return f"{names[0]} ({len(names)} logical CPUs)"
+    except (OSError, IndexError):
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def git(*cmd: str) -> str | None:
+    """Output of a git command in this checkout, or None (no git, not a checkout)."""
+    try:
+        out = subprocess.run(["git", *cmd], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def extension_built() -> str | None:
+    """When the installed extension was built: the commit alone does not say whether the
+    installed package matches the checkout."""
+    try:
+        path = ddetr._ext._C.__file__
+        return datetime.datetime.fromtimestamp(os.path.getmtime(path)).isoformat(
+            timespec="seconds")
+    except (AttributeError, OSError, TypeError):
+        return None

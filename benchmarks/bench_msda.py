@@ -19,9 +19,11 @@ What is measured, per shape x implementation x pass:
 Time: median of ``--repeats`` calls (``--slow-repeats`` for reference and dense) after
 ``--warmup`` untimed ones; perf_counter on CPU, CUDA events on GPU. Peak memory: each
 (shape, impl, pass) runs in a fresh worker process (this script with ``--worker``), which
-builds its inputs and then reports the growth of the resident-set high-water mark on CPU,
-or ``max_memory_allocated`` minus the inputs on CUDA. Results: a table on stdout, JSON and
-a PNG (time against tokens for the sweep) under ``--out``.
+builds its inputs, does the timing, then makes one more call and reports its peak memory
+over the inputs: on CPU the growth of the resident-set high-water mark (VmHWM, reset via
+/proc/self/clear_refs, with glibc told to mmap every tensor so freed memory leaves the
+resident set), on CUDA ``max_memory_allocated`` minus the inputs. Results: a table on
+stdout, JSON and a PNG (time against tokens for the sweep) under ``--out``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch  # noqa: E402
 
 import ddetr  # noqa: E402
 import _common as C  # noqa: E402
+from _common import device_name, extension_built, git  # noqa: E402
 import _plot  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,7 +109,7 @@ def worker_spec(args, job) -> dict:
     return {"shape": job["shape"], "impl": job["impl"], "pass": job["pass"],
             "device": args.device, "dtype": args.dtype, "warmup": args.warmup,
             "repeats": args.slow_repeats if job["impl"] in SLOW_IMPLS else args.repeats,
-            "guard_memory": not args.in_process}
+            "isolated": not args.in_process}
 
 
 def run_worker(spec: dict) -> dict:
@@ -232,35 +235,19 @@ def plot_sweep(rows, shapes, path, meta) -> bool:
 
 # ---------------------------------------------------------------- environment and main
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        return f"{names[0]} ({len(names)} logical CPUs)"
-    except (OSError, IndexError):
-        import platform
-        return platform.processor() or platform.machine()
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def environment(args, shapes) -> dict:
     method = ("torch.cuda max_memory_allocated minus the inputs" if args.device == "cuda"
-              else "peak RSS growth (VmHWM after clear_refs reset) over the inputs")
-    method += ", in-process" if args.in_process else ", fresh worker process per row"
+              else "peak RSS growth over the inputs (VmHWM after clear_refs reset")
+    if args.device == "cpu":
+        method += ")" if args.in_process else "; glibc mmap threshold 64 KiB)"
+    method += " of one call after timing, " + (
+        "in-process (approximate)" if args.in_process else "fresh worker process per row")
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "device": args.device, "device_name": device_name(args.device),
             "torch": torch.__version__, "build_info": ddetr.build_info(),
-            "git_commit": git_commit(), "threads": torch.get_num_threads(),
+            "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "extension_built": extension_built(), "threads": torch.get_num_threads(),
             "loadavg_at_start": os.getloadavg(),  # the machine may be shared: context for noise
             "dtype": args.dtype, "repeats": args.repeats, "slow_repeats": args.slow_repeats,
             "warmup": args.warmup, "quick": args.quick, "argv": sys.argv[1:],
