@@ -54,7 +54,6 @@ template <class Fn> void dispatch_cpu(const std::string& dtype, Fn&& fn) {
                                 dtype);
 }
 
-#ifdef DDETR_WITH_CUDA
 DType cuda_dtype(const std::string& dtype) {
   if (dtype == "float32") return DType::f32;
   if (dtype == "float64") return DType::f64;
@@ -63,13 +62,30 @@ DType cuda_dtype(const std::string& dtype) {
   throw std::invalid_argument(
       "the CUDA kernels take float32, float64, float16 or bfloat16, got " + dtype);
 }
-#else
+#ifndef DDETR_WITH_CUDA
 [[noreturn]] void no_cuda() {
   throw std::runtime_error(
       "ddetr was built without CUDA, so it cannot run on CUDA tensors. Rebuild with a CUDA "
       "toolkit on PATH: pip install . --config-settings=cmake.define.DDETR_CUDA=ON");
 }
 #endif
+
+// Runs `cpu` or `cuda` by device type: the one place that knows a build may lack
+// CUDA. `cuda` is a generic lambda, so without CUDA its body (which names the CUDA
+// launchers) is never instantiated and nothing undefined is linked.
+template <class Cpu, class Cuda>
+void on_device(const std::string& device, Cpu&& cpu, Cuda&& cuda) {
+  if (device == "cpu") return cpu();
+  if (device == "cuda") {
+#ifdef DDETR_WITH_CUDA
+    return cuda(0);
+#else
+    (void)cuda;
+    no_cuda();
+#endif
+  }
+  throw std::invalid_argument("unsupported device type " + device);
+}
 
 void require(uintptr_t ptr, bool needed, const char* name) {
   if (needed && ptr == 0) throw std::invalid_argument(std::string(name) + " is a null pointer");
@@ -87,24 +103,20 @@ void forward(const std::string& dtype, const std::string& device, int device_ind
   require(loc, work && s.L * s.P > 0, "sampling_locations");
   require(attn, work && s.L * s.P > 0, "attention_weights");
   py::gil_scoped_release unlocked;
-  if (device == "cpu") {
-    dispatch_cpu(dtype, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      using A = Acc<T>;
-      msda_forward_cpu<T>(s, as<const T>(value), as<const A>(loc), as<const A>(attn),
-                          as<T>(out), num_threads);
-    });
-  } else if (device == "cuda") {
-#ifdef DDETR_WITH_CUDA
-    msda_forward_cuda(cuda_dtype(dtype), s, as<const void>(value), as<const void>(loc),
-                      as<const void>(attn), as<void>(out), device_index, stream);
-#else
-    (void)device_index; (void)stream;
-    no_cuda();
-#endif
-  } else {
-    throw std::invalid_argument("unsupported device type " + device);
-  }
+  on_device(
+      device,
+      [&] {
+        dispatch_cpu(dtype, [&](auto tag) {
+          using T = typename decltype(tag)::type;
+          using A = Acc<T>;
+          msda_forward_cpu<T>(s, as<const T>(value), as<const A>(loc), as<const A>(attn),
+                              as<T>(out), num_threads);
+        });
+      },
+      [&](auto) {
+        msda_forward_cuda(cuda_dtype(dtype), s, as<const void>(value), as<const void>(loc),
+                          as<const void>(attn), as<void>(out), device_index, stream);
+      });
 }
 
 size_t workspace_bytes(const std::string& device, int device_index, const Sizes& sizes,
@@ -134,28 +146,23 @@ void backward(const std::string& dtype, const std::string& device, int device_in
   require(grad_loc, work, "grad_sampling_locations");
   require(grad_attn, work, "grad_attention_weights");
   py::gil_scoped_release unlocked;
-  if (device == "cpu") {
-    dispatch_cpu(dtype, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      using A = Acc<T>;
-      msda_backward_cpu<T>(s, as<const T>(value), as<const A>(loc), as<const A>(attn),
-                           as<const T>(grad_out), as<A>(grad_value), as<A>(grad_loc),
-                           as<A>(grad_attn), num_threads);
-    });
-  } else if (device == "cuda") {
-#ifdef DDETR_WITH_CUDA
-    msda_backward_cuda(cuda_dtype(dtype), s, as<const void>(value), as<const void>(loc),
-                       as<const void>(attn), as<const void>(grad_out), as<void>(grad_value),
-                       as<void>(grad_loc), as<void>(grad_attn), as<void>(workspace),
-                       workspace_size, deterministic, device_index, stream);
-#else
-    (void)device_index; (void)stream; (void)workspace; (void)workspace_size;
-    (void)deterministic;
-    no_cuda();
-#endif
-  } else {
-    throw std::invalid_argument("unsupported device type " + device);
-  }
+  on_device(
+      device,
+      [&] {
+        dispatch_cpu(dtype, [&](auto tag) {
+          using T = typename decltype(tag)::type;
+          using A = Acc<T>;
+          msda_backward_cpu<T>(s, as<const T>(value), as<const A>(loc), as<const A>(attn),
+                               as<const T>(grad_out), as<A>(grad_value), as<A>(grad_loc),
+                               as<A>(grad_attn), num_threads);
+        });
+      },
+      [&](auto) {
+        msda_backward_cuda(cuda_dtype(dtype), s, as<const void>(value), as<const void>(loc),
+                           as<const void>(attn), as<const void>(grad_out), as<void>(grad_value),
+                           as<void>(grad_loc), as<void>(grad_attn), as<void>(workspace),
+                           workspace_size, deterministic, device_index, stream);
+      });
 }
 
 // ---------------------------------------------------------------------------
@@ -213,20 +220,16 @@ void flatten_forward(const std::string& dtype, const std::string& device, int de
   a.mask = as<uint8_t>(mask);
   a.valid_ratios = as<void>(valid_ratios);
   py::gil_scoped_release unlocked;
-  if (device == "cpu") {
-    dispatch_cpu(dtype, [&](auto tag) {
-      flatten_forward_cpu<typename decltype(tag)::type>(s, a, num_threads);
-    });
-  } else if (device == "cuda") {
-#ifdef DDETR_WITH_CUDA
-    flatten_forward_cuda(cuda_dtype(dtype), s, a, device_index, stream);
-#else
-    (void)device_index; (void)stream;
-    no_cuda();
-#endif
-  } else {
-    throw std::invalid_argument("unsupported device type " + device);
-  }
+  on_device(
+      device,
+      [&] {
+        dispatch_cpu(dtype, [&](auto tag) {
+          flatten_forward_cpu<typename decltype(tag)::type>(s, a, num_threads);
+        });
+      },
+      [&](auto) {
+        flatten_forward_cuda(cuda_dtype(dtype), s, a, device_index, stream);
+      });
 }
 
 size_t flatten_workspace_bytes(const std::string& device, int64_t N, int64_t C,
@@ -259,20 +262,16 @@ void flatten_backward(const std::string& dtype, const std::string& device, int d
   a.workspace = as<void>(workspace);
   a.workspace_bytes = workspace_size;
   py::gil_scoped_release unlocked;
-  if (device == "cpu") {
-    dispatch_cpu(dtype, [&](auto tag) {
-      flatten_backward_cpu<typename decltype(tag)::type>(s, a, num_threads);
-    });
-  } else if (device == "cuda") {
-#ifdef DDETR_WITH_CUDA
-    flatten_backward_cuda(cuda_dtype(dtype), s, a, device_index, stream);
-#else
-    (void)device_index; (void)stream;
-    no_cuda();
-#endif
-  } else {
-    throw std::invalid_argument("unsupported device type " + device);
-  }
+  on_device(
+      device,
+      [&] {
+        dispatch_cpu(dtype, [&](auto tag) {
+          flatten_backward_cpu<typename decltype(tag)::type>(s, a, num_threads);
+        });
+      },
+      [&](auto) {
+        flatten_backward_cuda(cuda_dtype(dtype), s, a, device_index, stream);
+      });
 }
 
 void reference_points(const std::string& dtype, const std::string& device, int device_index,
@@ -284,22 +283,18 @@ void reference_points(const std::string& dtype, const std::string& device, int d
   require(valid_ratios, N > 0, "valid_ratios");
   require(out, N > 0, "reference_points");
   py::gil_scoped_release unlocked;
-  if (device == "cpu") {
-    dispatch_cpu(dtype, [&](auto tag) {
-      using A = Acc<typename decltype(tag)::type>;
-      encoder_reference_points_cpu<A>(s, as<const A>(valid_ratios), as<A>(out), num_threads);
-    });
-  } else if (device == "cuda") {
-#ifdef DDETR_WITH_CUDA
-    encoder_reference_points_cuda(cuda_dtype(dtype), s, as<const void>(valid_ratios),
-                                  as<void>(out), device_index, stream);
-#else
-    (void)device_index; (void)stream;
-    no_cuda();
-#endif
-  } else {
-    throw std::invalid_argument("unsupported device type " + device);
-  }
+  on_device(
+      device,
+      [&] {
+        dispatch_cpu(dtype, [&](auto tag) {
+          using A = Acc<typename decltype(tag)::type>;
+          encoder_reference_points_cpu<A>(s, as<const A>(valid_ratios), as<A>(out), num_threads);
+        });
+      },
+      [&](auto) {
+        encoder_reference_points_cuda(cuda_dtype(dtype), s, as<const void>(valid_ratios),
+                                      as<void>(out), device_index, stream);
+      });
 }
 
 // ---------------------------------------------------------------------------
