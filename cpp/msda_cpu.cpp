@@ -80,54 +80,89 @@ struct SampleTable {
 
 // Phase 1 output for up to M*L*P samples (structure of arrays for vector stores).
 template <class A> struct Corners {
-  std::vector<intptr_t> off[4];  // bytes from the base of value[n] (or to the zero row)
-  std::vector<A> w[4];           // attn * bilinear weight
-  std::vector<A> raw[4];         // bilinear weight alone (backward)
-  std::vector<A> ly, lx;         // fractional parts (backward)
-  std::vector<uint8_t> inside;   // the sample is on the map (backward)
+  std::vector<intptr_t> off[4];   // bytes from the base of value[n] (or to the zero row)
+  std::vector<A> w[4];            // attn * bilinear weight
+  // backward only:
+  std::vector<intptr_t> goff[4];  // bytes from grad_value[n] (or to a dummy row)
+  std::vector<A> raw[4];          // bilinear weight alone
+  std::vector<A> dot[4];          // <grad_out, value corner>
+  std::vector<A> ly, lx;          // fractional parts
+  std::vector<uint8_t> inside;    // the sample is on the map
   explicit Corners(int64_t n) : ly(n), lx(n), inside(n) {
     for (int k = 0; k < 4; ++k) {
       off[k].resize(n);
       w[k].resize(n);
+      goff[k].resize(n);
       raw[k].resize(n);
+      dot[k].resize(n);
     }
   }
 };
 
+// Where corners off the map read from (value) and scatter to (grad_value): byte
+// offsets from the image's base, so on and off the map cost the same add.
+struct OffMap {
+  intptr_t zero = 0;         // from value[n] to a row of zeros
+  intptr_t dummy[4] = {};    // from grad_value[n] to scratch rows (backward)
+  intptr_t grad_scale = 1;   // sizeof(Acc<T>) / sizeof(T): value bytes -> grad bytes
+};
+
+template <class P> intptr_t byte_distance(const P* from, const void* to) {
+  return intptr_t(reinterpret_cast<uintptr_t>(to) - reinterpret_cast<uintptr_t>(from));
+}
+
 // Samples [first, first + count) of the table for one query: loc / attn point at
-// the first of them. `zero` is the byte offset from `base` to the zero row.
-template <class A>
+// the first of them. kGrad also fills what the backward needs.
+template <bool kGrad, class A>
 void setup_corners(const SampleTable& t, int64_t first, int64_t count, const A* loc,
-                   const A* attn, intptr_t zero, Corners<A>& c) {
+                   const A* attn, const OffMap& om, Corners<A>& c) {
   // Raw pointers: the vectoriser does not see through std::vector inside the loop.
   const int32_t *h = t.h.data() + first, *w = t.w.data() + first;
   const intptr_t* head = t.head.data() + first;
   const intptr_t pixel_bytes = t.pixel_bytes;
   intptr_t *off0 = c.off[0].data(), *off1 = c.off[1].data(), *off2 = c.off[2].data(),
            *off3 = c.off[3].data();
+  intptr_t *goff0 = c.goff[0].data(), *goff1 = c.goff[1].data(), *goff2 = c.goff[2].data(),
+           *goff3 = c.goff[3].data();
   A *w0 = c.w[0].data(), *w1 = c.w[1].data(), *w2 = c.w[2].data(), *w3 = c.w[3].data();
   A *r0 = c.raw[0].data(), *r1 = c.raw[1].data(), *r2 = c.raw[2].data(), *r3 = c.raw[3].data();
   A *ly = c.ly.data(), *lx = c.lx.data();
   uint8_t* inside = c.inside.data();
+  const intptr_t zero = om.zero, scale = om.grad_scale;
+  const intptr_t dummy0 = om.dummy[0], dummy1 = om.dummy[1], dummy2 = om.dummy[2],
+                 dummy3 = om.dummy[3];
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) {
     Bilinear<A> b;
-    inside[j] = bilinear_setup(loc[2 * j], loc[2 * j + 1], h[j], w[j], b);
-    ly[j] = b.ly;
-    lx[j] = b.lx;
-    off0[j] = b.pixel[0] >= 0 ? head[j] + intptr_t(b.pixel[0]) * pixel_bytes : zero;
-    off1[j] = b.pixel[1] >= 0 ? head[j] + intptr_t(b.pixel[1]) * pixel_bytes : zero;
-    off2[j] = b.pixel[2] >= 0 ? head[j] + intptr_t(b.pixel[2]) * pixel_bytes : zero;
-    off3[j] = b.pixel[3] >= 0 ? head[j] + intptr_t(b.pixel[3]) * pixel_bytes : zero;
+    const bool on_map = bilinear_setup(loc[2 * j], loc[2 * j + 1], h[j], w[j], b);
     const A a = attn[j];
+    const intptr_t at0 = head[j] + intptr_t(b.pixel[0]) * pixel_bytes;
+    const intptr_t at1 = head[j] + intptr_t(b.pixel[1]) * pixel_bytes;
+    const intptr_t at2 = head[j] + intptr_t(b.pixel[2]) * pixel_bytes;
+    const intptr_t at3 = head[j] + intptr_t(b.pixel[3]) * pixel_bytes;
+    off0[j] = b.pixel[0] >= 0 ? at0 : zero;
+    off1[j] = b.pixel[1] >= 0 ? at1 : zero;
+    off2[j] = b.pixel[2] >= 0 ? at2 : zero;
+    off3[j] = b.pixel[3] >= 0 ? at3 : zero;
     w0[j] = a * b.weight[0];
     w1[j] = a * b.weight[1];
     w2[j] = a * b.weight[2];
     w3[j] = a * b.weight[3];
-    r0[j] = b.weight[0];
-    r1[j] = b.weight[1];
-    r2[j] = b.weight[2];
-    r3[j] = b.weight[3];
+    if constexpr (kGrad) {
+      goff0[j] = b.pixel[0] >= 0 ? at0 * scale : dummy0;
+      goff1[j] = b.pixel[1] >= 0 ? at1 * scale : dummy1;
+      goff2[j] = b.pixel[2] >= 0 ? at2 * scale : dummy2;
+      goff3[j] = b.pixel[3] >= 0 ? at3 * scale : dummy3;
+      r0[j] = b.weight[0];
+      r1[j] = b.weight[1];
+      r2[j] = b.weight[2];
+      r3[j] = b.weight[3];
+    }
+    if constexpr (kGrad) {
+      inside[j] = on_map;
+      ly[j] = b.ly;
+      lx[j] = b.lx;
+    }
   }
 }
 
@@ -147,9 +182,10 @@ void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>
 #pragma omp for schedule(static)
     for (int64_t nq = 0; nq < pairs; ++nq) {
       const T* value_n = value + (nq / s.Lq) * s.S * s.M * s.D;
-      const intptr_t zero = intptr_t(reinterpret_cast<uintptr_t>(zero_row.data()) -
-                                     reinterpret_cast<uintptr_t>(value_n));
-      setup_corners(table, 0, samples, loc + 2 * nq * samples, attn + nq * samples, zero, c);
+      OffMap om;
+      om.zero = byte_distance(value_n, zero_row.data());
+      setup_corners<false>(table, 0, samples, loc + 2 * nq * samples, attn + nq * samples, om,
+                           c);
       for (int64_t m = 0; m < s.M; ++m) {
         for (int64_t ch = 0; ch < D; ++ch) acc[ch] = A(0);
         for (int64_t j = m * lp; j < (m + 1) * lp; ++j) {
@@ -181,59 +217,66 @@ template <class T> struct BackwardScratch {
 };
 
 // The L*P samples of one (n, q, m), whose corners start at entry `first` of `c`:
-// dots and scatter, then the location and attention gradients of each sample.
-// loc/attn/grad_loc/grad_attn point at this (n, q, m)'s first sample.
+// first the dots and the scatter, sample by sample over the channels; then, in one
+// vectorised pass over the samples, their location and attention gradients.
+// attn/grad_loc/grad_attn point at this (n, q, m)'s first sample.
 template <class T, int DC>
-void backward_head(const MsdaShape& s, const T* value_n, Acc<T>* grad_value_n,
-                   const BackwardScratch<T>& buf, int64_t first, const Acc<T>* attn,
-                   Acc<T>* grad_loc, Acc<T>* grad_attn) {
+void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first,
+                   const T* value_n, Acc<T>* grad_value_n, BackwardScratch<T>& buf,
+                   int64_t first, const Acc<T>* attn, Acc<T>* grad_loc, Acc<T>* grad_attn) {
   using A = Acc<T>;
   const int64_t D = DC ? DC : s.D;
-  const Corners<A>& c = buf.corners;
+  const int64_t lp = s.L * s.P;
+  Corners<A>& c = buf.corners;
   const A* g = buf.g.data();
-  A* dummy = const_cast<A*>(buf.dummy.data());  // scratch: contents never read
-  // Scatter targets: the element of grad_value[n] matching the value corner; byte
-  // offsets scale by the element sizes (2x for bf16 values with float gradients).
-  constexpr intptr_t scale = intptr_t(sizeof(A) / sizeof(T));
-  for (int64_t i = 0; i < s.L * s.P; ++i) {
-    const int64_t j = first + i;
-    const T* v[4];
-    A* gv[4];
-    for (int k = 0; k < 4; ++k) {
-      v[k] = at<T>(value_n, c.off[k][j]);
-      gv[k] = v[k] == buf.zero_row.data()
-                  ? dummy + k * D
-                  : const_cast<A*>(at<A>(grad_value_n, c.off[k][j] * scale));
-    }
+  for (int64_t j = first; j < first + lp; ++j) {
+    const T *v0 = at<T>(value_n, c.off[0][j]), *v1 = at<T>(value_n, c.off[1][j]);
+    const T *v2 = at<T>(value_n, c.off[2][j]), *v3 = at<T>(value_n, c.off[3][j]);
+    A* gv0 = const_cast<A*>(at<A>(grad_value_n, c.goff[0][j]));
+    A* gv1 = const_cast<A*>(at<A>(grad_value_n, c.goff[1][j]));
+    A* gv2 = const_cast<A*>(at<A>(grad_value_n, c.goff[2][j]));
+    A* gv3 = const_cast<A*>(at<A>(grad_value_n, c.goff[3][j]));
     const A w0 = c.w[0][j], w1 = c.w[1][j], w2 = c.w[2][j], w3 = c.w[3][j];
     A d0 = 0, d1 = 0, d2 = 0, d3 = 0;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
     for (int64_t ch = 0; ch < D; ++ch) {
       const A gc = g[ch];
-      d0 += gc * to_acc(v[0][ch]);
-      d1 += gc * to_acc(v[1][ch]);
-      d2 += gc * to_acc(v[2][ch]);
-      d3 += gc * to_acc(v[3][ch]);
-      gv[0][ch] += w0 * gc;
-      gv[1][ch] += w1 * gc;
-      gv[2][ch] += w2 * gc;
-      gv[3][ch] += w3 * gc;
+      d0 += gc * to_acc(v0[ch]);
+      d1 += gc * to_acc(v1[ch]);
+      d2 += gc * to_acc(v2[ch]);
+      d3 += gc * to_acc(v3[ch]);
+      gv0[ch] += w0 * gc;
+      gv1[ch] += w1 * gc;
+      gv2[ch] += w2 * gc;
+      gv3[ch] += w3 * gc;
     }
-    if (!c.inside[j]) {  // explicit zeros: a non-finite attn must not make them NaN
-      grad_attn[i] = grad_loc[2 * i] = grad_loc[2 * i + 1] = A(0);
-      continue;
-    }
+    c.dot[0][j] = d0;
+    c.dot[1][j] = d1;
+    c.dot[2][j] = d2;
+    c.dot[3][j] = d3;
+  }
+  const int32_t *h = t.h.data() + table_first, *w = t.w.data() + table_first;
+  const uint8_t* inside = c.inside.data() + first;
+  const A *ly = c.ly.data() + first, *lx = c.lx.data() + first;
+  const A *r0 = c.raw[0].data() + first, *r1 = c.raw[1].data() + first;
+  const A *r2 = c.raw[2].data() + first, *r3 = c.raw[3].data() + first;
+  const A *e0 = c.dot[0].data() + first, *e1 = c.dot[1].data() + first;
+  const A *e2 = c.dot[2].data() + first, *e3 = c.dot[3].data() + first;
+#pragma omp simd
+  for (int64_t i = 0; i < lp; ++i) {
     Bilinear<A> b;
-    for (int k = 0; k < 4; ++k) b.weight[k] = c.raw[k][j];
-    b.ly = c.ly[j];
-    b.lx = c.lx[j];
-    const int64_t l = i / s.P;
-    const A dot[4] = {d0, d1, d2, d3};
-    const SampleGrad<A> sg = bilinear_backward(b, dot, attn[i], int32_t(s.level_h[l]),
-                                               int32_t(s.level_w[l]));
-    grad_attn[i] = sg.attn;
-    grad_loc[2 * i] = sg.x;
-    grad_loc[2 * i + 1] = sg.y;
+    b.weight[0] = r0[i];
+    b.weight[1] = r1[i];
+    b.weight[2] = r2[i];
+    b.weight[3] = r3[i];
+    b.ly = ly[i];
+    b.lx = lx[i];
+    const A dot[4] = {e0[i], e1[i], e2[i], e3[i]};
+    const SampleGrad<A> sg = bilinear_backward(b, dot, attn[i], h[i], w[i]);
+    // explicit zeros off the map: a non-finite attn must not turn them into NaN
+    grad_attn[i] = inside[i] ? sg.attn : A(0);
+    grad_loc[2 * i] = inside[i] ? sg.x : A(0);
+    grad_loc[2 * i + 1] = inside[i] ? sg.y : A(0);
   }
 }
 
@@ -268,17 +311,20 @@ void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T
       const int64_t m1 = m0 + blocks.size < s.M ? m0 + blocks.size : s.M;
       const T* value_n = value + n * s.S * s.M * s.D;
       A* grad_value_n = grad_value + n * s.S * s.M * s.D;
-      const intptr_t zero = intptr_t(reinterpret_cast<uintptr_t>(buf.zero_row.data()) -
-                                     reinterpret_cast<uintptr_t>(value_n));
+      OffMap om;
+      om.zero = byte_distance(value_n, buf.zero_row.data());
+      for (int k = 0; k < 4; ++k)
+        om.dummy[k] = byte_distance(grad_value_n, buf.dummy.data() + k * s.D);
+      om.grad_scale = intptr_t(sizeof(A) / sizeof(T));
       for (int64_t q = 0; q < s.Lq; ++q) {
         const int64_t first = ((n * s.Lq + q) * s.M + m0) * lp;  // sample (n, q, m0, 0, 0)
-        setup_corners(table, m0 * lp, (m1 - m0) * lp, loc + 2 * first, attn + first, zero,
-                      buf.corners);
+        setup_corners<true>(table, m0 * lp, (m1 - m0) * lp, loc + 2 * first, attn + first, om,
+                            buf.corners);
         for (int64_t m = m0; m < m1; ++m) {
           const int64_t nqm = (n * s.Lq + q) * s.M + m;
           const T* go = grad_out + nqm * s.D;
           for (int64_t ch = 0; ch < s.D; ++ch) buf.g[ch] = to_acc(go[ch]);
-          backward_head<T, DC>(s, value_n, grad_value_n, buf, (m - m0) * lp,
+          backward_head<T, DC>(s, table, m * lp, value_n, grad_value_n, buf, (m - m0) * lp,
                                attn + nqm * lp, grad_loc + 2 * nqm * lp, grad_attn + nqm * lp);
         }
       }
