@@ -1,0 +1,190 @@
+"""The ``ddetr`` command: ``train``, ``eval`` and ``predict``.
+
+``ddetr train`` with no dataset generates the synthetic shapes dataset in a cache
+directory and trains the small CPU configuration on it (see ``engine/config.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import types
+import typing
+
+from tqdm import tqdm
+
+from ddetr.engine.config import SYNTHETIC_PRESET, config_fields, make_config
+from ddetr.engine.evaluate import STAT_NAMES
+
+HEADLINE = ("AP", "AP50", "AP_small")
+
+
+def _value_type(annotation):
+    """The scalar type of a field annotation such as ``int``, ``float | None``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+# the first field of each group of TrainConfig fields, and the group's --help title
+FLAG_GROUPS = {"coco_path": "data", "num_classes": "model",
+               "set_cost_class": "matching and losses", "lr": "optimisation",
+               "output_dir": "run"}
+
+
+def _default_text(name: str, default) -> str:
+    parts = [] if default is None else [f"default {default}"]
+    if name in SYNTHETIC_PRESET:
+        parts.append(f"synthetic demo {SYNTHETIC_PRESET[name]}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` field; unset flags stay out of the namespace."""
+    group = parser
+    for name, annotation, default, help_text in config_fields():
+        if name in FLAG_GROUPS:
+            group = parser.add_argument_group(FLAG_GROUPS[name])
+        kind = _value_type(annotation)
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        text = help_text + _default_text(name, default)
+        if kind is bool:
+            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=text)
+        else:
+            group.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS,
+                               metavar=name.upper(), help=text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddetr", description="Deformable DETR: train, evaluate and run detectors.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train", help="train a detector (no dataset given: the synthetic demo)",
+        description="Train Deformable DETR on a COCO-format dataset. With no dataset flag, "
+                    "generate the synthetic shapes dataset and train a small configuration "
+                    "on it. Launch with torchrun for several processes.")
+    _add_config_flags(train)
+    ev = sub.add_parser("eval", help="COCO AP of a checkpoint on a dataset")
+    ev.add_argument("--checkpoint", required=True, help="a ddetr train checkpoint.pth")
+    for name in ("coco_path", "val_images", "val_annotations", "cache_dir"):
+        ev.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=None,
+                        help="dataset (default: the one the checkpoint was trained with)")
+    for name, default, help_text in (("batch_size", 2, "images per step"),
+                                     ("num_workers", 2, "data loading processes")):
+        ev.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=int,
+                        default=default, help=help_text)
+    _add_run_flags(ev)
+    pred = sub.add_parser("predict", help="detect objects in images and draw them")
+    pred.add_argument("images", nargs="+", help="image files")
+    pred.add_argument("--checkpoint", required=True,
+                      help="a ddetr train checkpoint.pth or a save_pretrained directory")
+    pred.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
+    pred.add_argument("--output_dir", "--output-dir", dest="output_dir", default="predictions",
+                      help="where the drawn PNGs go (default predictions/)")
+    pred.add_argument("--show_sampling_points", "--show-sampling-points",
+                      dest="show_sampling_points", action="store_true",
+                      help="also draw the last decoder layer's sampling points of the top "
+                           "queries on every feature level (<image>_sampling.png)")
+    pred.add_argument("--top_queries", "--top-queries", dest="top_queries", type=int, default=3,
+                      help="queries shown with --show-sampling-points (default 3)")
+    _add_run_flags(pred, for_eval=False)
+    return parser
+
+
+def _add_run_flags(parser, for_eval: bool = True) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    if for_eval:
+        parser.add_argument("--amp", default="off", help="off (default), bf16, fp16 or auto")
+        parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                            help="tqdm progress bars (default on)")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    command = {"train": run_train, "eval": run_eval, "predict": run_predict}[args.command]
+    try:
+        return command(args)
+    except (ValueError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        print(f"ddetr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _headline(stats) -> str:
+    return ", ".join(f"{n} {stats[STAT_NAMES.index(n)]:.3f}" for n in HEADLINE)
+
+
+def run_train(args) -> int:
+    from ddetr.engine import distributed
+    from ddetr.engine.train import fit
+    explicit = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
+    config = make_config(explicit)
+    start = time.perf_counter()
+
+    def report(record: dict) -> None:
+        if not distributed.is_main():
+            return
+        line = f"epoch {record['epoch']}: loss {record['train_loss']:.3f}"
+        if "coco_eval_bbox" in record:
+            line += ", " + _headline(record["coco_eval_bbox"])
+        tqdm.write(line + f" ({record['epoch_time_s']:.0f} s)")
+
+    if config.uses_synthetic():
+        print("no dataset given: training the synthetic demo configuration")
+    record = fit(config, on_epoch=report)
+    if distributed.is_main():
+        print(f"done in {time.perf_counter() - start:.0f} s; checkpoint and log.jsonl in "
+              f"{os.path.abspath(config.output_dir)}")
+        if "coco_eval_bbox" in record:
+            print("final " + _headline(record["coco_eval_bbox"]))
+    distributed.cleanup()
+    return 0
+
+
+def run_eval(args) -> int:
+    from ddetr.engine.evaluate import evaluate_checkpoint
+    result = evaluate_checkpoint(args.checkpoint, coco_path=args.coco_path,
+                                 val_images=args.val_images, val_annotations=args.val_annotations,
+                                 cache_dir=args.cache_dir, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, device=args.device,
+                                 amp=args.amp, progress=args.progress)
+    print(result["summary"].rstrip())
+    for name, value in zip(STAT_NAMES, result["stats"]):
+        print(f"{name:10s} {value:.4f}")
+    if result["bad_images"]:
+        print(f"{result['bad_images']} image(s) could not be read and were left out")
+    return 0
+
+
+def run_predict(args) -> int:
+    from ddetr.engine.predict import detect, load_detector, read_image, save_drawings
+    from ddetr.engine.train import pick_device
+    detector = load_detector(args.checkpoint, pick_device(args.device))
+    os.makedirs(args.output_dir, exist_ok=True)
+    for path in args.images:
+        image = read_image(path)
+        result = detect(detector, image, args.threshold, args.show_sampling_points)
+        print(f"{path}: {len(result['scores'])} detections")
+        for score, label, box in zip(result["scores"], result["labels"], result["boxes"]):
+            name = detector.names.get(int(label), str(int(label)))
+            coords = " ".join(f"{v:.1f}" for v in box.tolist())
+            print(f"  {name:12s} {float(score):.3f}  [{coords}]")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for written in save_drawings(detector, image, result,
+                                     os.path.join(args.output_dir, f"{stem}_pred.png"),
+                                     args.top_queries):
+            print(f"  wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""``TrainConfig``: every setting of a training run, with the paper's recipe as
+defaults, and ``SYNTHETIC_PRESET``: the small configuration that ``ddetr train`` uses
+on the built-in synthetic dataset (when no dataset is given).
+
+Each field's ``metadata["help"]`` is its ``--help`` text; the command line has one flag
+per field, spelled like the field (``--lr_backbone``, also ``--lr-backbone``).
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+
+def _f(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    coco_path: str | None = _f(None, "COCO root holding train2017/, val2017/ and "
+                                     "annotations/instances_{train,val}2017.json")
+    train_images: str | None = _f(None, "training image folder (overrides --coco_path)")
+    train_annotations: str | None = _f(None, "training COCO annotation file")
+    val_images: str | None = _f(None, "validation image folder")
+    val_annotations: str | None = _f(None, "validation COCO annotation file")
+    cache_dir: str | None = _f(None, "where the synthetic dataset is generated (by default "
+                                     "$DDETR_CACHE/synthetic-<version>-<seed>, DDETR_CACHE "
+                                     "defaulting to ~/.cache/ddetr)")
+    synthetic_train: int = _f(2000, "synthetic dataset: training images")
+    synthetic_val: int = _f(200, "synthetic dataset: validation images")
+    synthetic_size: int = _f(128, "synthetic dataset: image side in pixels")
+    synthetic_classes: int = _f(4, "synthetic dataset: shape classes (circle, square, "
+                                   "triangle, star, cross, hexagon)")
+    base_size: int = _f(800, "shorter image side for validation; training scales are the "
+                             "official 480..800 multiples scaled by base_size/800")
+    max_size: int = _f(1333, "longer image side cap")
+    num_workers: int = _f(2, "data loading processes per training process")
+    # model
+    num_classes: int | None = _f(None, "classification outputs (default: largest category id + 1)")
+    backbone: str = _f("resnet50", "resnet18, resnet34, resnet50, resnet101, or resnet18-tiny "
+                                   "(narrow widths, for the CPU demo)")
+    backbone_weights: str | None = _f(None, "torchvision ImageNet ResNet weights file")
+    backbone_norm: str = _f("frozen", "backbone batch norm: frozen (official, for pretrained "
+                                      "weights) or batch (trained; for training from scratch)")
+    num_feature_levels: int = _f(4, "feature levels (1 = single scale)")
+    num_queries: int = _f(300, "object queries")
+    d_model: int = _f(256, "transformer width (multiple of 32)")
+    num_heads: int = _f(8, "attention heads")
+    enc_layers: int = _f(6, "encoder layers")
+    dec_layers: int = _f(6, "decoder layers")
+    dim_feedforward: int = _f(1024, "feed-forward width")
+    dropout: float = _f(0.1, "dropout in the transformer")
+    enc_n_points: int = _f(4, "sampling points per head and level in the encoder")
+    dec_n_points: int = _f(4, "sampling points per head and level in the decoder")
+    with_box_refine: bool = _f(False, "iterative bounding box refinement")
+    two_stage: bool = _f(False, "two-stage Deformable DETR (implies --with_box_refine)")
+    aux_loss: bool = _f(True, "losses on every decoder layer (--no-aux_loss to disable)")
+    # loss and matching
+    set_cost_class: float = _f(2.0, "matching cost weight of the focal class cost")
+    set_cost_bbox: float = _f(5.0, "matching cost weight of the L1 box distance")
+    set_cost_giou: float = _f(2.0, "matching cost weight of the generalised IoU")
+    cls_loss_coef: float = _f(2.0, "weight of the focal classification loss")
+    bbox_loss_coef: float = _f(5.0, "weight of the L1 box loss")
+    giou_loss_coef: float = _f(2.0, "weight of the GIoU box loss")
+    focal_alpha: float = _f(0.25, "focal loss alpha")
+    # optimisation
+    lr: float = _f(2e-4, "learning rate of the transformer and heads")
+    lr_backbone: float = _f(2e-5, "backbone learning rate (0 freezes the backbone)")
+    lr_linear_proj_mult: float = _f(0.1, "lr multiplier of sampling_offsets and reference_points")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    batch_size: int = _f(2, "images per process and step")
+    epochs: int = _f(50, "training epochs")
+    lr_drop: int = _f(40, "epochs between lr drops (x0.1)")
+    clip_max_norm: float = _f(0.1, "gradient clipping max norm (0 disables)")
+    amp: str = _f("off", "mixed precision: off, bf16, fp16 (CUDA only) or auto "
+                         "(bf16 on the CPU, fp16 on CUDA)")
+    # run
+    output_dir: str = _f("output", "checkpoints, log.jsonl and evaluation results go here")
+    device: str = _f("auto", "cpu, cuda, or auto (cuda when available)")
+    seed: int = _f(42, "random seed (each process adds its rank)")
+    resume: str | None = _f(None, "checkpoint to resume from (model, optimiser, lr scheduler, "
+                                  "epoch, random generators)")
+    eval_every: int = _f(1, "evaluate every this many epochs (and after the last)")
+    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
+    progress: bool = _f(True, "tqdm progress bars (--no-progress to disable)")
+
+    def uses_synthetic(self) -> bool:
+        return not (self.coco_path or self.train_annotations)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The demo configuration on the synthetic shapes (used when no dataset is given); any
+# flag given explicitly overrides it.
+SYNTHETIC_PRESET = dict(
+    backbone="resnet18-tiny", backbone_norm="batch", num_feature_levels=4, two_stage=True,
+    with_box_refine=True, num_queries=60, d_model=64, num_heads=4, enc_layers=2, dec_layers=3,
+    dim_feedforward=256, dropout=0.0, base_size=128, max_size=256, lr=1e-3, lr_backbone=1e-3,
+    lr_linear_proj_mult=0.1, weight_decay=1e-4, batch_size=8, epochs=10, lr_drop=8,
+    clip_max_norm=0.1, num_workers=1, threads=1, output_dir="output-synthetic")
+
+
+def config_fields():
+    """``(name, type annotation, default, help)`` for every field."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else None
+        yield f.name, hints[f.name], default, f.metadata["help"]
+
+
+def make_config(explicit: dict) -> TrainConfig:
+    """The official defaults, overridden by ``SYNTHETIC_PRESET`` when no dataset is
+    given, overridden by ``explicit`` (what the user set)."""
+    base = TrainConfig(**explicit)
+    if base.uses_synthetic():
+        base = TrainConfig(**{**SYNTHETIC_PRESET, **explicit})
+    if base.two_stage:
+        base.with_box_refine = True
+    return base
