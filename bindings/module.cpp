@@ -13,6 +13,7 @@
 #include <omp.h>
 #endif
 
+#include "ddetr/dropout.h"
 #include "ddetr/flatten.h"
 #include "ddetr/msda.h"
 
@@ -162,6 +163,65 @@ void backward(const std::string& dtype, const std::string& device, int device_in
                            as<const void>(attn), as<const void>(grad_out), as<void>(grad_value),
                            as<void>(grad_loc), as<void>(grad_attn), as<void>(workspace),
                            workspace_size, deterministic, device_index, stream);
+      });
+}
+
+// ---------------------------------------------------------------------------
+// Dropout with regenerated masks (ddetr/dropout.h). Flat arrays of n elements.
+
+DropoutArgs dropout_args(int64_t n, double p, uint64_t seed, uint64_t offset) {
+  DropoutArgs a;
+  a.n = n;
+  a.p = float(p);
+  a.seed = seed;
+  a.offset = offset;
+  validate_dropout(a);
+  return a;
+}
+
+void dropout(const std::string& dtype, const std::string& device, int device_index, int64_t n,
+             double p, uint64_t seed, uint64_t offset, bool relu, uintptr_t x, uintptr_t out,
+             int num_threads, uintptr_t stream) {
+  const DropoutArgs a = dropout_args(n, p, seed, offset);
+  require(x, n > 0, "x");
+  require(out, n > 0, "out");
+  py::gil_scoped_release unlocked;
+  on_device(
+      device,
+      [&] {
+        dispatch_cpu(dtype, [&](auto tag) {
+          using T = typename decltype(tag)::type;
+          dropout_cpu<T>(a, as<const T>(x), as<T>(out), relu, num_threads);
+        });
+      },
+      [&](auto) {
+        dropout_cuda(cuda_dtype(dtype), a, as<const void>(x), as<void>(out), relu, device_index,
+                     stream);
+      });
+}
+
+void relu_dropout_backward(const std::string& dtype, const std::string& device,
+                           int device_index, int64_t n, double p, uintptr_t out,
+                           uintptr_t grad_out, uintptr_t grad_x, int num_threads,
+                           uintptr_t stream) {
+  const DropoutArgs a = dropout_args(n, p, 0, 0);
+  require(out, n > 0, "out");
+  require(grad_out, n > 0, "grad_out");
+  require(grad_x, n > 0, "grad_x");
+  py::gil_scoped_release unlocked;
+  on_device(
+      device,
+      [&] {
+        dispatch_cpu(dtype, [&](auto tag) {
+          using T = typename decltype(tag)::type;
+          relu_dropout_backward_cpu<T>(a, as<const T>(out), as<const T>(grad_out),
+                                       as<T>(grad_x), num_threads);
+        });
+      },
+      [&](auto) {
+        relu_dropout_backward_cuda(cuda_dtype(dtype), a, as<const void>(out),
+                                   as<const void>(grad_out), as<void>(grad_x), device_index,
+                                   stream);
       });
 }
 
@@ -329,6 +389,8 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ddetr native core (CPU kernels, CUDA kernels when built with CUDA)";
   m.def("build_info", &ddetr::build_info);
+  m.def("dropout", &ddetr::dropout);
+  m.def("relu_dropout_backward", &ddetr::relu_dropout_backward);
   m.def("msda_forward", &ddetr::forward);
   m.def("msda_backward", &ddetr::backward);
   m.def("msda_backward_workspace_bytes", &ddetr::workspace_bytes);

@@ -31,6 +31,7 @@
 #include <omp.h>
 #endif
 
+#include "ddetr/threads.h"
 #include "ddetr/flatten.h"
 
 namespace ddetr {
@@ -42,17 +43,6 @@ constexpr int64_t kChannelBlock = 8;  // planes per forward block
 // thread team costs more than it saves; on a loaded machine a worker that has to wait
 // for a core can cost a whole scheduler slice.
 constexpr int64_t kSerialBelowElements = 1 << 20;
-
-int resolve_threads(int requested, int64_t elements) {
-#ifdef _OPENMP
-  if (elements < kSerialBelowElements) return 1;
-  return requested > 0 ? requested : omp_get_max_threads();
-#else
-  (void)requested;
-  (void)elements;
-  return 1;
-#endif
-}
 
 // Work items numbered image-major, then level, then block: item = n * per_image +
 // first[l] + b. The same numbering indexes the workspace rows of the backward.
@@ -195,7 +185,8 @@ void flatten_forward_cpu(const FlattenShape& s, const FlattenForwardArgs& a, int
   using A = Acc<T>;
   const ItemTable items(s);
   const int64_t total = s.N * items.per_image;
-  const int threads = resolve_threads(num_threads, 2 * s.N * s.S * s.C);
+  const int threads = resolve_threads(num_threads, 2 * s.N * s.S * s.C,
+                                      kSerialBelowElements);
   A* ratios = static_cast<A*>(a.valid_ratios);
 #pragma omp parallel num_threads(threads)
   {
@@ -211,7 +202,8 @@ template <class T>
 void flatten_backward_cpu(const FlattenShape& s, const FlattenBackwardArgs& a, int num_threads) {
   const ItemTable items(s);
   const int64_t total = s.N * items.per_image;
-  const int threads = resolve_threads(num_threads, 2 * s.N * s.S * s.C);
+  const int threads = resolve_threads(num_threads, 2 * s.N * s.S * s.C,
+                                      kSerialBelowElements);
   double* partials = a.grad_level_embed ? static_cast<double*>(a.workspace) : nullptr;
   T* grad_embed = static_cast<T*>(a.grad_level_embed);
 #pragma omp parallel num_threads(threads)
@@ -237,7 +229,8 @@ void flatten_backward_cpu(const FlattenShape& s, const FlattenBackwardArgs& a, i
 template <class A>
 void encoder_reference_points_cpu(const FlattenShape& s, const A* valid_ratios, A* out,
                                   int num_threads) {
-  const int threads = resolve_threads(num_threads, s.N * s.S * s.L * 2);
+  const int threads = resolve_threads(num_threads, s.N * s.S * s.L * 2,
+                                      kSerialBelowElements);
   // Rows of every (n, l): out[n, start_l + i * W_l + j, k, :].
   int64_t rows_per_image = 0;
   for (int64_t l = 0; l < s.L; ++l) rows_per_image += s.level_h[l];

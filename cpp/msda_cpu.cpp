@@ -33,6 +33,7 @@
 #include <omp.h>
 #endif
 
+#include "ddetr/threads.h"
 #include "ddetr/bilinear.h"
 #include "ddetr/msda.h"
 
@@ -43,17 +44,6 @@ namespace {
 // more than it saves (and on a loaded machine a spinning OpenMP worker can hold the
 // core the caller needs for a whole scheduler slice).
 constexpr int64_t kSerialBelowSamples = 8192;
-
-int resolve_threads(int requested, int64_t samples) {
-#ifdef _OPENMP
-  if (samples < kSerialBelowSamples) return 1;
-  return requested > 0 ? requested : omp_get_max_threads();
-#else
-  (void)requested;
-  (void)samples;
-  return 1;
-#endif
-}
 
 // Address arithmetic in bytes from one base, so a corner off the map can point at a
 // row of zeros elsewhere in memory with the same add as a corner on the map.
@@ -352,7 +342,8 @@ void msda_forward_cpu(const MsdaShape& s, const T* value, const Acc<T>* loc,
   validate(s);
   if (s.N * s.Lq * s.M * s.D == 0) return;
   with_head_size(s.D, [&](auto dc) {
-    const int threads = resolve_threads(num_threads, s.N * s.Lq * s.M * s.L * s.P);
+    const int threads = resolve_threads(num_threads, s.N * s.Lq * s.M * s.L * s.P,
+                                        kSerialBelowSamples);
     forward<T, decltype(dc)::value>(s, value, loc, attn, out, threads);
   });
 }
@@ -364,7 +355,8 @@ void msda_backward_cpu(const MsdaShape& s, const T* value, const Acc<T>* loc,
   validate(s);
   if (s.N * s.Lq * s.M == 0) return;
   with_head_size(s.D, [&](auto dc) {
-    const int threads = resolve_threads(num_threads, s.N * s.Lq * s.M * s.L * s.P);
+    const int threads = resolve_threads(num_threads, s.N * s.Lq * s.M * s.L * s.P,
+                                        kSerialBelowSamples);
     backward<T, decltype(dc)::value>(s, value, loc, attn, grad_out, grad_value, grad_loc,
                                      grad_attn, threads);
   });

@@ -5,7 +5,6 @@ visualisation of sampling points)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -37,20 +36,6 @@ class SamplingPointRecorder:
 
 
 def sampling_points(module, query: Tensor, reference_points: Tensor, spatial_shapes) -> dict:
-    """The sampling locations and softmaxed weights ``MSDeformAttn.forward`` uses (the
-    same formula: offsets in level pixels around a point, or scaled by half a box)."""
-    n, lq, _ = query.shape
-    m, lv, p = module.n_heads, module.n_levels, module.n_points
-    # (N, Lq, M*L*P*2) -> (N, Lq, M, L, P, 2)
-    offsets = module.sampling_offsets(query).view(n, lq, m, lv, p, 2).float()
-    # (N, Lq, M*L*P) -> softmax over L*P -> (N, Lq, M, L, P)
-    weights = F.softmax(module.attention_weights(query).view(n, lq, m, lv * p).float(), -1)
-    ref = reference_points.float()[:, :, None, :, None, :]
-    if reference_points.shape[-1] == 2:
-        shapes = torch.as_tensor(spatial_shapes, device=query.device)
-        # (L, 2) (H, W) -> (W, H) per level, broadcast to (1, 1, 1, L, 1, 2)
-        normalizer = shapes.flip(-1).float()[None, None, None, :, None, :]
-        locations = ref + offsets / normalizer
-    else:
-        locations = ref[..., :2] + offsets / p * ref[..., 2:] * 0.5
-    return {"locations": locations, "weights": weights.view(n, lq, m, lv, p)}
+    """The sampling locations and softmaxed weights ``MSDeformAttn.forward`` uses."""
+    locations, weights = module.sampling_locations(query, reference_points, spatial_shapes)
+    return {"locations": locations.float(), "weights": weights.float()}

@@ -82,8 +82,11 @@ class DeformableTransformer(nn.Module):
         # (H, W) pairs as ints: known while tracing, so torch.compile needs no data
         sizes = [tuple(src.shape[-2:]) for src in srcs]
         enc_refs = encoder_reference_points(sizes, flat.valid_ratios)
+        # without padding anywhere (one image, or equal sizes) the values need no masking:
+        # skipped on the CPU, where asking costs no device sync
+        value_mask = flat.mask if flat.mask.is_cuda or bool(flat.mask.any()) else None
         memory = self.encoder(flat.src, flat.pos, enc_refs, flat.spatial_shapes,
-                              flat.level_start_index, flat.mask)
+                              flat.level_start_index, value_mask)
         enc_class = enc_coord = None
         if self.two_stage:
             query_pos, tgt, reference_points, enc_class, enc_coord = self._proposal_queries(
@@ -93,7 +96,7 @@ class DeformableTransformer(nn.Module):
                 raise ValueError("query_embed: required unless two_stage")
             query_pos, tgt, reference_points = self._learned_queries(query_embed, memory.shape[0])
         hs, refs = self.decoder(tgt, reference_points, memory, flat.spatial_shapes,
-                                flat.level_start_index, flat.valid_ratios, query_pos, flat.mask)
+                                flat.level_start_index, flat.valid_ratios, query_pos, value_mask)
         return TransformerOutput(torch.stack(hs), reference_points, torch.stack(refs),
                                  enc_class, enc_coord)
 

@@ -78,30 +78,48 @@ class MSDeformAttn(nn.Module):
         Returns:
             (N, Lq, d_model).
         """
-        n, lq, _ = query.shape
-        s = input_flatten.shape[1]
         self._check(query, reference_points, input_flatten, input_spatial_shapes,
                     input_padding_mask)
+        value = self.project_value(input_flatten, input_padding_mask)
+        return self.attend(query, reference_points, value, input_spatial_shapes,
+                           input_level_start_index)
+
+    def project_value(self, input_flatten: Tensor, input_padding_mask: Tensor | None = None) -> Tensor:
+        """(N, S, d_model) features -> (N, S, M, D) values, zero on padding."""
+        n, s, _ = input_flatten.shape
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        return value.view(n, s, self.n_heads, self.d_model // self.n_heads)
+
+    def sampling_locations(self, query: Tensor, reference_points: Tensor,
+                           input_spatial_shapes) -> tuple[Tensor, Tensor]:
+        """``(locations (N, Lq, M, L, P, 2), weights (N, Lq, M, L, P))``: where each head
+        samples, normalised (x, y) on the padded maps, and its softmaxed weights."""
+        n, lq, _ = query.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
-        # (N, S, d_model) -> (N, S, M, D)
-        value = value.view(n, s, m, self.d_model // m)
         # (N, Lq, M*L*P*2) -> (N, Lq, M, L, P, 2)
         offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
         # (N, Lq, M*L*P) -> softmax over L*P -> (N, Lq, M, L, P)
         weights = F.softmax(self.attention_weights(query).view(n, lq, m, lv * p), -1)
-        weights = weights.view(n, lq, m, lv, p)
-        shapes = torch.as_tensor(input_spatial_shapes, device=query.device)
+        ref = reference_points[:, :, None, :, None, :]
         if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: normalise by (W, H)
-            normalizer = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(offsets.dtype)
-            locations = (reference_points[:, :, None, :, None, :]
-                         + offsets / normalizer[None, None, None, :, None, :])
+            shapes = torch.as_tensor(input_spatial_shapes, device=query.device)
+            # offsets are in pixels of each level: divided by (W, H), as (1, 1, 1, L, 1, 2);
+            # addcdiv is ref + offsets / normalizer in one pass, with the same rounding
+            normalizer = shapes.flip(-1).to(offsets.dtype)[None, None, None, :, None, :]
+            locations = torch.addcdiv(ref, offsets, normalizer)
         else:
-            locations = (reference_points[:, :, None, :, None, :2] + offsets / p
-                         * reference_points[:, :, None, :, None, 2:] * 0.5)
+            # boxes: offsets scaled by half the box size (the official formula and order)
+            locations = ref[..., :2] + offsets / p * ref[..., 2:] * 0.5
+        return locations, weights.view(n, lq, m, lv, p)
+
+    def attend(self, query: Tensor, reference_points: Tensor, value: Tensor,
+               input_spatial_shapes, input_level_start_index: Tensor | None = None) -> Tensor:
+        """The attention of ``forward`` over already projected ``value`` (N, S, M, D)."""
+        locations, weights = self.sampling_locations(query, reference_points,
+                                                     input_spatial_shapes)
+        shapes = torch.as_tensor(input_spatial_shapes, device=query.device)
         out = ms_deform_attn(value, shapes, input_level_start_index, locations, weights)
         return self.output_proj(out)
 

@@ -15,11 +15,39 @@ from torch import Tensor, nn
 
 from ddetr.models.box_ops import inverse_sigmoid
 from ddetr.models.ms_deform_attn import MSDeformAttn
+from ddetr.ops import dropout, relu_dropout
+
+
+# In inference (no autograd) the encoder runs the per-token part of a layer over blocks
+# of this many tokens after projecting all values: the FFN's hidden activations and the
+# sampling tensors then stay small and in cache instead of hundreds of MB per layer.
+INFERENCE_BLOCK_TOKENS = 2048
+
+
+# No in-place ops on sub-module outputs here: a forward hook on linear1 or output_proj
+# would see its output change after the fact (and with autograd, an in-place op on a
+# linear's 3-d output, a view, costs a CopySlices node in the backward).
+_relu = F.relu
+
+
+def _drop(module: nn.Dropout, x: Tensor) -> Tensor:
+    """``module(x)`` with ddetr's dropout (mask regenerated in the backward, not stored)."""
+    return dropout(x, module.p, module.training)
+
+
+def _ffn(layer: nn.Module, x: Tensor, drop: nn.Dropout) -> Tensor:
+    """linear2(dropout(activation(linear1(x)))); ReLU and dropout fused when training."""
+    hidden = layer.linear1(x)
+    if layer.activation is _relu and drop.training:
+        hidden = relu_dropout(hidden, drop.p)
+    else:
+        hidden = _drop(drop, layer.activation(hidden))
+    return layer.linear2(hidden)
 
 
 def _activation(name: str):
     if name == "relu":
-        return F.relu
+        return _relu
     if name == "gelu":
         return F.gelu
     raise ValueError(f"activation: expected 'relu' or 'gelu', got {name!r}")
@@ -46,11 +74,27 @@ class DeformableTransformerEncoderLayer(nn.Module):
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """src, pos (N, S, C); reference_points (N, S, L, 2); padding_mask (N, S)."""
-        attn = self.self_attn(_with_pos(src, pos), reference_points, src, spatial_shapes,
-                              level_start_index, padding_mask)
-        src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
+        self.self_attn._check(src, reference_points, src, spatial_shapes, padding_mask)
+        value = self.self_attn.project_value(src, padding_mask)
+        if torch.is_grad_enabled():
+            return self._tokens(src, pos, reference_points, value, spatial_shapes,
+                                level_start_index)
+        # every token's output depends on the values and its own row only: blocks of rows
+        out = torch.empty_like(src)
+        for i in range(0, src.shape[1], INFERENCE_BLOCK_TOKENS):
+            rows = slice(i, i + INFERENCE_BLOCK_TOKENS)
+            out[:, rows] = self._tokens(src[:, rows], None if pos is None else pos[:, rows],
+                                        reference_points[:, rows], value, spatial_shapes,
+                                        level_start_index)
+        return out
+
+    def _tokens(self, src, pos, reference_points, value, spatial_shapes, level_start_index):
+        """The layer for the tokens of ``src`` (N, T, C), given all projected values."""
+        attn = self.self_attn.attend(_with_pos(src, pos), reference_points, value,
+                                     spatial_shapes, level_start_index)
+        src = self.norm1(src + _drop(self.dropout1, attn))
+        ffn = _ffn(self, src, self.dropout2)
+        return self.norm2(src + _drop(self.dropout3, ffn))
 
 
 class DeformableTransformerEncoder(nn.Module):
@@ -93,12 +137,12 @@ class DeformableTransformerDecoderLayer(nn.Module):
         """tgt, query_pos (N, Lq, C); reference_points (N, Lq, L, 2 or 4); memory (N, S, C)."""
         q = k = _with_pos(tgt, query_pos)
         attn = self.self_attn(q, k, tgt, need_weights=False)[0]
-        tgt = self.norm2(tgt + self.dropout2(attn))
+        tgt = self.norm2(tgt + _drop(self.dropout2, attn))
         attn = self.cross_attn(_with_pos(tgt, query_pos), reference_points, memory,
                                spatial_shapes, level_start_index, memory_padding_mask)
-        tgt = self.norm1(tgt + self.dropout1(attn))
-        ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(ffn))
+        tgt = self.norm1(tgt + _drop(self.dropout1, attn))
+        ffn = _ffn(self, tgt, self.dropout3)
+        return self.norm3(tgt + _drop(self.dropout4, ffn))
 
 
 class DeformableTransformerDecoder(nn.Module):

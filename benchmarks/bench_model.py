@@ -1,0 +1,371 @@
+"""End-to-end benchmark: ddetr's DeformableDetr against transformers' with the same weights.
+
+A randomly initialised ``transformers.DeformableDetrForObjectDetection`` (ResNet-50
+backbone, the default Deformable DETR config: 6 + 6 layers, d_model 256, 300 queries,
+91 classes) is converted with ``ddetr.convert.from_hf``; the outputs of both are checked
+to agree (logits and boxes within ``--tolerance``, and the training losses in eval mode),
+then both run side by side in this one process on the same inputs:
+
+* inference: batch 1 at each ``--sizes`` image size, eval mode, ``torch.no_grad``;
+* a training step: forward, criterion (Hungarian matching and the losses of every
+  decoder layer, transformers' weights 1 / 5 / 2 for class / L1 / GIoU in both) and
+  backward, at ``--train-batch`` images of ``--train-size`` with ``--targets`` random
+  boxes each, train mode, gradients dropped between steps. The same parameters train
+  in both (transformers freezes every parameter of its own, non-timm, ResNet backbone,
+  so ddetr's backbone is frozen too), and the same dropouts apply (0.1 everywhere, the
+  official recipe: transformers' activation and attention dropout are set to 0.1);
+* peak memory of each measurement (after all timing): on CPU the growth of the resident
+  set's high-water mark over the call (glibc told to unmap freed memory, see
+  ``_common.PeakMemory``), on CUDA ``torch.cuda.max_memory_allocated`` over the inputs;
+* ddetr's time by part (backbone, input projection, flattening, encoder, decoder, heads,
+  criterion, matching, backward) from one ``torch.profiler`` run of each measurement.
+
+Time is the median of ``--repeats`` calls after ``--warmup`` untimed ones. Prints tables
+and writes JSON under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common beside us
+
+import torch  # noqa: E402
+
+import ddetr  # noqa: E402
+from ddetr import convert  # noqa: E402
+from ddetr.models import SetCriterion, HungarianMatcher  # noqa: E402
+from ddetr.models import deformable_transformer  # noqa: E402
+from _common import PeakMemory, device_name, extension_built, git, time_step  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PARTS = ("backbone", "input projection", "flattening", "encoder", "decoder", "heads",
+         "criterion", "matching", "backward")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where both models run")
+    p.add_argument("--sizes", nargs="+", default=["800x1333", "512x512"],
+                   help="inference image sizes, HxW, batch 1")
+    p.add_argument("--train-size", default="512x512", help="training-step image size, HxW")
+    p.add_argument("--train-batch", type=int, default=2, help="training-step batch size")
+    p.add_argument("--targets", type=int, default=6, help="random target boxes per image")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest |difference| of logits and boxes accepted in the parity check")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-part breakdown")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for the JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 128x128 images, 1 repeat, no warm-up (seconds, not minutes)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.train_size, args.repeats, args.warmup = ["128x128"], "128x128", 1, 0
+    for name in ("repeats", "train_batch", "targets"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected a positive int")
+    args.sizes = [_size(p, s) for s in args.sizes]
+    args.train_size = _size(p, args.train_size)
+    return args
+
+
+def _size(parser, text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h >= 32 and w >= 32:
+            return h, w
+    except ValueError:
+        pass
+    parser.error(f"image size: expected HxW with both sides at least 32, got {text!r}")
+
+
+# ---------------------------------------------------------------- models and inputs
+
+def build_models(device: torch.device):
+    """(transformers model, ddetr model), the same random weights, on ``device``."""
+    import transformers
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(out_features=["stage2", "stage3", "stage4"])
+    config = transformers.DeformableDetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+        num_labels=91, auxiliary_loss=True, activation_dropout=0.1, attention_dropout=0.1,
+        class_cost=1, bbox_cost=5, giou_cost=2, bbox_loss_coefficient=5,
+        giou_loss_coefficient=2)
+    hf = transformers.DeformableDetrForObjectDetection(config)
+    ours = convert.from_hf(hf)
+    # transformers freezes every parameter of its own (non-timm) ResNet: train the same
+    # parameters in both, whatever transformers decides
+    frozen = all(not p.requires_grad for p in hf.model.backbone.parameters())
+    ours.backbone.requires_grad_(not frozen)
+    return hf.to(device), ours.to(device)
+
+
+def our_criterion(hf_model) -> SetCriterion:
+    """ddetr's criterion with the costs and loss weights the transformers model uses."""
+    c = hf_model.config
+    matcher = HungarianMatcher(c.class_cost, c.bbox_cost, c.giou_cost, focal_alpha=c.focal_alpha)
+    weights = {"loss_ce": 1.0, "loss_bbox": c.bbox_loss_coefficient,
+               "loss_giou": c.giou_loss_coefficient}
+    return SetCriterion(c.num_labels, matcher, weights, focal_alpha=c.focal_alpha)
+
+
+def make_targets(batch: int, count: int, num_classes: int, gen: torch.Generator, device):
+    targets = []
+    for _ in range(batch):
+        centre = torch.rand(count, 2, generator=gen) * 0.6 + 0.2
+        size = torch.rand(count, 2, generator=gen) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(num_classes, (count,), generator=gen).to(device),
+                        "boxes": torch.cat([centre, size], 1).to(device)})
+    return targets
+
+
+def hf_labels(targets: list[dict]) -> list[dict]:
+    return [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+
+
+class Workload:
+    """The callables measured, over one set of inputs."""
+
+    def __init__(self, hf, ours, criterion, args, device):
+        self.hf, self.ours, self.criterion, self.device = hf, ours, criterion, device
+        gen = torch.Generator().manual_seed(1)
+        self.images = {size: torch.randn(1, 3, *size, generator=gen).to(device)
+                       for size in args.sizes}
+        self.train_images = torch.randn(args.train_batch, 3, *args.train_size,
+                                        generator=gen).to(device)
+        self.targets = make_targets(args.train_batch, args.targets, hf.config.num_labels, gen,
+                                    device)
+
+    def inference(self, impl: str, size):
+        x = self.images[size]
+        mask = torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.long, device=x.device)
+
+        def step():
+            with torch.no_grad():
+                if impl == "transformers":
+                    self.hf.eval()(pixel_values=x, pixel_mask=mask)
+                else:
+                    self.ours.eval()(x)
+        return step
+
+    def train_step(self, impl: str):
+        x = self.train_images
+        mask = torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.long, device=x.device)
+        labels = hf_labels(self.targets)
+
+        def step():
+            if impl == "transformers":
+                self.hf.train()
+                loss = self.hf(pixel_values=x, pixel_mask=mask, labels=labels).loss
+                model = self.hf
+            else:
+                self.ours.train()
+                outputs = self.ours(x)
+                with _part("criterion"):
+                    loss = self.criterion.total(self.criterion(outputs, self.targets))
+                model = self.ours
+            with _part("backward"):
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+        return step
+
+    def check_parity(self, tolerance: float) -> dict:
+        """Largest output differences (eval, every inference size) and the losses of both
+        (eval mode: no dropout) on the training inputs; raises if they disagree."""
+        report = {}
+        with torch.no_grad():
+            for size, x in self.images.items():
+                mask = torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.long, device=x.device)
+                a = self.hf.eval()(pixel_values=x, pixel_mask=mask)
+                b = self.ours.eval()(x)
+                diff = {"logits": (a.logits - b["pred_logits"]).abs().max().item(),
+                        "boxes": (a.pred_boxes - b["pred_boxes"]).abs().max().item()}
+                report[f"{size[0]}x{size[1]}"] = diff
+                if max(diff.values()) > tolerance:
+                    raise SystemExit(f"parity check failed at {size}: {diff} > {tolerance}")
+            x = self.train_images
+            mask = torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.long, device=x.device)
+            hf_loss = self.hf.eval()(pixel_values=x, pixel_mask=mask,
+                                     labels=hf_labels(self.targets)).loss.item()
+            ours = self.criterion.total(self.criterion(self.ours.eval()(x), self.targets)).item()
+        report["loss"] = {"transformers": hf_loss, "ddetr": ours,
+                          "relative_difference": abs(hf_loss - ours) / max(abs(hf_loss), 1e-12)}
+        return report
+
+
+# ---------------------------------------------------------------- the per-part profile
+
+@contextlib.contextmanager
+def _part(name: str):
+    """A profiler range; on CUDA synchronised at both ends so its CPU time is the GPU's."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+    with torch.profiler.record_function(f"part::{name}"):
+        yield
+        if cuda:
+            torch.cuda.synchronize()
+
+
+def _labelled(name: str, fn):
+    def call(*args, **kwargs):
+        with _part(name):
+            return fn(*args, **kwargs)
+    return call
+
+
+@contextlib.contextmanager
+def part_labels(model, criterion):
+    """Wraps ddetr's parts in profiler ranges for the duration of the block."""
+    patched = [(model.backbone[0], "forward", "backbone"),
+               (model.backbone[1], "forward", "backbone"),
+               (model.transformer.encoder, "forward", "encoder"),
+               (model.transformer.decoder, "forward", "decoder"),
+               (criterion.matcher, "forward", "matching"),
+               (deformable_transformer, "flatten_multiscale", "flattening"),
+               (deformable_transformer, "encoder_reference_points", "flattening")]
+    patched += [(proj, "forward", "input projection") for proj in model.input_proj]
+    saved = []
+    for owner, attr, name in patched:
+        had = attr in vars(owner)
+        saved.append((owner, attr, had, getattr(owner, attr)))
+        setattr(owner, attr, _labelled(name, getattr(owner, attr)))
+    model_forward = model.forward
+    model.forward = _labelled("model", model_forward)
+    try:
+        yield
+    finally:
+        del model.forward
+        for owner, attr, had, original in reversed(saved):
+            if had:
+                setattr(owner, attr, original)
+            else:
+                delattr(owner, attr)
+
+
+def breakdown(step, model, criterion, device) -> dict:
+    """Milliseconds per part of one call of ``step`` under torch.profiler."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with part_labels(model, criterion), torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        total = (time.perf_counter() - t0) * 1e3
+    ms = {}
+    for event in prof.key_averages():
+        if event.key.startswith("part::"):
+            ms[event.key[6:]] = event.cpu_time_total / 1e3
+    inside = sum(ms.get(p, 0.0) for p in ("backbone", "input projection", "flattening",
+                                          "encoder", "decoder"))
+    if "model" in ms:
+        ms["heads"] = max(0.0, ms.pop("model") - inside)
+    if "criterion" in ms and "matching" in ms:
+        ms["criterion"] = max(0.0, ms["criterion"] - ms["matching"])
+    out = {p: ms[p] for p in PARTS if p in ms}
+    out["total (profiled)"] = total
+    return out
+
+
+# ---------------------------------------------------------------- running and reporting
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf, ours = build_models(device)
+    work = Workload(hf, ours, our_criterion(hf), args, device)
+    print("checking that both models agree ...", flush=True)
+    parity = work.check_parity(args.tolerance)
+    print(f"  {parity}", flush=True)
+
+    jobs = [(f"inference {h}x{w} b1", lambda impl, s=(h, w): work.inference(impl, s))
+            for h, w in args.sizes]
+    th, tw = args.train_size
+    jobs.append((f"train step {th}x{tw} b{args.train_batch}", work.train_step))
+    rows = []
+    for name, make in jobs:
+        row = {"measurement": name, "median_ms": {}, "times_ms": {}}
+        for impl in ("transformers", "ddetr"):
+            times = time_step(make(impl), device, args.warmup, args.repeats)
+            row["times_ms"][impl], row["median_ms"][impl] = times, statistics.median(times)
+            print(f"  {name:<28} {impl:<12} {row['median_ms'][impl]:10.1f} ms", flush=True)
+        rows.append(row)
+    if not args.no_profile:
+        for row, (name, make) in zip(rows, jobs):
+            row["ddetr_parts_ms"] = breakdown(make("ddetr"), ours, work.criterion, device)
+    if not args.no_memory:
+        for row, (name, make) in zip(rows, jobs):
+            row["peak_mb"] = {}
+            for impl in ("transformers", "ddetr"):
+                step = make(impl)
+                with PeakMemory(device, fixed_mmap=True) as mem:
+                    step()
+                row["peak_mb"][impl] = mem.peak_bytes / 2**20
+                row["memory_method"] = mem.method
+    return {"rows": rows, "parity": parity}
+
+
+def print_tables(result: dict) -> None:
+    rows = result["rows"]
+    print()
+    print(f"{'measurement':<28} {'transformers':>14} {'ddetr':>12} {'speed-up':>9}"
+          f" {'mem transformers':>17} {'mem ddetr':>10} {'mem ratio':>10}")
+    for r in rows:
+        a, b = r["median_ms"]["transformers"], r["median_ms"]["ddetr"]
+        line = f"{r['measurement']:<28} {a:11.1f} ms {b:9.1f} ms {a / b:8.2f}x"
+        if "peak_mb" in r:
+            ma, mb = r["peak_mb"]["transformers"], r["peak_mb"]["ddetr"]
+            line += f" {ma:14.0f} MB {mb:7.0f} MB {mb / max(ma, 1e-9):10.2f}"
+        print(line)
+    if any("ddetr_parts_ms" in r for r in rows):
+        print("\nddetr time by part (ms, one profiled call)")
+        names = [r["measurement"] for r in rows]
+        print(f"{'part':<18}" + "".join(f" {n:>28}" for n in names))
+        for part in PARTS + ("total (profiled)",):
+            vals = [r.get("ddetr_parts_ms", {}).get(part) for r in rows]
+            if any(v is not None for v in vals):
+                print(f"{part:<18}" + "".join(f" {'' if v is None else f'{v:.1f}':>28}"
+                                              for v in vals))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started = datetime.datetime.now()
+    result = run(args)
+    print_tables(result)
+    record = {
+        "benchmark": "bench_model", "started": started.isoformat(timespec="seconds"),
+        "device": device_name(args.device), "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "threads": torch.get_num_threads(), "build_info": ddetr.build_info(),
+        "extension_built": extension_built(), "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")),
+        "args": {k: v for k, v in vars(args).items() if k != "out"}, **result}
+    os.makedirs(args.out, exist_ok=True)
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.out, f"model_{args.device}_{stamp}{'_quick' if args.quick else ''}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
