@@ -13,6 +13,7 @@
 #include <omp.h>
 #endif
 
+#include "ddetr/blas.h"
 #include "ddetr/dropout.h"
 #include "ddetr/flatten.h"
 #include "ddetr/msda.h"
@@ -164,6 +165,34 @@ void backward(const std::string& dtype, const std::string& device, int device_in
                            as<void>(grad_loc), as<void>(grad_attn), as<void>(workspace),
                            workspace_size, deterministic, device_index, stream);
       });
+}
+
+// ---------------------------------------------------------------------------
+// CPU GEMM through the run-time loaded OpenBLAS (ddetr/blas.h).
+
+void cpu_gemm(const std::string& dtype, bool trans_a, bool trans_b, int64_t M, int64_t N,
+              int64_t K, uintptr_t A, int64_t lda, uintptr_t B, int64_t ldb, double beta,
+              uintptr_t C, int64_t ldc, uintptr_t bias, bool relu, int num_threads) {
+  GemmArgs g;
+  g.trans_a = trans_a;
+  g.trans_b = trans_b;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.A = as<const void>(A);
+  g.lda = lda;
+  g.B = as<const void>(B);
+  g.ldb = ldb;
+  g.beta = beta;
+  g.C = as<void>(C);
+  g.ldc = ldc;
+  g.bias = as<const void>(bias);
+  g.relu = relu;
+  if (dtype != "float32" && dtype != "float64")
+    throw std::invalid_argument("gemm takes float32 or float64, got " + dtype);
+  const DType t = dtype == "float32" ? DType::f32 : DType::f64;
+  py::gil_scoped_release unlocked;
+  gemm(t, g, num_threads);
 }
 
 // ---------------------------------------------------------------------------
@@ -390,6 +419,9 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ddetr native core (CPU kernels, CUDA kernels when built with CUDA)";
   m.def("build_info", &ddetr::build_info);
   m.def("dropout", &ddetr::dropout);
+  m.def("load_blas", &ddetr::load_blas);
+  m.def("blas_loaded", &ddetr::blas_loaded);
+  m.def("gemm", &ddetr::cpu_gemm);
   m.def("relu_dropout_backward", &ddetr::relu_dropout_backward);
   m.def("msda_forward", &ddetr::forward);
   m.def("msda_backward", &ddetr::backward);

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ddetr.ops import dropout, dropout_reference, philox_keep_mask, relu_dropout
-from ddetr.ops.dropout import _dropout_op, _relu_dropout_backward_op
+from ddetr.ops.philox_dropout import _dropout_op, _relu_dropout_backward_op
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
@@ -36,7 +36,7 @@ def test_empty_tensor(device):
 
 def test_philox_known_answer():
     # Philox4x32-10 with a zero counter and key (Random123's published test vector)
-    from ddetr.ops.dropout import philox_words
+    from ddetr.ops.philox_dropout import philox_words
     words = philox_words(0, 0, 1)[0].tolist()
     assert words == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 

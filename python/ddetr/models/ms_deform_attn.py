@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddetr.ops import ms_deform_attn
+from ddetr.ops import module_linear, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
@@ -87,7 +87,7 @@ class MSDeformAttn(nn.Module):
     def project_value(self, input_flatten: Tensor, input_padding_mask: Tensor | None = None) -> Tensor:
         """(N, S, d_model) features -> (N, S, M, D) values, zero on padding."""
         n, s, _ = input_flatten.shape
-        value = self.value_proj(input_flatten)
+        value = module_linear(self.value_proj, input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         return value.view(n, s, self.n_heads, self.d_model // self.n_heads)
@@ -99,9 +99,10 @@ class MSDeformAttn(nn.Module):
         n, lq, _ = query.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         # (N, Lq, M*L*P*2) -> (N, Lq, M, L, P, 2)
-        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
+        offsets = module_linear(self.sampling_offsets, query).view(n, lq, m, lv, p, 2)
         # (N, Lq, M*L*P) -> softmax over L*P -> (N, Lq, M, L, P)
-        weights = F.softmax(self.attention_weights(query).view(n, lq, m, lv * p), -1)
+        logits = module_linear(self.attention_weights, query)
+        weights = F.softmax(logits.view(n, lq, m, lv * p), -1)
         ref = reference_points[:, :, None, :, None, :]
         if reference_points.shape[-1] == 2:
             shapes = torch.as_tensor(input_spatial_shapes, device=query.device)
@@ -121,7 +122,7 @@ class MSDeformAttn(nn.Module):
                                                      input_spatial_shapes)
         shapes = torch.as_tensor(input_spatial_shapes, device=query.device)
         out = ms_deform_attn(value, shapes, input_level_start_index, locations, weights)
-        return self.output_proj(out)
+        return module_linear(self.output_proj, out)
 
     def _check(self, query, reference_points, input_flatten, shapes, padding_mask) -> None:
         if query.dim() != 3 or query.shape[-1] != self.d_model:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ddetr.models.box_ops import inverse_sigmoid
 from ddetr.models.ms_deform_attn import MSDeformAttn
-from ddetr.ops import dropout, relu_dropout
+from ddetr.ops import dropout, module_linear, relu_dropout
 
 
 # In inference (no autograd) the encoder runs the per-token part of a layer over blocks
@@ -37,12 +37,13 @@ def _drop(module: nn.Dropout, x: Tensor) -> Tensor:
 
 def _ffn(layer: nn.Module, x: Tensor, drop: nn.Dropout) -> Tensor:
     """linear2(dropout(activation(linear1(x)))); ReLU and dropout fused when training."""
-    hidden = layer.linear1(x)
     if layer.activation is _relu and drop.training:
-        hidden = relu_dropout(hidden, drop.p)
+        hidden = relu_dropout(module_linear(layer.linear1, x), drop.p)
+    elif layer.activation is _relu:
+        hidden = module_linear(layer.linear1, x, relu=True)
     else:
-        hidden = _drop(drop, layer.activation(hidden))
-    return layer.linear2(hidden)
+        hidden = _drop(drop, layer.activation(module_linear(layer.linear1, x)))
+    return module_linear(layer.linear2, hidden)
 
 
 def _activation(name: str):

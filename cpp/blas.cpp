@@ -1,0 +1,151 @@
+// OpenBLAS GEMM loaded with dlopen (see ddetr/blas.h).
+#include "ddetr/blas.h"
+#include "ddetr/threads.h"
+
+#include <dlfcn.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <climits>
+#include <mutex>
+#include <string>
+#include <stdexcept>
+
+namespace ddetr {
+namespace {
+
+// Below this many multiply-adds a GEMM stays on the calling thread.
+constexpr int64_t kSerialBelowFlops = int64_t(1) << 22;
+
+// Rows of C per GEMM call inside a thread's block: small enough that the bias / ReLU
+// epilogue reads them from cache, large enough for OpenBLAS's own blocking.
+constexpr int64_t kEpilogueRows = 256;
+
+// CBLAS enums (cblas.h): row-major order, no transpose, transpose.
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*,
+                       int, float, float*, int);
+using Dgemm = void (*)(int, int, int, int, int, int, double, const double*, int, const double*,
+                       int, double, double*, int);
+using SetThreads = void (*)(int);
+using GetThreads = int (*)();
+
+struct Blas {
+  Sgemm sgemm = nullptr;
+  Dgemm dgemm = nullptr;
+  SetThreads set_threads = nullptr;
+  GetThreads get_threads = nullptr;
+};
+
+Blas g_blas;
+std::mutex g_load_mutex;
+bool g_loaded = false;
+
+template <class F> F symbol(void* handle, const char* name) {
+  void* p = dlsym(handle, name);
+  if (!p) throw std::runtime_error(std::string("BLAS library lacks the symbol ") + name);
+  return reinterpret_cast<F>(p);
+}
+
+template <class T>
+void epilogue(T* c, int rows, int n, int ldc, const T* bias, bool relu) {
+  if (!bias && !relu) return;
+  for (int r = 0; r < rows; ++r) {
+    T* row = c + int64_t(r) * ldc;
+#pragma omp simd
+    for (int j = 0; j < n; ++j) {
+      T v = bias ? row[j] + bias[j] : row[j];
+      row[j] = relu && !(v > T(0)) ? T(0) : v;
+    }
+  }
+}
+
+int as_blas_int(int64_t v, const char* name) {
+  if (v < 0 || v > INT_MAX)
+    throw std::invalid_argument(std::string("gemm: ") + name + " = " + std::to_string(v) +
+                                " does not fit OpenBLAS's 32-bit int");
+  return int(v);
+}
+
+}  // namespace
+
+void load_blas(const std::string& path) {
+  std::lock_guard<std::mutex> lock(g_load_mutex);
+  if (g_loaded) return;
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!handle) throw std::runtime_error("cannot open BLAS library " + path + ": " + dlerror());
+  Blas b;
+  b.sgemm = symbol<Sgemm>(handle, "scipy_cblas_sgemm");
+  b.dgemm = symbol<Dgemm>(handle, "scipy_cblas_dgemm");
+  b.set_threads = symbol<SetThreads>(handle, "scipy_openblas_set_num_threads");
+  b.get_threads = symbol<GetThreads>(handle, "scipy_openblas_get_num_threads");
+  g_blas = b;
+  g_loaded = true;  // the handle stays open for the life of the process
+}
+
+bool blas_loaded() {
+  std::lock_guard<std::mutex> lock(g_load_mutex);
+  return g_loaded;
+}
+
+void gemm(DType dtype, const GemmArgs& g, int num_threads) {
+  if (!blas_loaded()) throw std::runtime_error("gemm: no BLAS library is loaded");
+  const int M = as_blas_int(g.M, "M"), N = as_blas_int(g.N, "N"), K = as_blas_int(g.K, "K");
+  const int lda = as_blas_int(g.lda, "lda"), ldb = as_blas_int(g.ldb, "ldb");
+  const int ldc = as_blas_int(g.ldc, "ldc");
+  // row-major leading dimensions: at least the stored row length
+  if (lda < (g.trans_a ? M : K) || ldb < (g.trans_b ? K : N) || ldc < N)
+    throw std::invalid_argument("gemm: a leading dimension is smaller than its row");
+  if (M == 0 || N == 0) return;
+  if (!g.A || !g.B || !g.C) {
+    if (K > 0) throw std::invalid_argument("gemm: null operand");
+  }
+  if (dtype != DType::f32 && dtype != DType::f64)
+    throw std::invalid_argument("gemm: float32 or float64 only");
+  // OpenBLAS itself runs on one thread: its own pool spin-waits between calls and
+  // fights the OpenMP teams of torch and of ddetr's kernels for the cores. Threads
+  // here are an OpenMP team, each computing a contiguous block of C's rows (rows of
+  // op(A)), which needs no reduction.
+  if (g_blas.get_threads() != 1) g_blas.set_threads(1);
+  const int threads = resolve_threads(num_threads, int64_t(M) * N * K, kSerialBelowFlops);
+  const int64_t elem = dtype == DType::f32 ? 4 : 8;
+  const int ta = g.trans_a ? kTrans : kNoTrans, tb = g.trans_b ? kTrans : kNoTrans;
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int t = 0, nt = 1;
+#endif
+    // rows [m0, m1) of C, in multiples of 16 rows, done kEpilogueRows at a time so the
+    // epilogue finds them in cache
+    const int64_t per = (int64_t(M) + nt - 1) / nt;
+    const int64_t step = (per + 15) / 16 * 16;
+    const int64_t m0 = std::min<int64_t>(M, t * step), m1 = std::min<int64_t>(M, m0 + step);
+    for (int64_t r0 = m0; r0 < m1; r0 += kEpilogueRows) {
+      const int rows = int(std::min<int64_t>(m1 - r0, kEpilogueRows));
+      // row m of op(A): row m of A, or column m of A when transposed
+      const auto* a = static_cast<const char*>(g.A) + (g.trans_a ? r0 : r0 * lda) * elem;
+      auto* c = static_cast<char*>(g.C) + r0 * ldc * elem;
+      if (dtype == DType::f32) {
+        g_blas.sgemm(kRowMajor, ta, tb, rows, N, K, 1.0f, reinterpret_cast<const float*>(a),
+                     lda, static_cast<const float*>(g.B), ldb, float(g.beta),
+                     reinterpret_cast<float*>(c), ldc);
+        epilogue(reinterpret_cast<float*>(c), rows, N, ldc,
+                 static_cast<const float*>(g.bias), g.relu);
+      } else {
+        g_blas.dgemm(kRowMajor, ta, tb, rows, N, K, 1.0, reinterpret_cast<const double*>(a),
+                     lda, static_cast<const double*>(g.B), ldb, g.beta,
+                     reinterpret_cast<double*>(c), ldc);
+        epilogue(reinterpret_cast<double*>(c), rows, N, ldc,
+                 static_cast<const double*>(g.bias), g.relu);
+      }
+    }
+  }
+}
+
+}  // namespace ddetr

@@ -1,0 +1,47 @@
+// Dense GEMMs on the CPU through OpenBLAS, loaded at run time.
+//
+// The library is the one the scipy-openblas32 wheel ships (a run-time dependency of
+// ddetr; Python passes its path to load_blas). It is opened with dlopen and its
+// prefixed CBLAS entry points looked up by name, so building ddetr needs no BLAS
+// headers or libraries, and a missing or broken library only disables this path
+// (Python then uses torch's matmul).
+//
+// gemm computes, row-major, C[M, N] = op(A) op(B) + beta * C with op(X) = X or X^T,
+// then the optional bias / ReLU epilogue of GemmArgs:
+// A is (M, K) (or (K, M) transposed), B is (K, N) (or (N, K) transposed); leading
+// dimensions are row strides in elements. Sizes must fit OpenBLAS's 32-bit ints.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "ddetr/msda.h"
+
+namespace ddetr {
+
+// Opens `path` and resolves the GEMM and thread-count symbols; throws
+// std::runtime_error naming what is missing. Loading again replaces nothing once a
+// library is in place (the first successful load wins).
+void load_blas(const std::string& path);
+bool blas_loaded();
+
+struct GemmArgs {
+  bool trans_a = false, trans_b = false;
+  int64_t M = 0, N = 0, K = 0;
+  const void* A = nullptr;
+  int64_t lda = 0;
+  const void* B = nullptr;
+  int64_t ldb = 0;
+  double beta = 0.0;
+  void* C = nullptr;
+  int64_t ldc = 0;
+  // epilogue, applied to each block of rows of C while it is still in cache:
+  // C[m, n] = act(C[m, n] + bias[n]) (bias may be null; act is ReLU or nothing)
+  const void* bias = nullptr;
+  bool relu = false;
+};
+
+// dtype f32 or f64; `num_threads` as torch.get_num_threads() (0: OpenMP's default).
+void gemm(DType dtype, const GemmArgs& g, int num_threads);
+
+}  // namespace ddetr
