@@ -84,7 +84,8 @@ class MSDeformAttn(nn.Module):
         return self.attend(query, reference_points, value, input_spatial_shapes,
                            input_level_start_index)
 
-    def project_value(self, input_flatten: Tensor, input_padding_mask: Tensor | None = None) -> Tensor:
+    def project_value(self, input_flatten: Tensor,
+                      input_padding_mask: Tensor | None = None) -> Tensor:
         """(N, S, d_model) features -> (N, S, M, D) values, zero on padding."""
         n, s, _ = input_flatten.shape
         value = module_linear(self.value_proj, input_flatten)
