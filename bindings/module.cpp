@@ -72,15 +72,16 @@ DType cuda_dtype(const std::string& dtype) {
 }
 #endif
 
-// Runs `cpu` or `cuda` by device type: the one place that knows a build may lack
-// CUDA. `cuda` is a generic lambda, so without CUDA its body (which names the CUDA
-// launchers) is never instantiated and nothing undefined is linked.
+// Runs `cpu(Tag<T>{})` with the CPU element type of `dtype`, or `cuda(DType)` on CUDA:
+// the one place that dispatches on device and dtype, and knows a build may lack CUDA.
+// `cuda` is a generic lambda, so without CUDA its body (which names the CUDA launchers)
+// is never instantiated and nothing undefined is linked.
 template <class Cpu, class Cuda>
-void on_device(const std::string& device, Cpu&& cpu, Cuda&& cuda) {
-  if (device == "cpu") return cpu();
+void on_device(const std::string& dtype, const std::string& device, Cpu&& cpu, Cuda&& cuda) {
+  if (device == "cpu") return dispatch_cpu(dtype, cpu);
   if (device == "cuda") {
 #ifdef DDETR_WITH_CUDA
-    return cuda(0);
+    return cuda(cuda_dtype(dtype));
 #else
     (void)cuda;
     no_cuda();
@@ -106,17 +107,15 @@ void forward(const std::string& dtype, const std::string& device, int device_ind
   require(attn, work && s.L * s.P > 0, "attention_weights");
   py::gil_scoped_release unlocked;
   on_device(
-      device,
-      [&] {
-        dispatch_cpu(dtype, [&](auto tag) {
-          using T = typename decltype(tag)::type;
-          using A = Acc<T>;
-          msda_forward_cpu<T>(s, as<const T>(value), as<const A>(loc), as<const A>(attn),
-                              as<T>(out), num_threads);
-        });
+      dtype, device,
+      [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        using A = Acc<T>;
+        msda_forward_cpu<T>(s, as<const T>(value), as<const A>(loc), as<const A>(attn),
+                            as<T>(out), num_threads);
       },
-      [&](auto) {
-        msda_forward_cuda(cuda_dtype(dtype), s, as<const void>(value), as<const void>(loc),
+      [&](auto dt) {
+        msda_forward_cuda(dt, s, as<const void>(value), as<const void>(loc),
                           as<const void>(attn), as<void>(out), device_index, stream);
       });
 }
@@ -149,18 +148,16 @@ void backward(const std::string& dtype, const std::string& device, int device_in
   require(grad_attn, work, "grad_attention_weights");
   py::gil_scoped_release unlocked;
   on_device(
-      device,
-      [&] {
-        dispatch_cpu(dtype, [&](auto tag) {
-          using T = typename decltype(tag)::type;
-          using A = Acc<T>;
-          msda_backward_cpu<T>(s, as<const T>(value), as<const A>(loc), as<const A>(attn),
-                               as<const T>(grad_out), as<A>(grad_value), as<A>(grad_loc),
-                               as<A>(grad_attn), num_threads);
-        });
+      dtype, device,
+      [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        using A = Acc<T>;
+        msda_backward_cpu<T>(s, as<const T>(value), as<const A>(loc), as<const A>(attn),
+                             as<const T>(grad_out), as<A>(grad_value), as<A>(grad_loc),
+                             as<A>(grad_attn), num_threads);
       },
-      [&](auto) {
-        msda_backward_cuda(cuda_dtype(dtype), s, as<const void>(value), as<const void>(loc),
+      [&](auto dt) {
+        msda_backward_cuda(dt, s, as<const void>(value), as<const void>(loc),
                            as<const void>(attn), as<const void>(grad_out), as<void>(grad_value),
                            as<void>(grad_loc), as<void>(grad_attn), as<void>(workspace),
                            workspace_size, deterministic, device_index, stream);
@@ -216,15 +213,13 @@ void dropout(const std::string& dtype, const std::string& device, int device_ind
   require(out, n > 0, "out");
   py::gil_scoped_release unlocked;
   on_device(
-      device,
-      [&] {
-        dispatch_cpu(dtype, [&](auto tag) {
-          using T = typename decltype(tag)::type;
-          dropout_cpu<T>(a, as<const T>(x), as<T>(out), relu, num_threads);
-        });
+      dtype, device,
+      [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        dropout_cpu<T>(a, as<const T>(x), as<T>(out), relu, num_threads);
       },
-      [&](auto) {
-        dropout_cuda(cuda_dtype(dtype), a, as<const void>(x), as<void>(out), relu, device_index,
+      [&](auto dt) {
+        dropout_cuda(dt, a, as<const void>(x), as<void>(out), relu, device_index,
                      stream);
       });
 }
@@ -239,16 +234,14 @@ void relu_dropout_backward(const std::string& dtype, const std::string& device,
   require(grad_x, n > 0, "grad_x");
   py::gil_scoped_release unlocked;
   on_device(
-      device,
-      [&] {
-        dispatch_cpu(dtype, [&](auto tag) {
-          using T = typename decltype(tag)::type;
-          relu_dropout_backward_cpu<T>(a, as<const T>(out), as<const T>(grad_out),
-                                       as<T>(grad_x), num_threads);
-        });
+      dtype, device,
+      [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        relu_dropout_backward_cpu<T>(a, as<const T>(out), as<const T>(grad_out),
+                                     as<T>(grad_x), num_threads);
       },
-      [&](auto) {
-        relu_dropout_backward_cuda(cuda_dtype(dtype), a, as<const void>(out),
+      [&](auto dt) {
+        relu_dropout_backward_cuda(dt, a, as<const void>(out),
                                    as<const void>(grad_out), as<void>(grad_x), device_index,
                                    stream);
       });
@@ -310,14 +303,12 @@ void flatten_forward(const std::string& dtype, const std::string& device, int de
   a.valid_ratios = as<void>(valid_ratios);
   py::gil_scoped_release unlocked;
   on_device(
-      device,
-      [&] {
-        dispatch_cpu(dtype, [&](auto tag) {
-          flatten_forward_cpu<typename decltype(tag)::type>(s, a, num_threads);
-        });
+      dtype, device,
+      [&](auto tag) {
+        flatten_forward_cpu<typename decltype(tag)::type>(s, a, num_threads);
       },
-      [&](auto) {
-        flatten_forward_cuda(cuda_dtype(dtype), s, a, device_index, stream);
+      [&](auto dt) {
+        flatten_forward_cuda(dt, s, a, device_index, stream);
       });
 }
 
@@ -352,14 +343,12 @@ void flatten_backward(const std::string& dtype, const std::string& device, int d
   a.workspace_bytes = workspace_size;
   py::gil_scoped_release unlocked;
   on_device(
-      device,
-      [&] {
-        dispatch_cpu(dtype, [&](auto tag) {
-          flatten_backward_cpu<typename decltype(tag)::type>(s, a, num_threads);
-        });
+      dtype, device,
+      [&](auto tag) {
+        flatten_backward_cpu<typename decltype(tag)::type>(s, a, num_threads);
       },
-      [&](auto) {
-        flatten_backward_cuda(cuda_dtype(dtype), s, a, device_index, stream);
+      [&](auto dt) {
+        flatten_backward_cuda(dt, s, a, device_index, stream);
       });
 }
 
@@ -373,15 +362,13 @@ void reference_points(const std::string& dtype, const std::string& device, int d
   require(out, N > 0, "reference_points");
   py::gil_scoped_release unlocked;
   on_device(
-      device,
-      [&] {
-        dispatch_cpu(dtype, [&](auto tag) {
-          using A = Acc<typename decltype(tag)::type>;
-          encoder_reference_points_cpu<A>(s, as<const A>(valid_ratios), as<A>(out), num_threads);
-        });
+      dtype, device,
+      [&](auto tag) {
+        using A = Acc<typename decltype(tag)::type>;
+        encoder_reference_points_cpu<A>(s, as<const A>(valid_ratios), as<A>(out), num_threads);
       },
-      [&](auto) {
-        encoder_reference_points_cuda(cuda_dtype(dtype), s, as<const void>(valid_ratios),
+      [&](auto dt) {
+        encoder_reference_points_cuda(dt, s, as<const void>(valid_ratios),
                                       as<void>(out), device_index, stream);
       });
 }

@@ -67,7 +67,7 @@ void apply(const T* x, T* out, const uint32_t* bits, int64_t len, uint32_t thres
   }
 }
 
-template <class T, class Op>
+template <class Op>
 void for_each_block(const DropoutArgs& a, int num_threads, Op&& op) {
   const int64_t blocks = (a.n + 3) / 4;
   const int threads = resolve_threads(num_threads, a.n, kSerialBelowElements);
@@ -99,7 +99,7 @@ void dropout_cpu(const DropoutArgs& a, const T* x, T* out, bool relu, int num_th
   }
   const Acc<T> scale = Acc<T>(rule.scale);
   const uint32_t threshold = rule.threshold;
-  for_each_block<T>(a, num_threads, [=](int64_t first, int64_t len, const uint32_t* bits) {
+  for_each_block(a, num_threads, [=](int64_t first, int64_t len, const uint32_t* bits) {
     if (relu)
       apply<T, true>(x + first, out + first, bits, len, threshold, scale);
     else

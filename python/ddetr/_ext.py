@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -21,6 +22,17 @@ _warned = False
 def available() -> bool:
     """True when the native extension imported."""
     return _C is not None
+
+
+def cuda_built() -> bool:
+    """True when the extension imported and has its CUDA kernels compiled in."""
+    return _C is not None and _cuda_compiled(_C)
+
+
+@functools.cache
+def _cuda_compiled(ext) -> bool:
+    # asked once per extension object: the build does not change while it is loaded
+    return bool(ext.build_info()["cuda"])
 
 
 def warn_fallback(what: str) -> None:

@@ -119,9 +119,8 @@ class MSDeformAttn(nn.Module):
     def attend(self, query: Tensor, reference_points: Tensor, value: Tensor,
                input_spatial_shapes, input_level_start_index: Tensor | None = None) -> Tensor:
         """The attention of ``forward`` over already projected ``value`` (N, S, M, D)."""
-        locations, weights = self.sampling_locations(query, reference_points,
-                                                     input_spatial_shapes)
         shapes = torch.as_tensor(input_spatial_shapes, device=query.device)
+        locations, weights = self.sampling_locations(query, reference_points, shapes)
         out = ms_deform_attn(value, shapes, input_level_start_index, locations, weights)
         return module_linear(self.output_proj, out)
 

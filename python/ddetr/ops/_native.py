@@ -89,7 +89,7 @@ def check_inputs(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tens
 
 def check_device(name: str, t: Tensor) -> None:
     """A CPU tensor, or a CUDA tensor with the CUDA kernels built in."""
-    if t.is_cuda and not (_ext.available() and _ext._C.build_info()["cuda"]):
+    if t.is_cuda and not _ext.cuda_built():
         raise RuntimeError(
             f"{name} is a CUDA tensor but ddetr was built without CUDA kernels. Reinstall on a "
             "machine with the CUDA toolkit (nvcc on PATH): DDETR_CUDA=ON pip install .")

@@ -25,6 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_mod
 
 from ddetr import _ext
 from ddetr.ops._native import _DTYPE_NAMES
@@ -168,9 +169,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = F
 
 
 def _hooked(module: nn.Module) -> bool:
-    from torch.nn.modules import module as module_mod
     return bool(module._forward_hooks or module._forward_pre_hooks
-                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+                or _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
 
 
 def module_linear(module: nn.Module, x: Tensor, relu: bool = False) -> Tensor:
