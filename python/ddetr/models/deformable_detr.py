@@ -16,6 +16,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from ddetr import _ext
 from ddetr.models import weights
 from ddetr.models.backbone import Backbone, load_backbone_weights, resize_mask
 from ddetr.models.box_ops import inverse_sigmoid
@@ -52,6 +53,14 @@ class DeformableDetr(nn.Module):
         aux_loss: also return every earlier decoder layer's predictions.
         train_backbone: False freezes the whole backbone (the stem and layer1 are
             always frozen).
+        native_layers: run every encoder and decoder layer in one native call per pass
+            (``ddetr.ops.native_layers``: same parameters and outputs, faster, fewer saved
+            activations); None (default) turns it on when the native extension is
+            built. Layers or inputs it cannot take (float16/bfloat16, GELU, hooked
+            sub-modules, ``torch.compile`` tracing) keep the PyTorch path by themselves.
+        recompute_activations: with native layers, recompute the FFN activations and the
+            decoder's attention probabilities in the backward instead of storing them
+            (less memory, one more GEMM per layer).
     """
 
     def __init__(self, num_classes: int = 91, num_queries: int = 300, num_feature_levels: int = 4,
@@ -62,14 +71,27 @@ class DeformableDetr(nn.Module):
                  enc_num_points: int = 4, dec_num_points: int = 4,
                  two_stage_num_proposals: int = 300, dilation: bool = False,
                  position_embedding: str = "sine", aux_loss: bool = True,
-                 train_backbone: bool = True):
+                 train_backbone: bool = True, native_layers: bool | None = None,
+                 recompute_activations: bool = False):
         super().__init__()
-        # every argument except the weights file, as save_pretrained records it
+        # the architecture's arguments (not the weights file nor the run-time switches),
+        # as save_pretrained records them
         self.config = copy.deepcopy({k: v for k, v in locals().items() if k in CONFIG_KEYS})
         _check_config(self.config)
         self._build(**self.config)
         if backbone_weights is not None:
             load_backbone_weights(self.backbone[0].body, backbone_weights)
+        self.set_native_layers(_ext.available() if native_layers is None else native_layers,
+                               recompute_activations)
+
+    def set_native_layers(self, enabled: bool, recompute_activations: bool = False) -> None:
+        """Switch every transformer layer between the native and the PyTorch path."""
+        for name, v in (("enabled", enabled), ("recompute_activations", recompute_activations)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name}: expected a bool, got {v!r}")
+        for layer in [*self.transformer.encoder.layers, *self.transformer.decoder.layers]:
+            layer.native_layers = enabled
+            layer.recompute_activations = recompute_activations
 
     def _build(self, num_classes, num_queries, num_feature_levels, with_box_refine, two_stage,
                backbone, d_model, num_heads, num_encoder_layers, num_decoder_layers,

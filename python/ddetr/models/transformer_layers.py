@@ -5,6 +5,13 @@ Module names follow the official checkpoint: encoder layers hold ``self_attn``
 layers hold ``self_attn`` (dense ``nn.MultiheadAttention`` among the queries),
 ``norm2``, ``cross_attn`` (MSDeformAttn into the encoder memory), ``norm1``,
 ``linear1``, ``linear2``, ``norm3``. All layers are post-norm.
+
+Each layer has two attributes the detector sets (``DeformableDetr(native_layers=...)``):
+``native_layers`` runs the whole layer in one native call per pass when
+``ddetr.ops.native_layers.supports`` allows it (the same parameters and result; off by
+default on a bare layer, so the code below is the reference), and
+``recompute_activations`` lets that native backward recompute the FFN activations and
+attention probabilities instead of storing them.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from torch import Tensor, nn
 
 from ddetr.models.box_ops import inverse_sigmoid
 from ddetr.models.ms_deform_attn import MSDeformAttn
-from ddetr.ops import dropout, module_linear, relu_dropout
+from ddetr.ops import dropout, module_linear, native_layers, relu_dropout
 
 
 # In inference (no autograd) the encoder runs the per-token part of a layer over blocks
@@ -71,11 +78,17 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
+        self.native_layers = False
+        self.recompute_activations = False
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """src, pos (N, S, C); reference_points (N, S, L, 2); padding_mask (N, S)."""
         self.self_attn._check(src, reference_points, src, spatial_shapes, padding_mask)
+        if self.native_layers and native_layers.supports(self, src, pos, reference_points):
+            return native_layers.encoder_layer(self, src, pos, reference_points, spatial_shapes,
+                                               level_start_index, padding_mask,
+                                               self.recompute_activations)
         value = self.self_attn.project_value(src, padding_mask)
         if torch.is_grad_enabled():
             return self._tokens(src, pos, reference_points, value, spatial_shapes,
@@ -131,11 +144,20 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
+        self.native_layers = False
+        self.recompute_activations = False
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor,
                 memory_padding_mask: Tensor | None = None) -> Tensor:
         """tgt, query_pos (N, Lq, C); reference_points (N, Lq, L, 2 or 4); memory (N, S, C)."""
+        if self.native_layers and native_layers.supports(self, tgt, query_pos, reference_points,
+                                                                 memory):
+            self.cross_attn._check(tgt, reference_points, memory, spatial_shapes,
+                                   memory_padding_mask)
+            return native_layers.decoder_layer(self, tgt, query_pos, reference_points, memory,
+                                               spatial_shapes, level_start_index,
+                                               memory_padding_mask, self.recompute_activations)
         q = k = _with_pos(tgt, query_pos)
         attn = self.self_attn(q, k, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + _drop(self.dropout2, attn))

@@ -1,0 +1,546 @@
+// The layer forward and backward of ddetr/layers.h, written once over the primitives
+// of ddetr/layer_ops.h: cpp/layers_cpu.cpp and cuda/layers.cu instantiate it with their
+// Ops. The same carve-up of the workspace serves the byte count (null base) and the
+// passes, so the two cannot disagree.
+//
+// Order of work. Forward: the value projection over all (N, S) rows; the decoder's
+// self-attention stage over all its (N, Lq) rows (it mixes the queries of one image);
+// then, per block of at most kLayerBlockRows query rows of one image, deformable
+// attention, add & norm, FFN, add & norm. Backward: the blocks in the same order
+// (weight and bias gradients summed over blocks in that fixed order, so results are
+// the same bits on every run), the value projection's gradient, then the decoder's
+// self-attention stage.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "ddetr/dropout.h"
+#include "ddetr/layer_ops.h"
+#include "ddetr/layers.h"
+
+namespace ddetr {
+
+namespace layer_detail {
+
+// Hands out aligned pieces of the workspace; with a null base it only counts bytes.
+class Carver {
+ public:
+  Carver(void* base, size_t align) : base_(static_cast<char*>(base)), align_(align) {}
+  template <class T> T* take(int64_t count) {
+    used_ = (used_ + align_ - 1) / align_ * align_;
+    T* p = base_ ? reinterpret_cast<T*>(base_ + used_) : nullptr;
+    used_ += size_t(std::max<int64_t>(count, 0)) * sizeof(T);
+    return p;
+  }
+  void* take_bytes(size_t bytes) { return take<char>(int64_t(bytes)); }
+  size_t used() const { return used_; }
+
+ private:
+  char* base_;
+  size_t align_;
+  size_t used_ = 0;
+};
+
+// A saved buffer at row r0 (row length `cols`), or the block's workspace piece.
+template <class T> T* rows_of(T* saved, int64_t r0, int64_t cols, T* scratch) {
+  return saved ? saved + r0 * cols : scratch;
+}
+
+inline DropoutArgs drop_args(const LayerOptions& o, DropSite site, int64_t first_row,
+                             int64_t n) {
+  DropoutArgs a;
+  a.n = n;
+  a.p = o.training ? o.p : 0.f;
+  a.seed = o.seed;
+  a.offset = (uint64_t(site) << 40) + uint64_t(first_row);
+  return a;
+}
+
+inline bool dropping(const LayerOptions& o) { return o.training && o.p > 0.f; }
+
+inline SamplingArgs sampling_args(const LayerShape& s, int64_t rows) {
+  SamplingArgs a;
+  a.rows = rows;
+  a.M = s.msda.M;
+  a.L = s.msda.L;
+  a.P = s.msda.P;
+  a.ref_dim = s.ref_dim;
+  for (int64_t l = 0; l < s.msda.L; ++l) {
+    a.level_h[l] = s.msda.level_h[l];
+    a.level_w[l] = s.msda.level_w[l];
+  }
+  return a;
+}
+
+// Sizes used throughout.
+struct Dims {
+  int64_t N, Lq, S, C, F, M, D, K, B, T;  // K = M*L*P, B = rows per block, T = N*Lq
+  explicit Dims(const LayerShape& s)
+      : N(s.N), Lq(s.Lq), S(s.msda.S), C(s.C), F(s.F), M(s.msda.M), D(s.msda.D),
+        K(s.msda.M * s.msda.L * s.msda.P), B(std::min(s.Lq, kLayerBlockRows)),
+        T(s.N * s.Lq) {}
+};
+
+// Workspace of the per-block part of the forward.
+template <class T> struct BlockForward {
+  T *q, *raw, *loc, *attn, *sampled, *a, *y1, *hidden;
+  BlockForward(Carver& ws, const Dims& d, const LayerSaved<T>& saved) {
+    q = ws.take<T>(d.B * d.C);
+    raw = saved.raw ? nullptr : ws.take<T>(d.B * 3 * d.K);
+    loc = ws.take<T>(d.B * 2 * d.K);
+    attn = ws.take<T>(d.B * d.K);
+    sampled = saved.sampled ? nullptr : ws.take<T>(d.B * d.C);
+    a = ws.take<T>(d.B * d.C);
+    y1 = ws.take<T>(d.B * d.C);
+    hidden = saved.hidden ? nullptr : ws.take<T>(d.B * d.F);
+  }
+};
+
+// Workspace of the decoder's self-attention stage (forward).
+template <class T> struct SelfAttnForward {
+  T *qk, *qkv, *probs, *pd, *heads, *a, *y0;
+  SelfAttnForward(Carver& ws, const Dims& d, const LayerSaved<T>& saved, bool on) {
+    const int64_t k = on ? 1 : 0;
+    qk = ws.take<T>(k * d.T * d.C);
+    qkv = saved.qkv ? nullptr : ws.take<T>(k * d.T * 3 * d.C);
+    probs = saved.probs ? nullptr : ws.take<T>(k * d.M * d.Lq * d.Lq);
+    pd = ws.take<T>(k * d.M * d.Lq * d.Lq);
+    heads = saved.sa_heads ? nullptr : ws.take<T>(k * d.T * d.C);
+    a = ws.take<T>(k * d.T * d.C);
+    y0 = ws.take<T>(k * d.T * d.C);
+  }
+};
+
+// The saved buffers a training forward must be given (same rule as layer_saved_sizes).
+template <class T> LayerSaved<T> counting_saved(const LayerShape& s, const LayerOptions& o) {
+  int64_t sizes[kLayerSavedCount];
+  layer_saved_sizes(s, o, sizes);
+  T* some = reinterpret_cast<T*>(alignof(T));  // non-null marker, never dereferenced
+  auto pick = [&](int i) { return o.training && sizes[i] > 0 ? some : nullptr; };
+  return {pick(0), pick(1), pick(2),  pick(3),  pick(4),  pick(5), pick(6),
+          pick(7), pick(8), pick(9), pick(10), pick(11), pick(12)};
+}
+
+template <class T> void check_saved(const LayerShape& s, const LayerOptions& o,
+                                    const LayerSaved<T>& saved) {
+  if (!o.training) return;
+  int64_t sizes[kLayerSavedCount];
+  layer_saved_sizes(s, o, sizes);
+  T* const ptrs[kLayerSavedCount] = {saved.qkv,    saved.probs,   saved.sa_heads, saved.xhat_a,
+                                     saved.rstd_a, saved.value,   saved.raw,      saved.sampled,
+                                     saved.xhat_b, saved.rstd_b,  saved.hidden,   saved.xhat_c,
+                                     saved.rstd_c};
+  for (int i = 0; i < kLayerSavedCount; ++i)
+    if ((sizes[i] > 0) != (ptrs[i] != nullptr))
+      throw std::invalid_argument("saved activation buffer " + std::to_string(i) +
+                                  (sizes[i] > 0 ? " is missing" : " is not expected"));
+}
+
+// ---------------------------------------------------------------- forward pieces
+
+// Q K V projections, per-head softmax(Q K^T / sqrt(D)), dropout, probs V, out_proj,
+// add & norm: y0 (T, C).
+template <class T, class Ops>
+void self_attention_forward(const Ops& ops, const Dims& d, const LayerOptions& o,
+                            const LayerParams<T>& w, const LayerInputs<T>& in,
+                            const LayerSaved<T>& saved, const SelfAttnForward<T>& b) {
+  const int64_t C = d.C, C3 = 3 * d.C, LL = d.Lq * d.Lq;
+  const T* qk = in.x;
+  if (in.pos) {
+    ops.add(d.T * C, in.x, in.pos, b.qk);
+    qk = b.qk;
+  }
+  T* qkv = saved.qkv ? saved.qkv : b.qkv;
+  // [Q K] from x + pos, V from x; rows of qkv are (Q | K | V), each (M, D)
+  ops.gemm(false, true, d.T, 2 * C, C, qk, C, w.in_proj_w, C, T(0), qkv, C3, w.in_proj_b,
+           false);
+  ops.gemm(false, true, d.T, C, C, in.x, C, w.in_proj_w + 2 * C * C, C, T(0), qkv + 2 * C,
+           C3, w.in_proj_b + 2 * C, false);
+  T* heads = saved.sa_heads ? saved.sa_heads : b.heads;
+  for (int64_t n = 0; n < d.N; ++n) {
+    const T* qkv_n = qkv + n * d.Lq * C3;
+    T* probs = saved.probs ? saved.probs + n * d.M * LL : b.probs;
+    // (M heads) scores (Lq, Lq) = Q_m K_m^T; Q_m is columns [m D, m D + D) of qkv_n
+    ops.gemm_batched(false, true, d.Lq, d.Lq, d.D, qkv_n, C3, d.D, qkv_n + C, C3, d.D, T(0),
+                     probs, d.Lq, LL, d.M);
+    ops.softmax_rows(d.M * d.Lq, d.Lq, T(1) / std::sqrt(T(d.D)), probs);
+    const T* pd = probs;
+    if (dropping(o)) {
+      ops.dropout(drop_args(o, kDropAttn, n, d.M * LL), probs, b.pd, false);
+      pd = b.pd;
+    }
+    // heads_m (Lq, D) = probs_m V_m, written into columns [m D, m D + D) of heads
+    ops.gemm_batched(false, false, d.Lq, d.D, d.Lq, pd, d.Lq, LL, qkv_n + 2 * C, C3, d.D, T(0),
+                     heads + n * d.Lq * C, C, d.D, d.M);
+  }
+  ops.gemm(false, true, d.T, C, C, heads, C, w.sa_out_w, C, T(0), b.a, C, w.sa_out_b, false);
+  if (dropping(o)) ops.dropout(drop_args(o, kDropA, 0, d.T * C), b.a, b.a, false);
+  ops.add_layernorm(d.T, C, in.x, b.a, w.norm_a_w, w.norm_a_b, b.y0, saved.xhat_a,
+                    saved.rstd_a);
+}
+
+// Rows [r0, r0 + rows) of image n: deformable attention of xin (+ pos) into value,
+// add & norm, FFN, add & norm, into out.
+template <class T, class Ops>
+void block_forward(const Ops& ops, const LayerShape& s, const Dims& d, const LayerOptions& o,
+                   const LayerParams<T>& w, const LayerInputs<T>& in, const T* xin,
+                   const T* value, int64_t n, int64_t r0, int64_t rows, T* out,
+                   const LayerSaved<T>& saved, const BlockForward<T>& b) {
+  const int64_t C = d.C, K = d.K;
+  const T* x = xin + r0 * C;
+  const T* q = x;
+  if (in.pos) {
+    ops.add(rows * C, x, in.pos + r0 * C, b.q);
+    q = b.q;
+  }
+  T* raw = rows_of(saved.raw, r0, 3 * K, b.raw);
+  ops.gemm(false, true, rows, 3 * K, C, q, C, w.oa_w, C, T(0), raw, 3 * K, w.oa_b, false);
+  ops.sampling_forward(sampling_args(s, rows), raw, in.ref + r0 * s.msda.L * s.ref_dim, b.loc,
+                       b.attn);
+  MsdaShape ms = s.msda;
+  ms.N = 1;
+  ms.Lq = rows;
+  T* sampled = rows_of(saved.sampled, r0, C, b.sampled);
+  ops.msda_forward(ms, value + n * d.S * C, b.loc, b.attn, sampled);
+  ops.gemm(false, true, rows, C, C, sampled, C, w.out_w, C, T(0), b.a, C, w.out_b, false);
+  if (dropping(o)) ops.dropout(drop_args(o, kDropB, r0, rows * C), b.a, b.a, false);
+  ops.add_layernorm(rows, C, x, b.a, w.norm_b_w, w.norm_b_b, b.y1,
+                    rows_of(saved.xhat_b, r0, C, static_cast<T*>(nullptr)),
+                    rows_of(saved.rstd_b, r0, 1, static_cast<T*>(nullptr)));
+  T* hidden = rows_of(saved.hidden, r0, d.F, b.hidden);
+  ops.gemm(false, true, rows, d.F, C, b.y1, C, w.lin1_w, C, T(0), hidden, d.F, w.lin1_b, true);
+  if (dropping(o)) ops.dropout(drop_args(o, kDropFfn, r0, rows * d.F), hidden, hidden, false);
+  ops.gemm(false, true, rows, C, d.F, hidden, d.F, w.lin2_w, d.F, T(0), b.a, C, w.lin2_b, false);
+  if (dropping(o)) ops.dropout(drop_args(o, kDropC, r0, rows * C), b.a, b.a, false);
+  ops.add_layernorm(rows, C, b.y1, b.a, w.norm_c_w, w.norm_c_b, out + r0 * C,
+                    rows_of(saved.xhat_c, r0, C, static_cast<T*>(nullptr)),
+                    rows_of(saved.rstd_c, r0, 1, static_cast<T*>(nullptr)));
+}
+
+// ---------------------------------------------------------------- backward pieces
+
+template <class T> struct BlockBackward {
+  T *g, *df, *y1, *h, *dh, *da, *dsampled, *q, *loc, *attn, *dloc, *dattn, *draw, *dq;
+  BlockBackward(Carver& ws, const Dims& d, const LayerSaved<T>& saved) {
+    g = ws.take<T>(d.B * d.C);
+    df = ws.take<T>(d.B * d.C);
+    y1 = ws.take<T>(d.B * d.C);
+    h = saved.hidden ? nullptr : ws.take<T>(d.B * d.F);
+    dh = ws.take<T>(d.B * d.F);
+    da = ws.take<T>(d.B * d.C);
+    dsampled = ws.take<T>(d.B * d.C);
+    q = ws.take<T>(d.B * d.C);
+    loc = ws.take<T>(d.B * 2 * d.K);
+    attn = ws.take<T>(d.B * d.K);
+    dloc = ws.take<T>(d.B * 2 * d.K);
+    dattn = ws.take<T>(d.B * d.K);
+    draw = ws.take<T>(d.B * 3 * d.K);
+    dq = ws.take<T>(d.B * d.C);
+  }
+};
+
+template <class T> struct SelfAttnBackward {
+  T *da, *dheads, *dqkv, *probs, *pd, *dp, *qk, *dqk;
+  SelfAttnBackward(Carver& ws, const Dims& d, const LayerSaved<T>& saved, bool on) {
+    const int64_t k = on ? 1 : 0;
+    da = ws.take<T>(k * d.T * d.C);
+    dheads = ws.take<T>(k * d.T * d.C);
+    dqkv = ws.take<T>(k * d.T * 3 * d.C);
+    probs = saved.probs ? nullptr : ws.take<T>(k * d.M * d.Lq * d.Lq);
+    pd = ws.take<T>(k * d.M * d.Lq * d.Lq);
+    dp = ws.take<T>(k * d.M * d.Lq * d.Lq);
+    qk = ws.take<T>(k * d.T * d.C);
+    dqk = ws.take<T>(k * d.T * d.C);
+  }
+};
+
+// dW (+)= dY^T X and db (+)= column sums of dY, for a linear layer Y = X W^T + b over
+// `rows` rows; dX = dY W (+ beta * dX) when dX is given.
+template <class T, class Ops>
+void linear_backward(const Ops& ops, int64_t rows, int64_t in_f, int64_t out_f, const T* x,
+                     int64_t ldx, const T* dy, int64_t lddy, const T* weight, T* dw, T* db,
+                     bool accumulate, T* dx, int64_t lddx, T dx_beta) {
+  ops.gemm(true, false, out_f, in_f, rows, dy, lddy, x, ldx, accumulate ? T(1) : T(0), dw, in_f,
+           nullptr, false);
+  if (db) ops.column_sums(rows, out_f, dy, db, accumulate);  // dy contiguous here
+  if (dx)
+    ops.gemm(false, false, rows, in_f, out_f, dy, lddy, weight, in_f, dx_beta, dx, lddx, nullptr,
+             false);
+}
+
+// LayerNorm backward of rows: dx from dy, and the gamma / beta gradients.
+template <class T, class Ops>
+void norm_backward(const Ops& ops, int64_t rows, int64_t C, const T* dy, const T* xhat,
+                   const T* rstd, const T* gamma, T* dx, T* dgamma, T* dbeta, bool accumulate) {
+  ops.column_dots(rows, C, dy, xhat, dgamma, accumulate);
+  ops.column_sums(rows, C, dy, dbeta, accumulate);
+  ops.layernorm_backward(rows, C, dy, xhat, rstd, gamma, dx);
+}
+
+// Gradient of a dropout site (the same mask on the gradient), into `to` or in place.
+template <class T, class Ops>
+const T* drop_backward(const Ops& ops, const LayerOptions& o, DropSite site, int64_t first_row,
+                       int64_t n, const T* g, T* to) {
+  if (!dropping(o)) return g;
+  ops.dropout(drop_args(o, site, first_row, n), g, to, false);
+  return to;
+}
+
+template <class T, class Ops>
+void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const LayerOptions& o,
+                    const LayerParams<T>& w, const LayerInputs<T>& in, const T* xin,
+                    const LayerSaved<T>& saved, const T* grad_out, int64_t n, int64_t r0,
+                    int64_t rows, T* dxin, T* dvalue, const LayerInputGrads<T>& gi,
+                    const LayerParamGrads<T>& gw, bool acc, const BlockBackward<T>& b,
+                    void* msda_ws, size_t msda_ws_bytes) {
+  const int64_t C = d.C, K = d.K, F = d.F;
+  const T* dout = grad_out + r0 * C;
+  // out = LN_c(y1 + drop_c(f)): g = d(y1 + drop_c(f)), then df
+  norm_backward(ops, rows, C, dout, saved.xhat_c + r0 * C, saved.rstd_c + r0, w.norm_c_w, b.g,
+                gw.norm_c_w, gw.norm_c_b, acc);
+  const T* df = drop_backward(ops, o, kDropC, r0, rows * C, b.g, b.df);
+  // FFN: f = hidden W_2^T + b_2, hidden = drop(relu(y1 W_1^T + b_1))
+  ops.layernorm_apply(rows, C, saved.xhat_b + r0 * C, w.norm_b_w, w.norm_b_b, b.y1);
+  T* h = saved.hidden ? saved.hidden + r0 * F : b.h;
+  if (!saved.hidden) {
+    ops.gemm(false, true, rows, F, C, b.y1, C, w.lin1_w, C, T(0), h, F, w.lin1_b, true);
+    if (dropping(o)) ops.dropout(drop_args(o, kDropFfn, r0, rows * F), h, h, false);
+  }
+  linear_backward(ops, rows, F, C, h, F, df, C, w.lin2_w, gw.lin2_w, gw.lin2_b, acc, b.dh, F,
+                  T(0));
+  DropoutArgs relu_args = drop_args(o, kDropFfn, r0, rows * F);
+  ops.relu_dropout_backward(relu_args, h, b.dh, b.dh);
+  // dy1 = g + dh W_1 (the residual and the FFN input)
+  linear_backward(ops, rows, C, F, b.y1, C, b.dh, F, w.lin1_w, gw.lin1_w, gw.lin1_b, acc, b.g,
+                  C, T(1));
+  // y1 = LN_b(x + drop_b(a)): the residual's gradient goes straight to dxin
+  T* dx = dxin + r0 * C;
+  norm_backward(ops, rows, C, b.g, saved.xhat_b + r0 * C, saved.rstd_b + r0, w.norm_b_w, dx,
+                gw.norm_b_w, gw.norm_b_b, acc);
+  const T* da = drop_backward(ops, o, kDropB, r0, rows * C, dx, b.da);
+  // a = sampled W_o^T + b_o
+  linear_backward(ops, rows, C, C, saved.sampled + r0 * C, C, da, C, w.out_w, gw.out_w, gw.out_b,
+                  acc, b.dsampled, C, T(0));
+  // sampled = msda(value, loc, attn), loc and attn recomputed from the saved projection
+  const T* x = xin + r0 * C;
+  const T* q = x;
+  if (in.pos) {
+    ops.add(rows * C, x, in.pos + r0 * C, b.q);
+    q = b.q;
+  }
+  const T* raw = saved.raw + r0 * 3 * K;
+  const SamplingArgs sa = sampling_args(s, rows);
+  const T* ref = in.ref + r0 * s.msda.L * s.ref_dim;
+  ops.sampling_forward(sa, raw, ref, b.loc, b.attn);
+  MsdaShape ms = s.msda;
+  ms.N = 1;
+  ms.Lq = rows;
+  ops.msda_backward(ms, saved.value + n * d.S * C, b.loc, b.attn, b.dsampled,
+                    dvalue + n * d.S * C, b.dloc, b.dattn, msda_ws, msda_ws_bytes);
+  ops.sampling_backward(sa, raw, ref, b.attn, b.dloc, b.dattn, b.draw,
+                        gi.ref ? gi.ref + r0 * s.msda.L * s.ref_dim : nullptr);
+  // raw = q W_oa^T + b_oa; q = x + pos, so dq is also the gradient of pos
+  T* dq = gi.pos ? gi.pos + r0 * C : b.dq;
+  linear_backward(ops, rows, C, 3 * K, q, C, b.draw, 3 * K, w.oa_w, gw.oa_w, gw.oa_b, acc, dq, C,
+                  T(0));
+  ops.add(rows * C, dx, dq, dx);
+}
+
+// The decoder's self-attention stage backward: dy0 (T, C) in, grads of x and pos out
+// (dx written, dpos added to), parameter grads written.
+template <class T, class Ops>
+void self_attention_backward(const Ops& ops, const Dims& d, const LayerOptions& o,
+                             const LayerParams<T>& w, const LayerInputs<T>& in,
+                             const LayerSaved<T>& saved, const T* dy0,
+                             const LayerInputGrads<T>& gi, const LayerParamGrads<T>& gw,
+                             const SelfAttnBackward<T>& b) {
+  const int64_t C = d.C, C3 = 3 * d.C, LL = d.Lq * d.Lq;
+  const T scale = T(1) / std::sqrt(T(d.D));
+  // y0 = LN_a(x + drop_a(a)): the residual's gradient is dx
+  norm_backward(ops, d.T, C, dy0, saved.xhat_a, saved.rstd_a, w.norm_a_w, gi.x, gw.norm_a_w,
+                gw.norm_a_b, false);
+  const T* da = drop_backward(ops, o, kDropA, 0, d.T * C, gi.x, b.da);
+  linear_backward(ops, d.T, C, C, saved.sa_heads, C, da, C, w.sa_out_w, gw.sa_out_w, gw.sa_out_b,
+                  false, b.dheads, C, T(0));
+  for (int64_t n = 0; n < d.N; ++n) {
+    const T* qkv_n = saved.qkv + n * d.Lq * C3;
+    T* dqkv_n = b.dqkv + n * d.Lq * C3;
+    const T* dheads_n = b.dheads + n * d.Lq * C;
+    T* probs = saved.probs ? saved.probs + n * d.M * LL : b.probs;
+    if (!saved.probs) {
+      ops.gemm_batched(false, true, d.Lq, d.Lq, d.D, qkv_n, C3, d.D, qkv_n + C, C3, d.D, T(0),
+                       probs, d.Lq, LL, d.M);
+      ops.softmax_rows(d.M * d.Lq, d.Lq, scale, probs);
+    }
+    const T* pd = probs;
+    if (dropping(o)) {
+      ops.dropout(drop_args(o, kDropAttn, n, d.M * LL), probs, b.pd, false);
+      pd = b.pd;
+    }
+    // heads_m = pd_m V_m: dV_m = pd_m^T dheads_m, dpd_m = dheads_m V_m^T
+    ops.gemm_batched(true, false, d.Lq, d.D, d.Lq, pd, d.Lq, LL, dheads_n, C, d.D, T(0),
+                     dqkv_n + 2 * C, C3, d.D, d.M);
+    ops.gemm_batched(false, true, d.Lq, d.Lq, d.D, dheads_n, C, d.D, qkv_n + 2 * C, C3, d.D,
+                     T(0), b.dp, d.Lq, LL, d.M);
+    if (dropping(o)) ops.dropout(drop_args(o, kDropAttn, n, d.M * LL), b.dp, b.dp, false);
+    // scores = scale Q K^T: ds = scale * softmax backward; dQ = ds K, dK = ds^T Q
+    ops.softmax_rows_backward(d.M * d.Lq, d.Lq, scale, probs, b.dp);
+    ops.gemm_batched(false, false, d.Lq, d.D, d.Lq, b.dp, d.Lq, LL, qkv_n + C, C3, d.D, T(0),
+                     dqkv_n, C3, d.D, d.M);
+    ops.gemm_batched(true, false, d.Lq, d.D, d.Lq, b.dp, d.Lq, LL, qkv_n, C3, d.D, T(0),
+                     dqkv_n + C, C3, d.D, d.M);
+  }
+  // [Q K] = qk W_qk^T + b_qk with qk = x + pos; V = x W_v^T + b_v
+  const T* qk = in.x;
+  if (in.pos) {
+    ops.add(d.T * C, in.x, in.pos, b.qk);
+    qk = b.qk;
+  }
+  ops.column_sums(d.T, C3, b.dqkv, gw.in_proj_b, false);
+  linear_backward(ops, d.T, C, 2 * C, qk, C, b.dqkv, C3, w.in_proj_w, gw.in_proj_w,
+                  static_cast<T*>(nullptr), false, b.dqk, C, T(0));
+  linear_backward(ops, d.T, C, C, in.x, C, b.dqkv + 2 * C, C3, w.in_proj_w + 2 * C * C,
+                  gw.in_proj_w + 2 * C * C, static_cast<T*>(nullptr), false, gi.x, C, T(1));
+  ops.add(d.T * C, gi.x, b.dqk, gi.x);
+  if (gi.pos) ops.add(d.T * C, gi.pos, b.dqk, gi.pos);
+}
+
+// Everything a pass carves from its workspace, in one order for counting and for use.
+template <class T> struct ForwardSpace {
+  T* value;
+  SelfAttnForward<T> sa;
+  BlockForward<T> blk;
+  ForwardSpace(Carver& ws, const LayerShape& s, const Dims& d, const LayerSaved<T>& saved)
+      : value(saved.value ? saved.value : ws.take<T>(d.N * d.S * d.C)),
+        sa(ws, d, saved, s.decoder),
+        blk(ws, d, saved) {}
+};
+
+template <class T> struct BackwardSpace {
+  T *dvalue, *y0, *dy0;
+  void* msda;
+  size_t msda_bytes;
+  SelfAttnBackward<T> sa;
+  BlockBackward<T> blk;
+  BackwardSpace(Carver& ws, const LayerShape& s, const Dims& d, const LayerSaved<T>& saved,
+                size_t msda_ws_bytes)
+      : dvalue(ws.take<T>(d.N * d.S * d.C)),
+        y0(ws.take<T>(s.decoder ? d.T * d.C : 0)),
+        dy0(ws.take<T>(s.decoder ? d.T * d.C : 0)),
+        msda(ws.take_bytes(msda_ws_bytes)),
+        msda_bytes(msda_ws_bytes),
+        sa(ws, d, saved, s.decoder),
+        blk(ws, d, saved) {}
+};
+
+// The MSDA shape of one block of rows of one image.
+inline MsdaShape block_shape(const LayerShape& s, int64_t rows) {
+  MsdaShape ms = s.msda;
+  ms.N = 1;
+  ms.Lq = rows;
+  return ms;
+}
+
+template <class T, class Ops> size_t workspace_bytes(const Ops& ops, const LayerShape& s,
+                                                     const LayerOptions& o, bool backward) {
+  const Dims d(s);
+  Carver ws(nullptr, Ops::kAlign);
+  const LayerSaved<T> saved = counting_saved<T>(s, o);
+  if (backward)
+    BackwardSpace<T>(ws, s, d, saved, ops.msda_backward_workspace_bytes(block_shape(s, d.B)));
+  else
+    ForwardSpace<T>(ws, s, d, saved);
+  return ws.used();
+}
+
+inline void check_workspace(size_t need, size_t given) {
+  if (given < need)
+    throw std::invalid_argument("workspace: the pass needs " + std::to_string(need) +
+                                " bytes, got " + std::to_string(given));
+}
+
+}  // namespace layer_detail
+
+// Workspace bytes of a pass; elem_bytes 4 (float) or 8 (double).
+template <class Ops>
+size_t layer_workspace_bytes(const Ops& ops, const LayerShape& s, const LayerOptions& o,
+                             bool backward, int elem_bytes) {
+  validate(s);
+  if (elem_bytes == 4) return layer_detail::workspace_bytes<float>(ops, s, o, backward);
+  if (elem_bytes == 8) return layer_detail::workspace_bytes<double>(ops, s, o, backward);
+  throw std::invalid_argument("layer: float32 or float64 only");
+}
+
+template <class T, class Ops>
+void layer_forward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
+                   const LayerParams<T>& w, const LayerInputs<T>& in, T* out,
+                   const LayerSaved<T>& saved, void* workspace, size_t workspace_bytes) {
+  using namespace layer_detail;
+  validate(s);
+  check_saved(s, o, saved);
+  if (s.decoder && !in.memory) throw std::invalid_argument("layer: a decoder layer needs memory");
+  const Dims d(s);
+  Carver ws(workspace, Ops::kAlign);
+  const ForwardSpace<T> sp(ws, s, d, saved);
+  check_workspace(ws.used(), workspace_bytes);
+  // value = mask(vin W_v^T + b_v) over all N * S rows
+  const T* vin = s.decoder ? in.memory : in.x;
+  ops.gemm(false, true, d.N * d.S, d.C, d.C, vin, d.C, w.value_w, d.C, T(0), sp.value, d.C,
+           w.value_b, false);
+  if (in.mask) ops.mask_rows(d.N * d.S, d.C, in.mask, sp.value);
+  const T* xin = in.x;
+  if (s.decoder) {
+    self_attention_forward(ops, d, o, w, in, saved, sp.sa);
+    xin = sp.sa.y0;
+  }
+  for (int64_t n = 0; n < d.N; ++n)
+    for (int64_t q0 = 0; q0 < d.Lq; q0 += d.B)
+      block_forward(ops, s, d, o, w, in, xin, sp.value, n, n * d.Lq + q0,
+                    std::min(d.B, d.Lq - q0), out, saved, sp.blk);
+}
+
+template <class T, class Ops>
+void layer_backward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
+                    const LayerParams<T>& w, const LayerInputs<T>& in, const LayerSaved<T>& saved,
+                    const T* grad_out, const LayerInputGrads<T>& gi,
+                    const LayerParamGrads<T>& gw, void* workspace, size_t workspace_bytes) {
+  using namespace layer_detail;
+  validate(s);
+  if (!o.training) throw std::invalid_argument("layer: the backward needs a training forward");
+  check_saved(s, o, saved);
+  if (!gi.x) throw std::invalid_argument("layer: the input gradient buffer is missing");
+  if (s.decoder && !in.memory) throw std::invalid_argument("layer: a decoder layer needs memory");
+  const Dims d(s);
+  Carver ws(workspace, Ops::kAlign);
+  const BackwardSpace<T> sp(ws, s, d, saved,
+                            ops.msda_backward_workspace_bytes(block_shape(s, d.B)));
+  check_workspace(ws.used(), workspace_bytes);
+  ops.fill_zero(d.N * d.S * d.C, sp.dvalue);
+  const T* xin = in.x;
+  T* dxin = gi.x;
+  if (s.decoder) {
+    ops.layernorm_apply(d.T, d.C, saved.xhat_a, w.norm_a_w, w.norm_a_b, sp.y0);
+    xin = sp.y0;
+    dxin = sp.dy0;
+  }
+  bool accumulate = false;  // the first block writes the parameter gradients
+  for (int64_t n = 0; n < d.N; ++n)
+    for (int64_t q0 = 0; q0 < d.Lq; q0 += d.B) {
+      block_backward(ops, s, d, o, w, in, xin, saved, grad_out, n, n * d.Lq + q0,
+                     std::min(d.B, d.Lq - q0), dxin, sp.dvalue, gi, gw, accumulate, sp.blk,
+                     sp.msda, sp.msda_bytes);
+      accumulate = true;
+    }
+  // value = mask(vin W_v^T + b_v): padded rows pass no gradient
+  if (in.mask) ops.mask_rows(d.N * d.S, d.C, in.mask, sp.dvalue);
+  const T* vin = s.decoder ? in.memory : in.x;
+  T* dvin = s.decoder ? gi.memory : gi.x;
+  linear_backward(ops, d.N * d.S, d.C, d.C, vin, d.C, sp.dvalue, d.C, w.value_w, gw.value_w,
+                  gw.value_b, false, dvin, d.C, s.decoder ? T(0) : T(1));
+  if (s.decoder) self_attention_backward(ops, d, o, w, in, saved, sp.dy0, gi, gw, sp.sa);
+}
+
+}  // namespace ddetr

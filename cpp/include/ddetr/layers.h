@@ -1,0 +1,207 @@
+// The native deformable encoder and decoder layers: one call per layer and pass.
+//
+// Both layers are post-norm, as in Deformable DETR (python/ddetr/models/
+// transformer_layers.py is the reference with the same parameters). Rows are tokens:
+// t = n * Lq + q, C = d_model, F = dim_feedforward, K = M * L * P.
+//
+// Encoder layer (value input = src, Lq = S):
+//   q      = src + pos
+//   value  = mask(src W_v^T + b_v)                         (N, S, C); padded rows zero
+//   raw    = q W_oa^T + b_oa                               (rows, 3K): K*2 offsets, K logits
+//   loc    = ref + offset / (W_l, H_l)        (2-d refs)   (rows, M, L, P, 2)
+//          = ref_xy + offset / P * ref_wh / 2 (4-d refs)
+//   attn   = softmax over L*P of the logits                (rows, M, L, P)
+//   a      = msda(value, loc, attn) W_o^T + b_o            (sampled = msda(...) saved)
+//   y1     = LN1(src + drop_1(a))
+//   hidden = drop_2(relu(y1 W_1^T + b_1))                  (rows, F)
+//   out    = LN2(y1 + drop_3(hidden W_2^T + b_2))
+//
+// Decoder layer (queries tgt (N, Lq, C), value input = memory (N, S, C)):
+//   qk     = tgt + pos;  [Q K] = qk W_qk^T + b_qk;  V = tgt W_v^T + b_v   (qkv saved)
+//   probs  = drop_attn(softmax(Q_m K_m^T / sqrt(D)))       per batch element and head
+//   y0     = LN_a(tgt + drop_a((probs V) W_so^T + b_so))   (norm2 in the checkpoint)
+//   y1     = LN_b(y0 + drop_b(deformable cross-attention of y0 + pos into memory))
+//   out    = LN_c(y1 + drop_c(FFN(y1)))                    (norm1, norm3)
+//
+// Dropout: Philox keyed by `seed` (ddetr/dropout.h). Site s of a layer draws its mask
+// for rows [r0, r0 + rows) from the counter offset (s << 40) + r0, element index
+// counted from the block's first element; the backward regenerates the same masks.
+//
+// Saved activations (training): written by the forward into buffers the caller
+// allocates (sizes from layer_saved_sizes), read by the backward. `recompute` leaves
+// out the FFN hidden activations and the decoder's attention probabilities (the
+// backward recomputes them: one more GEMM); LayerNorms keep their normalised input
+// and 1/std (the layer output alone cannot give it back when gamma has zeros).
+//
+// Memory: the native code never allocates tensor memory. Every pass also takes a
+// workspace of layer_workspace_bytes bytes. Work goes in blocks of kLayerBlockRows
+// query rows, so the workspace stays small whatever the image size.
+//
+// Types: float and double (arithmetic in the element type); references and masks as
+// in msda.h (float / double like the values, masks one byte per token).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "ddetr/msda.h"
+
+namespace ddetr {
+
+constexpr int64_t kLayerBlockRows = 2048;
+
+// Dropout sites (the high bits of the Philox offset).
+enum DropSite : int { kDropAttn = 0, kDropA = 1, kDropB = 2, kDropFfn = 3, kDropC = 4 };
+
+struct LayerShape {
+  bool decoder = false;
+  int64_t N = 0, Lq = 0, C = 0, F = 0, ref_dim = 2;
+  MsdaShape msda;  // N, S, M, D, L, P and the level table of the value maps; msda.Lq = Lq
+};
+
+struct LayerOptions {
+  bool training = false;  // dropout on and saved activations written
+  bool recompute = false; // see above
+  float p = 0.f;          // dropout probability of every site
+  uint64_t seed = 0;
+};
+
+// Parameters, row-major like torch's nn.Linear weights (out_features, in_features).
+template <class T> struct LayerParams {
+  // decoder self-attention (nn.MultiheadAttention: in_proj (3C, C), out_proj)
+  const T *in_proj_w = nullptr, *in_proj_b = nullptr, *sa_out_w = nullptr,
+          *sa_out_b = nullptr, *norm_a_w = nullptr, *norm_a_b = nullptr;
+  // deformable attention; oa = [sampling_offsets; attention_weights] stacked (3K, C)
+  const T *value_w = nullptr, *value_b = nullptr, *oa_w = nullptr, *oa_b = nullptr,
+          *out_w = nullptr, *out_b = nullptr, *norm_b_w = nullptr, *norm_b_b = nullptr;
+  // FFN
+  const T *lin1_w = nullptr, *lin1_b = nullptr, *lin2_w = nullptr, *lin2_b = nullptr,
+          *norm_c_w = nullptr, *norm_c_b = nullptr;
+};
+
+// Gradients of LayerParams, same layout, fully written by the backward.
+template <class T> struct LayerParamGrads {
+  T *in_proj_w = nullptr, *in_proj_b = nullptr, *sa_out_w = nullptr, *sa_out_b = nullptr,
+    *norm_a_w = nullptr, *norm_a_b = nullptr;
+  T *value_w = nullptr, *value_b = nullptr, *oa_w = nullptr, *oa_b = nullptr,
+    *out_w = nullptr, *out_b = nullptr, *norm_b_w = nullptr, *norm_b_b = nullptr;
+  T *lin1_w = nullptr, *lin1_b = nullptr, *lin2_w = nullptr, *lin2_b = nullptr,
+    *norm_c_w = nullptr, *norm_c_b = nullptr;
+};
+
+template <class T> struct LayerInputs {
+  const T* x = nullptr;          // src (encoder) or tgt (decoder): (N, Lq, C)
+  const T* pos = nullptr;        // (N, Lq, C) or null
+  const T* ref = nullptr;        // (N, Lq, L, ref_dim)
+  const T* memory = nullptr;     // decoder: (N, S, C); encoder: unused (value input is x)
+  const uint8_t* mask = nullptr; // (N, S), nonzero on padding, or null
+};
+
+// Saved activations; the element counts are given by layer_saved_sizes.
+template <class T> struct LayerSaved {
+  T *qkv = nullptr, *probs = nullptr, *sa_heads = nullptr, *xhat_a = nullptr,
+    *rstd_a = nullptr;                                        // decoder only
+  T *value = nullptr, *raw = nullptr, *sampled = nullptr, *xhat_b = nullptr,
+    *rstd_b = nullptr;                                        // deformable attention
+  T *hidden = nullptr, *xhat_c = nullptr, *rstd_c = nullptr;  // FFN
+};
+
+// Input gradients: dx always; the others may be null when not wanted.
+template <class T> struct LayerInputGrads {
+  T *x = nullptr, *pos = nullptr, *ref = nullptr, *memory = nullptr;
+};
+
+// Element counts of the saved buffers, in LayerSaved's order (0: not used).
+constexpr int kLayerSavedCount = 13;
+void layer_saved_sizes(const LayerShape& s, const LayerOptions& o,
+                       int64_t sizes[kLayerSavedCount]);
+
+// Throws std::invalid_argument naming an inconsistent size.
+void validate(const LayerShape& s);
+
+// Workspace bytes of a forward (backward = false) or backward pass.
+size_t layer_workspace_bytes_cpu(const LayerShape& s, const LayerOptions& o, bool backward,
+                                 int elem_bytes);
+size_t layer_workspace_bytes_cuda(const LayerShape& s, const LayerOptions& o, bool backward,
+                                  int elem_bytes, bool deterministic, int device);
+
+template <class T>
+void layer_forward_cpu(const LayerShape& s, const LayerOptions& o, const LayerParams<T>& w,
+                       const LayerInputs<T>& in, T* out, const LayerSaved<T>& saved,
+                       void* workspace, size_t workspace_bytes, int num_threads);
+
+template <class T>
+void layer_backward_cpu(const LayerShape& s, const LayerOptions& o, const LayerParams<T>& w,
+                        const LayerInputs<T>& in, const LayerSaved<T>& saved,
+                        const T* grad_out, const LayerInputGrads<T>& grad_in,
+                        const LayerParamGrads<T>& grad_w, void* workspace,
+                        size_t workspace_bytes, int num_threads);
+
+// The void-pointer structs the bindings fill, as typed ones.
+template <class T> LayerParams<T> typed(const LayerParams<void>& p) {
+  auto c = [](const void* v) { return static_cast<const T*>(v); };
+  LayerParams<T> t;
+  t.in_proj_w = c(p.in_proj_w); t.in_proj_b = c(p.in_proj_b);
+  t.sa_out_w = c(p.sa_out_w); t.sa_out_b = c(p.sa_out_b);
+  t.norm_a_w = c(p.norm_a_w); t.norm_a_b = c(p.norm_a_b);
+  t.value_w = c(p.value_w); t.value_b = c(p.value_b);
+  t.oa_w = c(p.oa_w); t.oa_b = c(p.oa_b);
+  t.out_w = c(p.out_w); t.out_b = c(p.out_b);
+  t.norm_b_w = c(p.norm_b_w); t.norm_b_b = c(p.norm_b_b);
+  t.lin1_w = c(p.lin1_w); t.lin1_b = c(p.lin1_b);
+  t.lin2_w = c(p.lin2_w); t.lin2_b = c(p.lin2_b);
+  t.norm_c_w = c(p.norm_c_w); t.norm_c_b = c(p.norm_c_b);
+  return t;
+}
+
+template <class T> LayerParamGrads<T> typed(const LayerParamGrads<void>& p) {
+  auto c = [](void* v) { return static_cast<T*>(v); };
+  LayerParamGrads<T> t;
+  t.in_proj_w = c(p.in_proj_w); t.in_proj_b = c(p.in_proj_b);
+  t.sa_out_w = c(p.sa_out_w); t.sa_out_b = c(p.sa_out_b);
+  t.norm_a_w = c(p.norm_a_w); t.norm_a_b = c(p.norm_a_b);
+  t.value_w = c(p.value_w); t.value_b = c(p.value_b);
+  t.oa_w = c(p.oa_w); t.oa_b = c(p.oa_b);
+  t.out_w = c(p.out_w); t.out_b = c(p.out_b);
+  t.norm_b_w = c(p.norm_b_w); t.norm_b_b = c(p.norm_b_b);
+  t.lin1_w = c(p.lin1_w); t.lin1_b = c(p.lin1_b);
+  t.lin2_w = c(p.lin2_w); t.lin2_b = c(p.lin2_b);
+  t.norm_c_w = c(p.norm_c_w); t.norm_c_b = c(p.norm_c_b);
+  return t;
+}
+
+template <class T> LayerInputs<T> typed(const LayerInputs<void>& p) {
+  return {static_cast<const T*>(p.x), static_cast<const T*>(p.pos),
+          static_cast<const T*>(p.ref), static_cast<const T*>(p.memory), p.mask};
+}
+
+template <class T> LayerSaved<T> typed(const LayerSaved<void>& p) {
+  auto c = [](void* v) { return static_cast<T*>(v); };
+  return {c(p.qkv),   c(p.probs),   c(p.sa_heads), c(p.xhat_a), c(p.rstd_a),
+          c(p.value), c(p.raw),     c(p.sampled),  c(p.xhat_b), c(p.rstd_b),
+          c(p.hidden), c(p.xhat_c), c(p.rstd_c)};
+}
+
+template <class T> LayerInputGrads<T> typed(const LayerInputGrads<void>& p) {
+  return {static_cast<T*>(p.x), static_cast<T*>(p.pos), static_cast<T*>(p.ref),
+          static_cast<T*>(p.memory)};
+}
+
+// CUDA (cuda/layers.cu): dtype f32 or f64, pointers as void* of that type, on `stream`.
+// Needs cuBLAS, loaded at run time (load_cublas); throws std::runtime_error otherwise.
+void load_cublas(const char* path);
+bool cublas_loaded();
+void layer_forward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o,
+                        const LayerParams<void>& w, const LayerInputs<void>& in, void* out,
+                        const LayerSaved<void>& saved, void* workspace,
+                        size_t workspace_bytes, bool deterministic, int device,
+                        uintptr_t stream);
+void layer_backward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o,
+                         const LayerParams<void>& w, const LayerInputs<void>& in,
+                         const LayerSaved<void>& saved, const void* grad_out,
+                         const LayerInputGrads<void>& grad_in,
+                         const LayerParamGrads<void>& grad_w, void* workspace,
+                         size_t workspace_bytes, bool deterministic, int device,
+                         uintptr_t stream);
+
+}  // namespace ddetr

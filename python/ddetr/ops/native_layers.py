@@ -1,0 +1,283 @@
+"""Whole encoder and decoder layers in one native call per pass (cpp/layers_cpu.cpp,
+cuda/layers.cu; the math is in cpp/include/ddetr/layers.h).
+
+``encoder_layer(layer, ...)`` and ``decoder_layer(layer, ...)`` compute exactly what
+``layer.forward`` computes on the pure-PyTorch path (the same parameters, read from the
+module), forward and backward, with every elementwise step fused and nothing between
+the steps in Python:
+
+- the backward keeps only what it needs (values, the offset/logit projection, the
+  sampled features, LayerNorms' normalised inputs and 1/std, the FFN hidden activations
+  and the decoder's attention probabilities), and with ``recompute=True`` not even the
+  last two (it recomputes them: one more GEMM);
+- dropout masks come from Philox (seed from torch's generator, so ``torch.manual_seed``
+  fixes them) and are regenerated in the backward, never stored;
+- GEMMs run on OpenBLAS (scipy-openblas32) on the CPU and on cuBLAS on CUDA, both
+  loaded at run time.
+
+``supports(layer, x)`` says whether a layer and input can take this path: float32 or
+float64, ReLU, one dropout probability for all the layer's dropouts, LayerNorm eps 1e-5,
+plain ``nn.Linear`` / ``MSDeformAttn`` / ``nn.MultiheadAttention`` sub-modules without
+hooks, not while ``torch.compile`` traces, and the native library (and OpenBLAS or
+cuBLAS) present. Everything else stays on the PyTorch path, which is the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ddetr import _ext
+from ddetr.ops._native import _DTYPE_NAMES, _device, _levels, as_level_tensors
+from ddetr.ops.blas import blas_available
+from ddetr.ops.philox_dropout import _seed
+
+logger = logging.getLogger(__name__)
+
+_cublas_state: bool | None = None
+# CPU workspaces are kept between calls: a fresh multi-MB buffer costs a page fault per
+# 4 KB on first touch, which the layers would otherwise pay on every call
+_cpu_workspace: dict[torch.device, Tensor] = {}
+
+
+def cublas_available() -> bool:
+    """True once cuBLAS is loaded into the extension (found where torch loaded it)."""
+    global _cublas_state
+    if _cublas_state is None:
+        _cublas_state = _load_cublas()
+    return _cublas_state
+
+
+def _load_cublas() -> bool:
+    if not (_ext.cuda_built() and torch.cuda.is_available()):
+        return False
+    if _ext._C.cublas_loaded():
+        return True
+    torch.cuda.current_blas_handle()  # makes torch load its cuBLAS
+    candidates = []
+    try:
+        with open("/proc/self/maps") as maps:
+            candidates = sorted({m.group(0) for m in re.finditer(r"/\S*libcublas\.so[.\d]*", maps.read())})
+    except OSError:
+        pass
+    found = ctypes.util.find_library("cublas")
+    if found:
+        candidates.append(found)
+    for path in candidates:
+        try:
+            _ext._C.load_cublas(path)
+            return True
+        except RuntimeError as exc:
+            logger.info("could not load cuBLAS from %s (%s)", path, exc)
+    logger.info("cuBLAS not found: the native layers stay off on CUDA")
+    return False
+
+
+def _library_ready(x: Tensor) -> bool:
+    if not _ext.available() or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if x.device.type == "cpu":
+        return blas_available()
+    return x.device.type == "cuda" and cublas_available()
+
+
+def _plain(module: nn.Module, kind: type) -> bool:
+    return type(module) is kind and not (module._forward_hooks or module._forward_pre_hooks
+                                         or module._backward_hooks)
+
+
+def _dropouts(layer: nn.Module) -> list[float]:
+    ps = [m.p for m in layer.modules() if isinstance(m, nn.Dropout)]
+    attn = getattr(layer, "self_attn", None)
+    if isinstance(attn, nn.MultiheadAttention):
+        ps.append(attn.dropout)
+    return ps
+
+
+def supports(layer: nn.Module, x: Tensor, *others: Tensor | None) -> bool:
+    """Whether ``layer`` (an encoder or decoder layer of ddetr) on input ``x`` and the
+    other tensor inputs ``others`` can run natively with the same result as its PyTorch
+    path (all of one dtype and device, no autocast)."""
+    from ddetr.models.ms_deform_attn import MSDeformAttn
+    from ddetr.models.transformer_layers import _relu
+
+    if torch.compiler.is_compiling() or not _library_ready(x):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in others):
+        return False
+    if getattr(layer, "activation", None) is not _relu:
+        return False
+    if len(set(_dropouts(layer))) > 1:
+        return False
+    attn = layer.cross_attn if hasattr(layer, "cross_attn") else layer.self_attn
+    if not _plain(attn, MSDeformAttn) or not all(
+            _plain(m, nn.Linear) for m in (attn.value_proj, attn.sampling_offsets,
+                                           attn.attention_weights, attn.output_proj,
+                                           layer.linear1, layer.linear2)):
+        return False
+    norms = [m for m in layer.children() if isinstance(m, nn.LayerNorm)]
+    if not all(_plain(n, nn.LayerNorm) and n.eps == 1e-5 and n.weight is not None
+               and n.bias is not None for n in norms):
+        return False
+    if hasattr(layer, "cross_attn"):
+        sa = layer.self_attn
+        if not (_plain(sa, nn.MultiheadAttention) and sa.batch_first and sa._qkv_same_embed_dim
+                and sa.in_proj_bias is not None and sa.bias_k is None and not sa.add_zero_attn
+                and _plain(sa.out_proj, type(sa.out_proj)) and sa.out_proj.bias is not None):
+            return False
+    return all(p.dtype == x.dtype and p.device == x.device for p in layer.parameters())
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one layer call hands the native side besides tensors."""
+    decoder: bool
+    dims: tuple[int, int, int, int, int]      # N, Lq, C, F, ref_dim
+    sizes: tuple[int, ...]                    # N, S, M, D, Lq, L, P
+    levels: list
+    options: tuple[bool, bool, float, int]    # training, recompute, p, seed
+
+
+def _deform_params(attn: nn.Module, norm: nn.LayerNorm) -> list[Tensor]:
+    # (M*L*P*2 + M*L*P, C): one GEMM for the offsets and the attention logits
+    oa_w = torch.cat([attn.sampling_offsets.weight, attn.attention_weights.weight])
+    oa_b = torch.cat([attn.sampling_offsets.bias, attn.attention_weights.bias])
+    return [attn.value_proj.weight, attn.value_proj.bias, oa_w, oa_b, attn.output_proj.weight,
+            attn.output_proj.bias, norm.weight, norm.bias]
+
+
+def _ffn_params(layer: nn.Module, norm: nn.LayerNorm) -> list[Tensor]:
+    return [layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
+            norm.weight, norm.bias]
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _workspace(nbytes: int, device: torch.device) -> Tensor:
+    if device.type != "cpu":
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+    ws = _cpu_workspace.get(device)
+    if ws is None or ws.numel() < nbytes:
+        ws = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        _cpu_workspace[device] = ws
+    return ws
+
+
+class _NativeLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call: _Call, x, pos, ref, memory, mask, *params):
+        dtype, dev = _DTYPE_NAMES[x.dtype], x.device
+        device, index, stream = _device(x)
+        sizes = _ext._C.layer_saved_sizes(call.decoder, call.dims, call.sizes, call.levels,
+                                          call.options)
+        training = call.options[0]
+        saved = [torch.empty(n, dtype=x.dtype, device=dev) if training and n else None
+                 for n in sizes]
+        out = torch.empty_like(x)
+        nbytes = _ext._C.layer_workspace_bytes(dtype, device, index, call.decoder, call.dims,
+                                               call.sizes, call.levels, call.options, False,
+                                               torch.are_deterministic_algorithms_enabled())
+        ws = _workspace(nbytes, dev)
+        _ext._C.layer_forward(dtype, device, index, call.decoder, call.dims, call.sizes,
+                              call.levels, call.options, [_ptr(p) for p in params],
+                              [_ptr(x), _ptr(pos), _ptr(ref), _ptr(memory), _ptr(mask)],
+                              out.data_ptr(), [_ptr(s) for s in saved], ws.data_ptr(),
+                              ws.numel(), torch.are_deterministic_algorithms_enabled(),
+                              torch.get_num_threads(), stream)
+        ctx.call = call
+        ctx.present = [s is not None for s in saved]
+        ctx.save_for_backward(x, pos, ref, memory, mask, *params,
+                              *[s for s in saved if s is not None])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        call = ctx.call
+        if not call.options[0]:
+            raise RuntimeError("a native layer run without saved activations cannot be "
+                               "differentiated")
+        tensors = ctx.saved_tensors
+        x, pos, ref, memory, mask = tensors[:5]
+        params = tensors[5:25]
+        stored = iter(tensors[25:])
+        saved = [next(stored) if present else None for present in ctx.present]
+        need = ctx.needs_input_grad
+        gx = torch.empty_like(x)
+        gpos = torch.empty_like(pos) if pos is not None and need[2] else None
+        gref = torch.empty_like(ref) if need[3] else None
+        gmem = torch.empty_like(memory) if memory is not None and need[4] else None
+        gparams = [None if p is None else torch.empty_like(p) for p in params]
+        dtype, dev = _DTYPE_NAMES[x.dtype], x.device
+        device, index, stream = _device(x)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        nbytes = _ext._C.layer_workspace_bytes(dtype, device, index, call.decoder, call.dims,
+                                               call.sizes, call.levels, call.options, True,
+                                               deterministic)
+        ws = _workspace(nbytes, dev)
+        _ext._C.layer_backward(dtype, device, index, call.decoder, call.dims, call.sizes,
+                               call.levels, call.options, [_ptr(p) for p in params],
+                               [_ptr(x), _ptr(pos), _ptr(ref), _ptr(memory), _ptr(mask)],
+                               [_ptr(s) for s in saved], grad_out.contiguous().data_ptr(),
+                               [_ptr(gx), _ptr(gpos), _ptr(gref), _ptr(gmem)],
+                               [_ptr(g) for g in gparams], ws.data_ptr(), ws.numel(),
+                               deterministic, torch.get_num_threads(), stream)
+        return (None, gx, gpos, gref, gmem, None, *gparams)
+
+
+def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Tensor,
+         memory: Tensor | None, spatial_shapes, level_start_index, mask: Tensor | None,
+         params: list, recompute: bool) -> Tensor:
+    attn = layer.cross_attn if decoder else layer.self_attn
+    n, lq, c = x.shape
+    value_in = memory if decoder else x
+    shapes, starts = as_level_tensors(spatial_shapes, level_start_index, x.device)
+    levels = _levels(shapes, starts)
+    s = value_in.shape[1]
+    if sum(h * w for h, w, _ in levels) != s:
+        raise ValueError(f"spatial_shapes: the levels hold {sum(h * w for h, w, _ in levels)} "
+                         f"pixels but the value input has {s} tokens")
+    p = _dropouts(layer)[0] if layer.training else 0.0
+    tensors = [x, pos, ref] + params
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors
+                                           + [memory])
+    training = grad or (layer.training and p > 0)
+    call = _Call(decoder, (n, lq, c, layer.linear1.out_features, ref.shape[-1]),
+                 (n, s, attn.n_heads, c // attn.n_heads, lq, attn.n_levels, attn.n_points),
+                 levels, (training, bool(recompute), float(p), _seed() if p > 0 else 0))
+    mask_u8 = None if mask is None else mask.contiguous().view(torch.uint8)
+    contiguous = [None if t is None else t.contiguous() for t in (x, pos, ref, memory)]
+    return _NativeLayer.apply(call, *contiguous, mask_u8,
+                              *[None if t is None else t.contiguous() for t in params])
+
+
+def encoder_layer(layer: nn.Module, src: Tensor, pos: Tensor | None, reference_points: Tensor,
+                  spatial_shapes, level_start_index, padding_mask: Tensor | None = None,
+                  recompute: bool = False) -> Tensor:
+    """``layer(src, pos, reference_points, ...)`` of a DeformableTransformerEncoderLayer,
+    natively. reference_points (N, S, L, 2); padding_mask (N, S) bool."""
+    params = [None] * 6 + _deform_params(layer.self_attn, layer.norm1) \
+        + _ffn_params(layer, layer.norm2)
+    return _run(layer, False, src, pos, reference_points, None, spatial_shapes,
+                level_start_index, padding_mask, params, recompute)
+
+
+def decoder_layer(layer: nn.Module, tgt: Tensor, query_pos: Tensor | None,
+                  reference_points: Tensor, memory: Tensor, spatial_shapes, level_start_index,
+                  memory_padding_mask: Tensor | None = None, recompute: bool = False) -> Tensor:
+    """``layer(tgt, query_pos, reference_points, memory, ...)`` of a
+    DeformableTransformerDecoderLayer, natively. reference_points (N, Lq, L, 2 or 4)."""
+    sa = layer.self_attn
+    params = [sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
+              layer.norm2.weight, layer.norm2.bias] \
+        + _deform_params(layer.cross_attn, layer.norm1) + _ffn_params(layer, layer.norm3)
+    return _run(layer, True, tgt, query_pos, reference_points, memory, spatial_shapes,
+                level_start_index, memory_padding_mask, params, recompute)
