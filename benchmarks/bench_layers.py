@@ -1,0 +1,184 @@
+"""Native encoder / decoder layers against the same layers in eager PyTorch.
+
+One ``DeformableTransformerEncoderLayer`` at the standard encoder shape (an 800x1333
+image: levels (100,167), (50,84), (25,42), (13,21), 22,223 tokens, all of them queries)
+at batch 1 and 2, and one ``DeformableTransformerDecoderLayer`` (300 queries into that
+memory), d_model 256, 8 heads, 4 points, FFN 1024, in train mode (dropout 0.1), run
+
+* ``pytorch``: the layer's PyTorch path, itself on ddetr's native MSDA, OpenBLAS
+  linear layers and Philox dropout (what ddetr ran before native layers);
+* ``native``: the whole layer in one native call per pass, activations stored;
+* ``native-recompute``: the same, recomputing the FFN activations and attention
+  probabilities in the backward;
+
+forward (with autograd recording, as in training) and forward + backward, side by side
+in one process on the same inputs and parameters. Time is the median of ``--repeats``
+calls after ``--warmup``; "saved" is the bytes of the distinct tensors autograd keeps for
+the backward (``saved_tensors_hooks``; parameters not counted, the layer's inputs
+counted). Prints a table and writes JSON under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common beside us
+
+import torch  # noqa: E402
+
+import ddetr  # noqa: E402
+from ddetr.models.transformer_layers import (DeformableTransformerDecoderLayer,  # noqa: E402
+                                             DeformableTransformerEncoderLayer)
+from ddetr.ops import encoder_reference_points  # noqa: E402
+from _common import device_name, extension_built, git, image_levels, time_step  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = ("pytorch", "native", "native-recompute")
+D_MODEL, HEADS, POINTS, FFN = 256, 8, 4, 1024
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2],
+                   help="encoder batch sizes (the decoder runs at the first)")
+    p.add_argument("--queries", type=int, default=300, help="decoder queries")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    p.add_argument("--quick", action="store_true", help="a 96x128 image: a smoke run")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="JSON directory")
+    return p.parse_args(argv)
+
+
+def _perturbed(layer, gen: torch.Generator):
+    # away from the initialisation (zero offset weights), like a trained layer
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return layer
+
+
+def make_case(kind: str, batch: int, levels, args, device, dtype) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    shapes = torch.tensor(levels, device=device)
+    s = sum(h * w for h, w in levels)
+    ratios = torch.ones(batch, len(levels), 2, dtype=dtype, device=device)
+    make = DeformableTransformerEncoderLayer if kind == "encoder" else DeformableTransformerDecoderLayer
+    layer = _perturbed(make(D_MODEL, FFN, args.dropout, "relu", len(levels), HEADS, POINTS), gen)
+    layer = layer.to(device, dtype).train()
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_(grad)
+
+    if kind == "encoder":
+        ref = encoder_reference_points(shapes, ratios)
+        inputs = (rand(batch, s, D_MODEL), rand(batch, s, D_MODEL), ref, shapes, None)
+    else:
+        lq = args.queries
+        ref = torch.rand(batch, lq, 1, 2, generator=gen).to(device, dtype).expand(-1, -1, len(levels), -1)
+        inputs = (rand(batch, lq, D_MODEL), rand(batch, lq, D_MODEL), ref.contiguous(),
+                  rand(batch, s, D_MODEL), shapes, None)
+    return {"layer": layer, "inputs": inputs}
+
+
+def saved_bytes(fn, params) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves while ``fn`` runs."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def measure(case: dict, mode: str, args, device) -> dict:
+    layer, inputs = case["layer"], case["inputs"]
+    layer.native_layers = mode != "pytorch"
+    layer.recompute_activations = mode == "native-recompute"
+    grad_out = torch.randn(inputs[0].shape, dtype=inputs[0].dtype, device=device)
+
+    def fwd():
+        return layer(*inputs)
+
+    def fwd_bwd():
+        layer.zero_grad(set_to_none=True)
+        fwd().backward(grad_out)
+
+    params = list(layer.parameters())
+    return {"fwd_ms": statistics.median(time_step(fwd, device, args.warmup, args.repeats)),
+            "fwd+bwd_ms": statistics.median(time_step(fwd_bwd, device, args.warmup,
+                                                      args.repeats)),
+            "saved_bytes": saved_bytes(fwd, params)}
+
+
+def run(args) -> dict:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    levels = image_levels(*((96, 128) if args.quick else (800, 1333)))
+    cases = [("encoder", b) for b in args.batches] + [("decoder", args.batches[0])]
+    rows = []
+    for kind, batch in cases:
+        case = make_case(kind, batch, levels, args, device, dtype)
+        row = {"layer": kind, "batch": batch, "levels": levels,
+               "queries": args.queries if kind == "decoder" else sum(h * w for h, w in levels)}
+        for mode in MODES:
+            row[mode] = measure(case, mode, args, device)
+        rows.append(row)
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "device": args.device, "device_name": device_name(args.device),
+            "torch": torch.__version__, "build_info": ddetr.build_info(),
+            "git_commit": git("rev-parse", "HEAD"), "extension_built": extension_built(),
+            "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), "dtype": args.dtype,
+            "dropout": args.dropout, "repeats": args.repeats, "warmup": args.warmup,
+            "d_model": D_MODEL, "heads": HEADS, "points": POINTS, "dim_feedforward": FFN,
+            "argv": sys.argv[1:]}
+    return {"meta": meta, "results": rows}
+
+
+def print_table(result: dict) -> None:
+    meta = result["meta"]
+    print(f"# native layers vs PyTorch layers, {meta['device_name']}, {meta['dtype']}, "
+          f"{meta['threads']} threads, dropout {meta['dropout']}")
+    head = (f"{'layer':8} {'N':>2} {'queries':>7} {'pass':8} " +
+            " ".join(f"{m + ' ms':>18}" for m in MODES) + f" {'speedup':>8} {'recomp.':>8}")
+    print(head)
+    for row in result["results"]:
+        for pass_ in ("fwd", "fwd+bwd"):
+            ms = [row[m][pass_ + "_ms"] for m in MODES]
+            print(f"{row['layer']:8} {row['batch']:>2} {row['queries']:>7} {pass_:8} " +
+                  " ".join(f"{t:>18.1f}" for t in ms) +
+                  f" {ms[0] / ms[1]:>7.2f}x {ms[0] / ms[2]:>7.2f}x")
+        mb = [row[m]["saved_bytes"] / 2**20 for m in MODES]
+        print(f"{'':8} {'':>2} {'':>7} {'saved MB':8} " + " ".join(f"{v:>18.1f}" for v in mb) +
+              f" {mb[1] / mb[0]:>7.2f}x {mb[2] / mb[0]:>7.2f}x  (native / pytorch)")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible to torch")
+    result = run(args)
+    print_table(result)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"layers_{args.device}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote " + path, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

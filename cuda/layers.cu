@@ -1,0 +1,251 @@
+// The native encoder / decoder layers on CUDA (ddetr/layers.h): the entry points, which
+// run the shared driver (ddetr/layer_driver.h) on CudaOps (layer_ops.cuh), and the
+// cuBLAS that CudaOps::gemm calls.
+//
+// cuBLAS is loaded at run time: Python passes the path of a libcublas (the one the
+// torch install ships) to load_cublas, which opens it with dlopen and looks its entry
+// points up by name. Building ddetr so needs no cuBLAS headers or libraries, and the
+// extension has no link-time dependency on them.
+//
+// Row-major GEMMs through a column-major library: a row-major (R, C) matrix with row
+// stride ld is the column-major (C, R) matrix of its transpose with the same ld, so
+// row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLAS gets B first
+// (op from tb), then A (op from ta), and m = N, n = M, k = K.
+//
+// Handles: one per device, created on first use (under a mutex, with that device
+// current) and kept for the life of the process; never destroyed, since at exit the CUDA
+// driver may already be gone. cuBLAS handles are not safe to re-target from two threads
+// at once, so each call sets the stream and enqueues the GEMM under the handle's mutex
+// (both are asynchronous: the lock is held for microseconds).
+// Math mode: cuBLAS's default (no TF32), so float32 results match a float32 reference.
+#include <dlfcn.h>
+
+#include <climits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "ddetr/layer_driver.h"
+#include "ddetr/layers.h"
+#include "layer_ops.cuh"
+
+namespace ddetr {
+namespace cuda_detail {
+namespace {
+
+// The C ABI of the cuBLAS v2 API (cublas_api.h): handles are pointers to an opaque
+// struct, statuses and operations are int-sized enums (0 = CUBLAS_STATUS_SUCCESS,
+// CUBLAS_OP_N = 0, CUBLAS_OP_T = 1), strides are long long.
+using CublasHandle = void*;
+constexpr int kOpN = 0, kOpT = 1;
+
+using CreateFn = int (*)(CublasHandle*);
+using DestroyFn = int (*)(CublasHandle);
+using SetStreamFn = int (*)(CublasHandle, cudaStream_t);
+template <class T>
+using GemmFn = int (*)(CublasHandle, int, int, int, int, int, const T*, const T*, int, const T*,
+                       int, const T*, T*, int);
+template <class T>
+using GemmStridedFn = int (*)(CublasHandle, int, int, int, int, int, const T*, const T*, int,
+                              long long, const T*, int, long long, const T*, T*, int, long long,
+                              int);
+
+struct CublasApi {
+  CreateFn create = nullptr;
+  DestroyFn destroy = nullptr;  // resolved to check the library; handles are kept
+  SetStreamFn set_stream = nullptr;
+  GemmFn<float> sgemm = nullptr;
+  GemmFn<double> dgemm = nullptr;
+  GemmStridedFn<float> sgemm_strided = nullptr;
+  GemmStridedFn<double> dgemm_strided = nullptr;
+};
+
+std::mutex g_api_mutex;
+CublasApi g_api;
+bool g_api_loaded = false;
+
+struct HandleSlot {
+  CublasHandle handle = nullptr;
+  std::mutex call_mutex;
+};
+
+std::mutex g_handles_mutex;
+// Leaked on purpose: no destructor runs at exit (see the handles note above).
+std::map<int, std::unique_ptr<HandleSlot>>* g_handles =
+    new std::map<int, std::unique_ptr<HandleSlot>>();
+
+template <class F> F resolve(void* lib, const char* name) {
+  void* p = dlsym(lib, name);
+  if (p == nullptr)
+    throw std::runtime_error(std::string("cuBLAS library lacks the symbol ") + name);
+  return reinterpret_cast<F>(p);
+}
+
+void check_status(int status, const char* call) {
+  if (status != 0)
+    throw std::runtime_error(std::string("ddetr: ") + call + " failed with cuBLAS status " +
+                             std::to_string(status));
+}
+
+CublasApi loaded_api() {
+  std::lock_guard<std::mutex> lock(g_api_mutex);
+  if (!g_api_loaded)
+    throw std::runtime_error("ddetr: no cuBLAS library is loaded (load_cublas)");
+  return g_api;
+}
+
+HandleSlot& handle_for(const CublasApi& api, int device) {
+  std::lock_guard<std::mutex> lock(g_handles_mutex);
+  std::unique_ptr<HandleSlot>& slot = (*g_handles)[device];
+  if (!slot) {
+    DeviceGuard guard(device);  // the handle belongs to the device current at creation
+    auto fresh = std::make_unique<HandleSlot>();
+    check_status(api.create(&fresh->handle), "cublasCreate_v2");
+    slot = std::move(fresh);
+  }
+  return *slot;
+}
+
+int as_int(int64_t v, const char* name) {
+  if (v < 0 || v > INT_MAX)
+    throw std::invalid_argument(std::string("CudaOps::gemm: ") + name + " = " +
+                                std::to_string(v) + " does not fit cuBLAS's 32-bit int");
+  return int(v);
+}
+
+GemmFn<float> plain_gemm(const CublasApi& api, float) { return api.sgemm; }
+GemmFn<double> plain_gemm(const CublasApi& api, double) { return api.dgemm; }
+GemmStridedFn<float> strided_gemm(const CublasApi& api, float) { return api.sgemm_strided; }
+GemmStridedFn<double> strided_gemm(const CublasApi& api, double) { return api.dgemm_strided; }
+
+template <class T> void run_cublas(int device, cudaStream_t stream, const GemmCall<T>& g) {
+  const CublasApi api = loaded_api();
+  const int M = as_int(g.M, "M"), N = as_int(g.N, "N"), K = as_int(g.K, "K");
+  const int lda = as_int(g.lda, "lda"), ldb = as_int(g.ldb, "ldb"), ldc = as_int(g.ldc, "ldc");
+  const int batch = as_int(g.batch, "batch");
+  const int op_b = g.tb ? kOpT : kOpN, op_a = g.ta ? kOpT : kOpN;
+  const T one = T(1), beta = g.beta;
+  DeviceGuard guard(device);
+  HandleSlot& slot = handle_for(api, device);
+  std::lock_guard<std::mutex> lock(slot.call_mutex);
+  check_status(api.set_stream(slot.handle, stream), "cublasSetStream_v2");
+  if (!g.strided) {
+    check_status(plain_gemm(api, T())(slot.handle, op_b, op_a, N, M, K, &one, g.B, ldb, g.A,
+                                      lda, &beta, g.C, ldc),
+                 sizeof(T) == 4 ? "cublasSgemm_v2" : "cublasDgemm_v2");
+  } else {
+    check_status(strided_gemm(api, T())(slot.handle, op_b, op_a, N, M, K, &one, g.B, ldb, g.sb,
+                                        g.A, lda, g.sa, &beta, g.C, ldc, g.sc, batch),
+                 sizeof(T) == 4 ? "cublasSgemmStridedBatched" : "cublasDgemmStridedBatched");
+  }
+}
+
+template <class F> void dispatch_layer(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: f(TypeTag<float>{}); return;
+    case DType::f64: f(TypeTag<double>{}); return;
+    default: break;
+  }
+  throw std::invalid_argument("native layers on CUDA take float32 or float64");
+}
+
+void require_cublas() {
+  if (!cublas_loaded())
+    throw std::runtime_error(
+        "native layers on CUDA need cuBLAS: no library is loaded (load_cublas)");
+}
+
+}  // namespace
+
+void cublas_gemm(int device, cudaStream_t stream, const GemmCall<float>& g) {
+  run_cublas(device, stream, g);
+}
+void cublas_gemm(int device, cudaStream_t stream, const GemmCall<double>& g) {
+  run_cublas(device, stream, g);
+}
+
+}  // namespace cuda_detail
+
+void load_cublas(const char* path) {
+  using namespace cuda_detail;
+  if (path == nullptr) throw std::invalid_argument("load_cublas: null path");
+  std::lock_guard<std::mutex> lock(g_api_mutex);
+  if (g_api_loaded) return;  // the first successful load wins
+  void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) {
+    const char* why = dlerror();
+    throw std::runtime_error(std::string("cannot open cuBLAS library ") + path + ": " +
+                             (why ? why : "unknown error"));
+  }
+  CublasApi api;
+  try {
+    api.create = resolve<CreateFn>(lib, "cublasCreate_v2");
+    api.destroy = resolve<DestroyFn>(lib, "cublasDestroy_v2");
+    api.set_stream = resolve<SetStreamFn>(lib, "cublasSetStream_v2");
+    api.sgemm = resolve<GemmFn<float>>(lib, "cublasSgemm_v2");
+    api.dgemm = resolve<GemmFn<double>>(lib, "cublasDgemm_v2");
+    api.sgemm_strided = resolve<GemmStridedFn<float>>(lib, "cublasSgemmStridedBatched");
+    api.dgemm_strided = resolve<GemmStridedFn<double>>(lib, "cublasDgemmStridedBatched");
+  } catch (...) {
+    dlclose(lib);
+    throw;
+  }
+  g_api = api;
+  g_api_loaded = true;  // the library stays open for the life of the process
+}
+
+bool cublas_loaded() {
+  std::lock_guard<std::mutex> lock(cuda_detail::g_api_mutex);
+  return cuda_detail::g_api_loaded;
+}
+
+size_t layer_workspace_bytes_cuda(const LayerShape& s, const LayerOptions& o, bool backward,
+                                  int elem_bytes, bool deterministic, int device) {
+  cuda_detail::DeviceGuard guard(device);  // the MSDA backward sizes CUB's scratch here
+  if (elem_bytes == 4)
+    return layer_workspace_bytes(CudaOps<float>{device, nullptr, deterministic}, s, o, backward,
+                                 elem_bytes);
+  if (elem_bytes == 8)
+    return layer_workspace_bytes(CudaOps<double>{device, nullptr, deterministic}, s, o,
+                                 backward, elem_bytes);
+  throw std::invalid_argument("native layers on CUDA take float32 or float64");
+}
+
+void layer_forward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o,
+                        const LayerParams<void>& w, const LayerInputs<void>& in, void* out,
+                        const LayerSaved<void>& saved, void* workspace,
+                        size_t workspace_bytes, bool deterministic, int device,
+                        uintptr_t stream) {
+  using namespace cuda_detail;
+  require_cublas();
+  DeviceGuard guard(device);
+  dispatch_layer(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const CudaOps<T> ops{device, as_stream(stream), deterministic};
+    layer_forward<T>(ops, s, o, typed<T>(w), typed<T>(in), static_cast<T*>(out),
+                     typed<T>(saved), workspace, workspace_bytes);
+  });
+}
+
+void layer_backward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o,
+                         const LayerParams<void>& w, const LayerInputs<void>& in,
+                         const LayerSaved<void>& saved, const void* grad_out,
+                         const LayerInputGrads<void>& grad_in,
+                         const LayerParamGrads<void>& grad_w, void* workspace,
+                         size_t workspace_bytes, bool deterministic, int device,
+                         uintptr_t stream) {
+  using namespace cuda_detail;
+  require_cublas();
+  DeviceGuard guard(device);
+  dispatch_layer(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const CudaOps<T> ops{device, as_stream(stream), deterministic};
+    layer_backward<T>(ops, s, o, typed<T>(w), typed<T>(in), typed<T>(saved),
+                      static_cast<const T*>(grad_out), typed<T>(grad_in), typed<T>(grad_w),
+                      workspace, workspace_bytes);
+  });
+}
+
+}  // namespace ddetr

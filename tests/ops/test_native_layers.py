@@ -1,0 +1,345 @@
+"""Native encoder / decoder layers (ddetr.ops.native_layers) against the layers' PyTorch
+path, which is the reference: outputs and every gradient, dropout masks, gradcheck,
+store vs recompute, determinism, fallbacks and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddetr.models.transformer_layers import (DeformableTransformerDecoderLayer,
+                                             DeformableTransformerEncoderLayer)
+from ddetr.ops import native_layers, philox_keep_mask
+from ddetr.ops.native_layers import decoder_layer, encoder_layer
+
+pytestmark = pytest.mark.skipif(not native_layers._library_ready(torch.zeros(1)),
+                                reason="native extension or OpenBLAS missing")
+
+SHAPES = {"three": [(5, 7), (3, 4), (1, 1)], "one": [(4, 6)], "five": [(6, 5), (4, 3), (2, 2),
+                                                                       (1, 2), (1, 1)]}
+C, HEADS, POINTS, FFN = 16, 4, 3, 24
+
+
+def make_layer(kind, levels, dtype=torch.float64, dropout=0.0, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    cls = DeformableTransformerEncoderLayer if kind == "encoder" else DeformableTransformerDecoderLayer
+    layer = cls(C, FFN, dropout, "relu", len(levels), HEADS, POINTS)
+    with torch.no_grad():  # away from the initialisation (zero offset weights, unit norms)
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return layer.to(device, dtype).train(dropout > 0)
+
+
+def make_inputs(kind, levels, n=2, lq=7, ref_dim=2, dtype=torch.float64, mask=True,
+                pos=True, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    s = sum(h * w for h, w in levels)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_()
+
+    pad = torch.zeros(n, s, dtype=torch.bool)
+    if mask and n > 1:
+        pad[-1, -3:] = True
+    # reference points inside, outside and on the border of the map
+    ref = torch.rand(n, s if kind == "encoder" else lq, len(levels), ref_dim, generator=g,
+                     dtype=dtype) * 1.2 - 0.1
+    ref[0, 0, :, :2] = 0.0
+    ref[-1, -1, :, :2] = 1.0
+    if ref_dim == 4:
+        ref[..., 2:] = ref[..., 2:].abs() + 0.05
+    inputs = {"x": rand(n, s if kind == "encoder" else lq, C),
+              "pos": rand(n, s if kind == "encoder" else lq, C) if pos else None,
+              "ref": ref.to(device).requires_grad_(), "shapes": torch.tensor(levels, device=device),
+              "mask": pad.to(device) if mask else None}
+    if kind == "decoder":
+        inputs["memory"] = rand(n, s, C)
+    return inputs
+
+
+def call(layer, kind, inp, native, recompute=False):
+    """The layer on `inp`: natively or on its PyTorch path (the module's own forward)."""
+    if native:
+        fn = encoder_layer if kind == "encoder" else decoder_layer
+        extra = () if kind == "encoder" else (inp["memory"],)
+        return fn(layer, inp["x"], inp["pos"], inp["ref"], *extra, inp["shapes"], None,
+                  inp["mask"], recompute=recompute)
+    layer.native_layers = False
+    if kind == "encoder":
+        return layer(inp["x"], inp["pos"], inp["ref"], inp["shapes"], None, inp["mask"])
+    return layer(inp["x"], inp["pos"], inp["ref"], inp["memory"], inp["shapes"], None,
+                 inp["mask"])
+
+
+def outputs_and_grads(layer, kind, inp, native, recompute=False):
+    """The output and the gradients of every input and parameter for a fixed grad_out."""
+    leaves = [t for t in (inp["x"], inp["pos"], inp["ref"], inp.get("memory")) if t is not None]
+    leaves += list(layer.parameters())
+    out = call(layer, kind, inp, native, recompute)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2),
+                           dtype=out.dtype).to(out.device)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return [out.detach()] + list(grads)
+
+
+def assert_close_relative(got, want, tol, names=None, atol=0.0):
+    """Each tensor within `tol` of its largest magnitude (plus `atol`)."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        err = (a - b).abs().max().item()
+        scale = max(b.abs().max().item(), 1e-30)
+        assert err <= tol * scale + atol, f"{names[i] if names else i}: max error {err:.3e} " \
+                                   f"vs max {scale:.3e} (relative {err / scale:.2e} > {tol})"
+
+
+def _names(layer, kind, inp):
+    inputs = [k for k in ("x", "pos", "ref", "memory") if inp.get(k) is not None]
+    return ["out"] + inputs + [n for n, _ in layer.named_parameters()]
+
+
+@pytest.mark.parametrize("levels", list(SHAPES))
+@pytest.mark.parametrize("kind,ref_dim", [("encoder", 2), ("decoder", 2), ("decoder", 4)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_matches_pytorch_path(levels, kind, ref_dim, dtype, tol):
+    lv = SHAPES[levels]
+    layer = make_layer(kind, lv, dtype)
+    inp = make_inputs(kind, lv, ref_dim=ref_dim, dtype=dtype)
+    want = outputs_and_grads(layer, kind, inp, native=False)
+    got = outputs_and_grads(layer, kind, inp, native=True)
+    assert_close_relative(got, want, tol, _names(layer, kind, inp))
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("n,mask,pos", [(1, False, True), (3, True, False), (2, True, True)])
+def test_batch_mask_and_no_pos(kind, n, mask, pos):
+    lv = SHAPES["three"]
+    layer = make_layer(kind, lv)
+    inp = make_inputs(kind, lv, n=n, mask=mask, pos=pos)
+    assert_close_relative(outputs_and_grads(layer, kind, inp, True),
+                          outputs_and_grads(layer, kind, inp, False), 1e-12)
+
+
+def test_many_blocks_of_rows(monkeypatch):
+    # an encoder longer than one block of rows (kLayerBlockRows = 2048) per image
+    lv = [(48, 50)]
+    layer = make_layer("encoder", lv, torch.float32)
+    inp = make_inputs("encoder", lv, n=2, dtype=torch.float32)
+    assert_close_relative(outputs_and_grads(layer, "encoder", inp, True),
+                          outputs_and_grads(layer, "encoder", inp, False), 1e-5,
+                          _names(layer, "encoder", inp))
+
+
+@pytest.mark.parametrize("kind,ref_dim", [("encoder", 2), ("decoder", 2), ("decoder", 4)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradcheck(kind, ref_dim, dropout):
+    # with dropout on, the seed is fixed per call: the backward must use the forward's masks
+    lv = [(3, 4), (2, 2)]
+    layer = make_layer(kind, lv, dropout=dropout)
+    inp = make_inputs(kind, lv, n=2, lq=3, ref_dim=ref_dim)
+    names = [n for n, _ in layer.named_parameters()]
+    tensors = [inp["x"], inp["pos"], inp.get("memory")] + list(layer.parameters())
+
+    def fn(x, pos, memory, *params):
+        torch.manual_seed(5)
+        state = dict(zip(names, params))
+        sub = dict(inp, x=x, pos=pos, memory=memory)
+        with torch.nn.utils.stateless._reparametrize_module(layer, state):
+            return call(layer, kind, sub, native=True)
+
+    args = [t for t in tensors]
+    if kind == "encoder":
+        args[2] = None
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_reference_point_gradient():
+    # box references (decoder): the gradient of reference_points by finite differences
+    lv = [(3, 4), (2, 2)]
+    layer = make_layer("decoder", lv)
+    inp = make_inputs("decoder", lv, n=1, lq=3, ref_dim=4)
+    ref = (torch.rand(1, 3, 2, 4, dtype=torch.float64) * 0.5 + 0.25).requires_grad_()
+
+    def fn(r):
+        return call(layer, "decoder", dict(inp, ref=r), native=True)
+
+    assert torch.autograd.gradcheck(fn, (ref,), eps=1e-7, atol=1e-5, rtol=1e-3)
+
+
+def _philox_mask(shape, p, seed, site, first_row):
+    n = 1
+    for s in shape:
+        n *= s
+    keep = philox_keep_mask(n, p, seed, (site << 40) + first_row)
+    # the kernels scale by 1 / (1 - p) computed in float32 (ddetr/dropout.h)
+    one = torch.tensor(1.0, dtype=torch.float32)
+    return keep.view(shape).to(torch.float64) * (one / (one - p)).double()
+
+
+def test_dropout_masks_are_the_documented_philox_stream():
+    # The encoder layer with dropout equals the PyTorch formula with the masks of
+    # layers.h: site s of rows starting at r0 uses offset (s << 40) + r0
+    lv = [(3, 4), (2, 2)]
+    p = 0.4
+    layer = make_layer("encoder", lv, dropout=p)
+    inp = make_inputs("encoder", lv, n=2, mask=False)
+    torch.manual_seed(11)
+    got = call(layer, "encoder", inp, native=True)
+    torch.manual_seed(11)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    n, s, _ = inp["x"].shape
+    attn = layer.self_attn
+    outs = []
+    for b in range(n):
+        x, pos = inp["x"][b:b + 1], inp["pos"][b:b + 1]
+        value = attn.project_value(x)
+        a = attn.attend(x + pos, inp["ref"][b:b + 1], value, inp["shapes"])
+        y1 = layer.norm1(x + a * _philox_mask(a.shape, p, seed, 2, b * s))
+        h = F.relu(layer.linear1(y1))
+        h = h * _philox_mask(h.shape, p, seed, 3, b * s)
+        f = layer.linear2(h)
+        outs.append(layer.norm2(y1 + f * _philox_mask(f.shape, p, seed, 4, b * s)))
+    want = torch.cat(outs)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # the keep rate and the scaling of what was applied
+    kept = (_philox_mask((10000,), p, seed, 3, 0) > 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / 10000) ** 0.5
+
+
+def test_dropout_reproducible_and_seed_dependent():
+    lv = SHAPES["three"]
+    layer = make_layer("decoder", lv, dropout=0.2)
+    inp = make_inputs("decoder", lv)
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        runs.append(call(layer, "decoder", inp, native=True))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_recompute_equals_store_and_is_deterministic(kind):
+    lv = SHAPES["three"]
+    layer = make_layer(kind, lv, torch.float32, dropout=0.2)
+    inp = make_inputs(kind, lv, dtype=torch.float32)
+    results = []
+    for recompute in (False, True, False):
+        torch.manual_seed(7)
+        results.append(outputs_and_grads(layer, kind, inp, True, recompute))
+    for a, b in zip(results[0], results[2]):
+        assert torch.equal(a, b)  # bitwise the same on a second run
+    assert_close_relative(results[1], results[0], 1e-6)
+
+
+def test_saved_activations_smaller_with_recompute():
+    lv = SHAPES["three"]
+    layer = make_layer("decoder", lv, torch.float32)
+    inp = make_inputs("decoder", lv, dtype=torch.float32)
+    sizes = []
+    for recompute in (False, True):
+        nbytes = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: nbytes.append(t.numel() * t.element_size()) or t, lambda t: t):
+            call(layer, "decoder", inp, native=True, recompute=recompute)
+        sizes.append(sum(nbytes))
+    assert sizes[1] < sizes[0]
+
+
+def test_inference_without_grad_matches():
+    lv = SHAPES["three"]
+    layer = make_layer("encoder", lv).eval()
+    inp = make_inputs("encoder", lv)
+    with torch.no_grad():
+        torch.testing.assert_close(call(layer, "encoder", inp, True),
+                                   call(layer, "encoder", inp, False), rtol=1e-12, atol=1e-12)
+
+
+def _uses_native(layer, kind, inp, monkeypatch):
+    hit = []
+    real = native_layers._run
+    monkeypatch.setattr(native_layers, "_run", lambda *a, **k: hit.append(1) or real(*a, **k))
+    layer.native_layers = True
+    if kind == "encoder":
+        layer(inp["x"], inp["pos"], inp["ref"], inp["shapes"], None, inp["mask"])
+    else:
+        layer(inp["x"], inp["pos"], inp["ref"], inp["memory"], inp["shapes"], None, inp["mask"])
+    return bool(hit)
+
+
+def test_module_flag_and_fallbacks(monkeypatch):
+    lv = SHAPES["three"]
+    layer = make_layer("encoder", lv, torch.float32)
+    inp = make_inputs("encoder", lv, dtype=torch.float32)
+    assert _uses_native(layer, "encoder", inp, monkeypatch)
+    # GELU: not native; hooks on a sub-module: not native (the hook must run)
+    layer.activation = F.gelu
+    assert not _uses_native(layer, "encoder", inp, monkeypatch)
+    layer.activation = F.relu
+    seen = []
+    handle = layer.linear1.register_forward_hook(lambda *a: seen.append(1))
+    assert not _uses_native(layer, "encoder", inp, monkeypatch) and seen
+    handle.remove()
+    # different dropout probabilities
+    layer.dropout2.p = 0.3
+    assert not _uses_native(layer, "encoder", inp, monkeypatch)
+    layer.dropout2.p = 0.0
+    # bfloat16 inputs and autocast stay on the PyTorch path
+    bf = make_layer("encoder", lv, torch.bfloat16)
+    assert not _uses_native(bf, "encoder", make_inputs("encoder", lv, dtype=torch.bfloat16),
+                            monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _uses_native(layer, "encoder", inp, monkeypatch)
+
+
+def test_bad_level_table():
+    lv = SHAPES["three"]
+    layer = make_layer("encoder", lv)
+    inp = make_inputs("encoder", lv)
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        encoder_layer(layer, inp["x"], inp["pos"], inp["ref"], torch.tensor([(5, 7), (3, 4), (2, 1)]),
+                      None, inp["mask"])
+
+
+def test_detector_native_matches_pytorch_path():
+    from ddetr import DeformableDetr
+
+    torch.manual_seed(0)
+    model = DeformableDetr(num_classes=5, num_queries=6, num_feature_levels=3, backbone="resnet18",
+                           d_model=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
+                           dim_feedforward=48, with_box_refine=True, dropout=0.0).double()
+    images = torch.randn(2, 3, 64, 80, dtype=torch.float64)
+    results = []
+    for native in (True, False):
+        model.set_native_layers(native)
+        model.zero_grad()
+        out = model(images)
+        (out["pred_logits"].sum() + out["pred_boxes"].sum()).backward()
+        results.append([out["pred_logits"].detach(), out["pred_boxes"].detach()]
+                       + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1])
+    # (a few gradients are rounding noise around zero: the absolute floor)
+    assert_close_relative(results[0], results[1], 1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="enabled"):
+        model.set_native_layers("yes")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind,ref_dim", [("encoder", 2), ("decoder", 4)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_matches_cpu(kind, ref_dim, deterministic):
+    if not native_layers._library_ready(torch.zeros(1, device="cuda")):
+        pytest.skip("cuBLAS could not be loaded")
+    lv = SHAPES["three"]
+    layer = make_layer(kind, lv, torch.float64)
+    inp = make_inputs(kind, lv, ref_dim=ref_dim)
+    want = outputs_and_grads(layer, kind, inp, True)
+    layer_cuda = layer.cuda()
+    inp_cuda = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
+                for k, v in inp.items()}
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        got = outputs_and_grads(layer_cuda, kind, inp_cuda, True)
+        again = outputs_and_grads(layer_cuda, kind, inp_cuda, True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_close_relative([g.cpu() for g in got], want, 1e-10)
+    if deterministic:
+        assert all(torch.equal(a, b) for a, b in zip(got, again))
