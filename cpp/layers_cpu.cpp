@@ -63,6 +63,17 @@ template <class T> struct CpuOps {
     for (int64_t i = 0; i < n; ++i) x[i] = T(0);
   }
 
+  void fill(int64_t n, T value, T* x) const {
+#pragma omp parallel for simd num_threads(team(n)) schedule(static)
+    for (int64_t i = 0; i < n; ++i) x[i] = value;
+  }
+
+  void copy_rows(int64_t rows, int64_t cols, const T* x, int64_t ldx, T* out,
+                 int64_t ldo) const {
+#pragma omp parallel for num_threads(team(rows * cols)) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) std::copy(x + r * ldx, x + r * ldx + cols, out + r * ldo);
+  }
+
   void mask_rows(int64_t rows, int64_t cols, const uint8_t* mask, T* x) const {
 #pragma omp parallel for num_threads(team(rows * cols)) schedule(static)
     for (int64_t r = 0; r < rows; ++r)
@@ -322,14 +333,15 @@ void layer_saved_sizes(const LayerShape& s, const LayerOptions& o,
       dec * d.T * d.C,                                  // sa_heads
       dec * d.T * d.C,                                  // xhat_a
       dec * d.T,                                        // rstd_a
-      d.N * d.S * d.C,                                  // value
+      dec ? 0 : d.N * d.S * d.C,                        // value (encoder)
       d.T * 3 * d.K,                                    // raw
       d.T * d.C,                                        // sampled
       d.T * d.C,                                        // xhat_b
       d.T,                                              // rstd_b
       o.recompute ? 0 : d.T * d.F,                      // hidden
       d.T * d.C,                                        // xhat_c
-      d.T};                                             // rstd_c
+      d.T,                                              // rstd_c
+      dec * d.T * d.M * (d.C + 1)};                     // smem and coefficients
   std::copy(vals, vals + kLayerSavedCount, sizes);
 }
 

@@ -116,6 +116,20 @@ template <class T> __global__ void add_kernel(int64_t n, const T* a, const T* b,
   for (int64_t i = thread_index(); i < n; i += thread_stride()) out[i] = a[i] + b[i];
 }
 
+template <class T> __global__ void fill_kernel(int64_t n, T value, T* x) {
+  for (int64_t i = thread_index(); i < n; i += thread_stride()) x[i] = value;
+}
+
+template <class T>
+__global__ void copy_rows_kernel(int64_t rows, int64_t cols, const T* __restrict__ x,
+                                 int64_t ldx, T* __restrict__ out, int64_t ldo) {
+  const int64_t n = rows * cols;
+  for (int64_t i = thread_index(); i < n; i += thread_stride()) {
+    const int64_t r = i / cols, c = i - r * cols;
+    out[r * ldo + c] = x[r * ldx + c];
+  }
+}
+
 template <class T>
 __global__ void mask_rows_kernel(int64_t rows, int64_t cols, const uint8_t* __restrict__ mask,
                                  T* __restrict__ x) {
@@ -471,6 +485,18 @@ template <class T> struct CudaOps {
   void fill_zero(int64_t n, T* x) const {
     cuda_detail::check_sizes(n >= 0, "fill_zero");
     if (n > 0) DDETR_CUDA_CHECK(cudaMemsetAsync(x, 0, size_t(n) * sizeof(T), stream));
+  }
+
+  void fill(int64_t n, T value, T* x) const {
+    cuda_detail::check_sizes(n >= 0, "fill");
+    cuda_detail::launch(stream, n, cuda_detail::kBlock, cuda_detail::fill_kernel<T>, n, value, x);
+  }
+
+  void copy_rows(int64_t rows, int64_t cols, const T* x, int64_t ldx, T* out,
+                 int64_t ldo) const {
+    cuda_detail::check_sizes(rows >= 0 && cols >= 0 && ldx >= cols && ldo >= cols, "copy_rows");
+    cuda_detail::launch(stream, rows * cols, cuda_detail::kBlock,
+                        cuda_detail::copy_rows_kernel<T>, rows, cols, x, ldx, out, ldo);
   }
 
   void mask_rows(int64_t rows, int64_t cols, const uint8_t* mask, T* x) const {

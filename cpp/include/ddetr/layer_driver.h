@@ -3,13 +3,22 @@
 // Ops. The same carve-up of the workspace serves the byte count (null base) and the
 // passes, so the two cannot disagree.
 //
-// Order of work. Forward: the value projection over all (N, S) rows; the decoder's
-// self-attention stage over all its (N, Lq) rows (it mixes the queries of one image);
-// then, per block of at most kLayerBlockRows query rows of one image, deformable
-// attention, add & norm, FFN, add & norm. Backward: the blocks in the same order
-// (weight and bias gradients summed over blocks in that fixed order, so results are
-// the same bits on every run), the value projection's gradient, then the decoder's
-// self-attention stage.
+// Order of work. Forward: the encoder's value projection over all (N, S) rows, or the
+// decoder's masked memory; the decoder's self-attention stage over all its (N, Lq) rows
+// (it mixes the queries of one image); then, per block of at most kLayerBlockRows query
+// rows of one image, deformable attention, add & norm, FFN, add & norm. Backward: the
+// blocks in the same order (weight and bias gradients summed over blocks in that fixed
+// order, so results are the same bits on every run), the encoder's value projection
+// gradient, then the decoder's self-attention stage.
+//
+// The decoder samples before it projects. Sampling and the value projection are both
+// linear, so for head m
+//   msda(mask(memory W_v^T + b_v))_m = smem_m W_v,m^T + coef_m b_v,m
+// with smem_m = the head's samples of the masked memory itself (all C channels) and
+// coef_m = its samples of a map of ones (0 on padding): bilinear weights times
+// attention weights, summed. With Lq = 300 queries this costs Lq * M * C * D
+// multiply-adds instead of projecting all S memory tokens (S * C * C), about 70x fewer
+// at the standard shape, and saves (Lq, M, C + 1) instead of (S, C) values.
 #pragma once
 
 #include <algorithm>
@@ -86,8 +95,11 @@ struct Dims {
 
 // Workspace of the per-block part of the forward.
 template <class T> struct BlockForward {
-  T *q, *raw, *loc, *attn, *sampled, *a, *y1, *hidden;
-  BlockForward(Carver& ws, const Dims& d, const LayerSaved<T>& saved) {
+  T *q, *raw, *loc, *attn, *sampled, *a, *y1, *hidden, *smem, *coef;
+  BlockForward(Carver& ws, const Dims& d, const LayerSaved<T>& saved, bool decoder) {
+    const int64_t k = decoder && !saved.smem ? 1 : 0;
+    smem = ws.take<T>(k * d.B * d.M * d.C);
+    coef = ws.take<T>(k * d.B * d.M);
     q = ws.take<T>(d.B * d.C);
     raw = saved.raw ? nullptr : ws.take<T>(d.B * 3 * d.K);
     loc = ws.take<T>(d.B * 2 * d.K);
@@ -98,6 +110,35 @@ template <class T> struct BlockForward {
     hidden = saved.hidden ? nullptr : ws.take<T>(d.B * d.F);
   }
 };
+
+// What the deformable attention samples: the encoder's projected values, or the
+// decoder's masked memory and map of ones (see the top of the file).
+template <class T> struct ValueMaps {
+  const T *value, *memory, *ones;
+};
+
+template <class T> struct ValueGrads {
+  T *value, *memory, *ones;
+};
+
+// The MSDA shape of one block of rows of one image.
+inline MsdaShape block_shape(const LayerShape& s, int64_t rows) {
+  MsdaShape ms = s.msda;
+  ms.N = 1;
+  ms.Lq = rows;
+  return ms;
+}
+
+// The decoder's sampling shapes: every (query, head) is one query of a one-head MSDA
+// over the memory (D = C) or over the ones (D = 1).
+inline MsdaShape memory_shape(const LayerShape& s, int64_t rows, int64_t D) {
+  MsdaShape ms = s.msda;
+  ms.N = 1;
+  ms.Lq = rows * s.msda.M;
+  ms.M = 1;
+  ms.D = D;
+  return ms;
+}
 
 // Workspace of the decoder's self-attention stage (forward).
 template <class T> struct SelfAttnForward {
@@ -120,8 +161,8 @@ template <class T> LayerSaved<T> counting_saved(const LayerShape& s, const Layer
   layer_saved_sizes(s, o, sizes);
   T* some = reinterpret_cast<T*>(alignof(T));  // non-null marker, never dereferenced
   auto pick = [&](int i) { return o.training && sizes[i] > 0 ? some : nullptr; };
-  return {pick(0), pick(1), pick(2),  pick(3),  pick(4),  pick(5), pick(6),
-          pick(7), pick(8), pick(9), pick(10), pick(11), pick(12)};
+  return {pick(0), pick(1), pick(2),  pick(3),  pick(4),  pick(5),  pick(6),
+          pick(7), pick(8), pick(9), pick(10), pick(11), pick(12), pick(13)};
 }
 
 template <class T> void check_saved(const LayerShape& s, const LayerOptions& o,
@@ -132,7 +173,7 @@ template <class T> void check_saved(const LayerShape& s, const LayerOptions& o,
   T* const ptrs[kLayerSavedCount] = {saved.qkv,    saved.probs,   saved.sa_heads, saved.xhat_a,
                                      saved.rstd_a, saved.value,   saved.raw,      saved.sampled,
                                      saved.xhat_b, saved.rstd_b,  saved.hidden,   saved.xhat_c,
-                                     saved.rstd_c};
+                                     saved.rstd_c, saved.smem};
   for (int i = 0; i < kLayerSavedCount; ++i)
     if ((sizes[i] > 0) != (ptrs[i] != nullptr))
       throw std::invalid_argument("saved activation buffer " + std::to_string(i) +
@@ -182,12 +223,27 @@ void self_attention_forward(const Ops& ops, const Dims& d, const LayerOptions& o
                     saved.rstd_a);
 }
 
-// Rows [r0, r0 + rows) of image n: deformable attention of xin (+ pos) into value,
+// The decoder's sampled values of `rows` queries of image n (see the top of the file):
+// smem (rows, M, C), coef (rows, M), sampled (rows, M * D).
+template <class T, class Ops>
+void sample_memory(const Ops& ops, const LayerShape& s, const Dims& d, const LayerParams<T>& w,
+                   const ValueMaps<T>& maps, int64_t n, int64_t rows, const T* loc,
+                   const T* attn, T* smem, T* coef, T* sampled) {
+  ops.msda_forward(memory_shape(s, rows, d.C), maps.memory + n * d.S * d.C, loc, attn, smem);
+  ops.msda_forward(memory_shape(s, rows, 1), maps.ones + n * d.S, loc, attn, coef);
+  // per head: sampled_m (rows, D) = smem_m (rows, C) W_v,m^T + coef_m (rows, 1) b_v,m (1, D)
+  ops.gemm_batched(false, true, rows, d.D, d.C, smem, d.M * d.C, d.C, w.value_w, d.C, d.D * d.C,
+                   T(0), sampled, d.C, d.D, d.M);
+  ops.gemm_batched(false, false, rows, d.D, 1, coef, d.M, 1, w.value_b, d.D, d.D, T(1), sampled,
+                   d.C, d.D, d.M);
+}
+
+// Rows [r0, r0 + rows) of image n: deformable attention of xin (+ pos) into the values,
 // add & norm, FFN, add & norm, into out.
 template <class T, class Ops>
 void block_forward(const Ops& ops, const LayerShape& s, const Dims& d, const LayerOptions& o,
                    const LayerParams<T>& w, const LayerInputs<T>& in, const T* xin,
-                   const T* value, int64_t n, int64_t r0, int64_t rows, T* out,
+                   const ValueMaps<T>& maps, int64_t n, int64_t r0, int64_t rows, T* out,
                    const LayerSaved<T>& saved, const BlockForward<T>& b) {
   const int64_t C = d.C, K = d.K;
   const T* x = xin + r0 * C;
@@ -200,11 +256,14 @@ void block_forward(const Ops& ops, const LayerShape& s, const Dims& d, const Lay
   ops.gemm(false, true, rows, 3 * K, C, q, C, w.oa_w, C, T(0), raw, 3 * K, w.oa_b, false);
   ops.sampling_forward(sampling_args(s, rows), raw, in.ref + r0 * s.msda.L * s.ref_dim, b.loc,
                        b.attn);
-  MsdaShape ms = s.msda;
-  ms.N = 1;
-  ms.Lq = rows;
   T* sampled = rows_of(saved.sampled, r0, C, b.sampled);
-  ops.msda_forward(ms, value + n * d.S * C, b.loc, b.attn, sampled);
+  if (s.decoder) {
+    T* smem = rows_of(saved.smem, r0, d.M * C, b.smem);
+    T* coef = saved.smem ? saved.smem + d.T * d.M * C + r0 * d.M : b.coef;
+    sample_memory(ops, s, d, w, maps, n, rows, b.loc, b.attn, smem, coef, sampled);
+  } else {
+    ops.msda_forward(block_shape(s, rows), maps.value + n * d.S * C, b.loc, b.attn, sampled);
+  }
   ops.gemm(false, true, rows, C, C, sampled, C, w.out_w, C, T(0), b.a, C, w.out_b, false);
   if (dropping(o)) ops.dropout(drop_args(o, kDropB, r0, rows * C), b.a, b.a, false);
   ops.add_layernorm(rows, C, x, b.a, w.norm_b_w, w.norm_b_b, b.y1,
@@ -224,7 +283,13 @@ void block_forward(const Ops& ops, const LayerShape& s, const Dims& d, const Lay
 
 template <class T> struct BlockBackward {
   T *g, *df, *y1, *h, *dh, *da, *dsampled, *q, *loc, *attn, *dloc, *dattn, *draw, *dq;
-  BlockBackward(Carver& ws, const Dims& d, const LayerSaved<T>& saved) {
+  T *dsmem, *dcoef, *dloc2, *dattn2;  // decoder
+  BlockBackward(Carver& ws, const Dims& d, const LayerSaved<T>& saved, bool decoder) {
+    const int64_t k = decoder ? 1 : 0;
+    dsmem = ws.take<T>(k * d.B * d.M * d.C);
+    dcoef = ws.take<T>(k * d.B * d.M);
+    dloc2 = ws.take<T>(k * d.B * 2 * d.K);
+    dattn2 = ws.take<T>(k * d.B * d.K);
     g = ws.take<T>(d.B * d.C);
     df = ws.take<T>(d.B * d.C);
     y1 = ws.take<T>(d.B * d.C);
@@ -289,11 +354,44 @@ const T* drop_backward(const Ops& ops, const LayerOptions& o, DropSite site, int
   return to;
 }
 
+// Backward of sample_memory: from b.dsampled to the value projection's gradients,
+// the memory's gradient (accumulated) and b.dloc / b.dattn.
+template <class T, class Ops>
+void sample_memory_backward(const Ops& ops, const LayerShape& s, const Dims& d,
+                            const LayerParams<T>& w, const ValueMaps<T>& maps,
+                            const ValueGrads<T>& vg, const LayerSaved<T>& saved,
+                            const LayerParamGrads<T>& gw, int64_t n, int64_t r0, int64_t rows,
+                            bool acc, const BlockBackward<T>& b, void* msda_ws,
+                            size_t msda_ws_bytes) {
+  const int64_t C = d.C, D = d.D, M = d.M;
+  const T* smem = saved.smem + r0 * M * C;
+  const T* coef = saved.smem + d.T * M * C + r0 * M;
+  const T beta = acc ? T(1) : T(0);
+  // sampled_m = smem_m W_v,m^T + coef_m b_v,m:
+  // dsmem_m = dsampled_m W_v,m, dW_v,m = dsampled_m^T smem_m,
+  // dcoef_m = dsampled_m b_v,m^T, db_v,m = coef_m^T dsampled_m
+  ops.gemm_batched(false, false, rows, C, D, b.dsampled, C, D, w.value_w, C, D * C, T(0),
+                   b.dsmem, M * C, C, M);
+  ops.gemm_batched(true, false, D, C, rows, b.dsampled, C, D, smem, M * C, C, beta, gw.value_w,
+                   C, D * C, M);
+  ops.gemm_batched(false, true, rows, 1, D, b.dsampled, C, D, w.value_b, D, D, T(0), b.dcoef, M,
+                   1, M);
+  ops.gemm_batched(true, false, 1, D, rows, coef, M, 1, b.dsampled, C, D, beta, gw.value_b, D,
+                   D, M);
+  ops.msda_backward(memory_shape(s, rows, C), maps.memory + n * d.S * C, b.loc, b.attn, b.dsmem,
+                    vg.memory + n * d.S * C, b.dloc, b.dattn, msda_ws, msda_ws_bytes);
+  ops.msda_backward(memory_shape(s, rows, 1), maps.ones + n * d.S, b.loc, b.attn, b.dcoef,
+                    vg.ones + n * d.S, b.dloc2, b.dattn2, msda_ws, msda_ws_bytes);
+  ops.add(rows * 2 * d.K, b.dloc, b.dloc2, b.dloc);
+  ops.add(rows * d.K, b.dattn, b.dattn2, b.dattn);
+}
+
 template <class T, class Ops>
 void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const LayerOptions& o,
                     const LayerParams<T>& w, const LayerInputs<T>& in, const T* xin,
                     const LayerSaved<T>& saved, const T* grad_out, int64_t n, int64_t r0,
-                    int64_t rows, T* dxin, T* dvalue, const LayerInputGrads<T>& gi,
+                    int64_t rows, T* dxin, const ValueMaps<T>& maps, const ValueGrads<T>& vg,
+                    const LayerInputGrads<T>& gi,
                     const LayerParamGrads<T>& gw, bool acc, const BlockBackward<T>& b,
                     void* msda_ws, size_t msda_ws_bytes) {
   const int64_t C = d.C, K = d.K, F = d.F;
@@ -335,11 +433,13 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
   const SamplingArgs sa = sampling_args(s, rows);
   const T* ref = in.ref + r0 * s.msda.L * s.ref_dim;
   ops.sampling_forward(sa, raw, ref, b.loc, b.attn);
-  MsdaShape ms = s.msda;
-  ms.N = 1;
-  ms.Lq = rows;
-  ops.msda_backward(ms, saved.value + n * d.S * C, b.loc, b.attn, b.dsampled,
-                    dvalue + n * d.S * C, b.dloc, b.dattn, msda_ws, msda_ws_bytes);
+  if (s.decoder)
+    sample_memory_backward(ops, s, d, w, maps, vg, saved, gw, n, r0, rows, acc, b, msda_ws,
+                           msda_ws_bytes);
+  else
+    ops.msda_backward(block_shape(s, rows), maps.value + n * d.S * C, b.loc, b.attn,
+                      b.dsampled, vg.value + n * d.S * C, b.dloc, b.dattn, msda_ws,
+                      msda_ws_bytes);
   ops.sampling_backward(sa, raw, ref, b.attn, b.dloc, b.dattn, b.draw,
                         gi.ref ? gi.ref + r0 * s.msda.L * s.ref_dim : nullptr);
   // raw = q W_oa^T + b_oa; q = x + pos, so dq is also the gradient of pos
@@ -410,38 +510,56 @@ void self_attention_backward(const Ops& ops, const Dims& d, const LayerOptions& 
 
 // Everything a pass carves from its workspace, in one order for counting and for use.
 template <class T> struct ForwardSpace {
-  T* value;
+  T *value, *memory, *ones;
   SelfAttnForward<T> sa;
   BlockForward<T> blk;
   ForwardSpace(Carver& ws, const LayerShape& s, const Dims& d, const LayerSaved<T>& saved)
-      : value(saved.value ? saved.value : ws.take<T>(d.N * d.S * d.C)),
+      : value(saved.value || s.decoder ? saved.value : ws.take<T>(d.N * d.S * d.C)),
+        memory(ws.take<T>(s.decoder ? d.N * d.S * d.C : 0)),
+        ones(ws.take<T>(s.decoder ? d.N * d.S : 0)),
         sa(ws, d, saved, s.decoder),
-        blk(ws, d, saved) {}
+        blk(ws, d, saved, s.decoder) {}
 };
 
 template <class T> struct BackwardSpace {
-  T *dvalue, *y0, *dy0;
+  T *dvalue, *memory, *ones, *dmemory, *dones, *y0, *dy0;
   void* msda;
   size_t msda_bytes;
   SelfAttnBackward<T> sa;
   BlockBackward<T> blk;
   BackwardSpace(Carver& ws, const LayerShape& s, const Dims& d, const LayerSaved<T>& saved,
                 size_t msda_ws_bytes)
-      : dvalue(ws.take<T>(d.N * d.S * d.C)),
+      : dvalue(ws.take<T>(s.decoder ? 0 : d.N * d.S * d.C)),
+        memory(ws.take<T>(s.decoder ? d.N * d.S * d.C : 0)),
+        ones(ws.take<T>(s.decoder ? d.N * d.S : 0)),
+        dmemory(ws.take<T>(s.decoder ? d.N * d.S * d.C : 0)),
+        dones(ws.take<T>(s.decoder ? d.N * d.S : 0)),
         y0(ws.take<T>(s.decoder ? d.T * d.C : 0)),
         dy0(ws.take<T>(s.decoder ? d.T * d.C : 0)),
         msda(ws.take_bytes(msda_ws_bytes)),
         msda_bytes(msda_ws_bytes),
         sa(ws, d, saved, s.decoder),
-        blk(ws, d, saved) {}
+        blk(ws, d, saved, s.decoder) {}
 };
 
-// The MSDA shape of one block of rows of one image.
-inline MsdaShape block_shape(const LayerShape& s, int64_t rows) {
-  MsdaShape ms = s.msda;
-  ms.N = 1;
-  ms.Lq = rows;
-  return ms;
+// Scratch of the block's MSDA backward calls (the largest of them).
+template <class Ops> size_t msda_scratch(const Ops& ops, const LayerShape& s, const Dims& d) {
+  if (!s.decoder) return ops.msda_backward_workspace_bytes(block_shape(s, d.B));
+  return std::max(ops.msda_backward_workspace_bytes(memory_shape(s, d.B, d.C)),
+                  ops.msda_backward_workspace_bytes(memory_shape(s, d.B, 1)));
+}
+
+// The decoder's masked memory and map of ones (see the top of the file).
+template <class T, class Ops>
+ValueMaps<T> memory_maps(const Ops& ops, const Dims& d, const LayerInputs<T>& in, T* memory,
+                         T* ones) {
+  const int64_t rows = d.N * d.S;
+  ops.fill(rows, T(1), ones);
+  if (!in.mask) return {nullptr, in.memory, ones};
+  ops.copy_rows(rows, d.C, in.memory, d.C, memory, d.C);
+  ops.mask_rows(rows, d.C, in.mask, memory);
+  ops.mask_rows(rows, 1, in.mask, ones);
+  return {nullptr, memory, ones};
 }
 
 template <class T, class Ops> size_t workspace_bytes(const Ops& ops, const LayerShape& s,
@@ -450,7 +568,7 @@ template <class T, class Ops> size_t workspace_bytes(const Ops& ops, const Layer
   Carver ws(nullptr, Ops::kAlign);
   const LayerSaved<T> saved = counting_saved<T>(s, o);
   if (backward)
-    BackwardSpace<T>(ws, s, d, saved, ops.msda_backward_workspace_bytes(block_shape(s, d.B)));
+    BackwardSpace<T>(ws, s, d, saved, msda_scratch(ops, s, d));
   else
     ForwardSpace<T>(ws, s, d, saved);
   return ws.used();
@@ -486,11 +604,14 @@ void layer_forward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
   Carver ws(workspace, Ops::kAlign);
   const ForwardSpace<T> sp(ws, s, d, saved);
   check_workspace(ws.used(), workspace_bytes);
-  // value = mask(vin W_v^T + b_v) over all N * S rows
-  const T* vin = s.decoder ? in.memory : in.x;
-  ops.gemm(false, true, d.N * d.S, d.C, d.C, vin, d.C, w.value_w, d.C, T(0), sp.value, d.C,
-           w.value_b, false);
-  if (in.mask) ops.mask_rows(d.N * d.S, d.C, in.mask, sp.value);
+  ValueMaps<T> maps{sp.value, nullptr, nullptr};
+  if (s.decoder) {
+    maps = memory_maps(ops, d, in, sp.memory, sp.ones);
+  } else {  // value = mask(src W_v^T + b_v) over all N * S rows
+    ops.gemm(false, true, d.N * d.S, d.C, d.C, in.x, d.C, w.value_w, d.C, T(0), sp.value, d.C,
+             w.value_b, false);
+    if (in.mask) ops.mask_rows(d.N * d.S, d.C, in.mask, sp.value);
+  }
   const T* xin = in.x;
   if (s.decoder) {
     self_attention_forward(ops, d, o, w, in, saved, sp.sa);
@@ -498,7 +619,7 @@ void layer_forward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
   }
   for (int64_t n = 0; n < d.N; ++n)
     for (int64_t q0 = 0; q0 < d.Lq; q0 += d.B)
-      block_forward(ops, s, d, o, w, in, xin, sp.value, n, n * d.Lq + q0,
+      block_forward(ops, s, d, o, w, in, xin, maps, n, n * d.Lq + q0,
                     std::min(d.B, d.Lq - q0), out, saved, sp.blk);
 }
 
@@ -515,10 +636,15 @@ void layer_backward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
   if (s.decoder && !in.memory) throw std::invalid_argument("layer: a decoder layer needs memory");
   const Dims d(s);
   Carver ws(workspace, Ops::kAlign);
-  const BackwardSpace<T> sp(ws, s, d, saved,
-                            ops.msda_backward_workspace_bytes(block_shape(s, d.B)));
+  const BackwardSpace<T> sp(ws, s, d, saved, msda_scratch(ops, s, d));
   check_workspace(ws.used(), workspace_bytes);
-  ops.fill_zero(d.N * d.S * d.C, sp.dvalue);
+  ValueMaps<T> maps{saved.value, nullptr, nullptr};
+  ValueGrads<T> vg{sp.dvalue, nullptr, sp.dones};
+  if (s.decoder) {
+    maps = memory_maps(ops, d, in, sp.memory, sp.ones);
+    vg.memory = gi.memory ? gi.memory : sp.dmemory;
+  }
+  ops.fill_zero(d.N * d.S * d.C, s.decoder ? vg.memory : vg.value);
   const T* xin = in.x;
   T* dxin = gi.x;
   if (s.decoder) {
@@ -530,17 +656,19 @@ void layer_backward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
   for (int64_t n = 0; n < d.N; ++n)
     for (int64_t q0 = 0; q0 < d.Lq; q0 += d.B) {
       block_backward(ops, s, d, o, w, in, xin, saved, grad_out, n, n * d.Lq + q0,
-                     std::min(d.B, d.Lq - q0), dxin, sp.dvalue, gi, gw, accumulate, sp.blk,
+                     std::min(d.B, d.Lq - q0), dxin, maps, vg, gi, gw, accumulate, sp.blk,
                      sp.msda, sp.msda_bytes);
       accumulate = true;
     }
-  // value = mask(vin W_v^T + b_v): padded rows pass no gradient
-  if (in.mask) ops.mask_rows(d.N * d.S, d.C, in.mask, sp.dvalue);
-  const T* vin = s.decoder ? in.memory : in.x;
-  T* dvin = s.decoder ? gi.memory : gi.x;
-  linear_backward(ops, d.N * d.S, d.C, d.C, vin, d.C, sp.dvalue, d.C, w.value_w, gw.value_w,
-                  gw.value_b, false, dvin, d.C, s.decoder ? T(0) : T(1));
-  if (s.decoder) self_attention_backward(ops, d, o, w, in, saved, sp.dy0, gi, gw, sp.sa);
+  if (s.decoder) {
+    // padded memory tokens were zeroed before sampling: no gradient reaches them
+    if (in.mask) ops.mask_rows(d.N * d.S, d.C, in.mask, vg.memory);
+    self_attention_backward(ops, d, o, w, in, saved, sp.dy0, gi, gw, sp.sa);
+  } else {  // value = mask(src W_v^T + b_v): padded rows pass no gradient
+    if (in.mask) ops.mask_rows(d.N * d.S, d.C, in.mask, vg.value);
+    linear_backward(ops, d.N * d.S, d.C, d.C, in.x, d.C, vg.value, d.C, w.value_w, gw.value_w,
+                    gw.value_b, false, gi.x, d.C, T(1));
+  }
 }
 
 }  // namespace ddetr

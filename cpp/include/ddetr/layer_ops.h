@@ -15,6 +15,8 @@
 //       B + i * sb, C + i * sc.
 //   add(n, a, b, out)                    out = a + b elementwise; out may alias a or b
 //   fill_zero(n, x)
+//   fill(n, value, x)                    x[i] = value
+//   copy_rows(rows, cols, x, ldx, out, ldo)   out[r, :cols] = x[r, :cols]
 //   mask_rows(rows, cols, mask, x)       x[r, :] = 0 where mask[r] != 0
 //   dropout(args, x, out, relu)          ddetr/dropout.h; out may alias x
 //   relu_dropout_backward(args, out, grad_out, grad_x)   grad_x may alias grad_out

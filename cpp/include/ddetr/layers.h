@@ -20,7 +20,8 @@
 //   qk     = tgt + pos;  [Q K] = qk W_qk^T + b_qk;  V = tgt W_v^T + b_v   (qkv saved)
 //   probs  = drop_attn(softmax(Q_m K_m^T / sqrt(D)))       per batch element and head
 //   y0     = LN_a(tgt + drop_a((probs V) W_so^T + b_so))   (norm2 in the checkpoint)
-//   y1     = LN_b(y0 + drop_b(deformable cross-attention of y0 + pos into memory))
+//   y1     = LN_b(y0 + drop_b(deformable cross-attention of y0 + pos into memory)),
+//            its values sampled from the memory before the projection (layer_driver.h)
 //   out    = LN_c(y1 + drop_c(FFN(y1)))                    (norm1, norm3)
 //
 // Dropout: Philox keyed by `seed` (ddetr/dropout.h). Site s of a layer draws its mask
@@ -104,6 +105,7 @@ template <class T> struct LayerSaved {
   T *value = nullptr, *raw = nullptr, *sampled = nullptr, *xhat_b = nullptr,
     *rstd_b = nullptr;                                        // deformable attention
   T *hidden = nullptr, *xhat_c = nullptr, *rstd_c = nullptr;  // FFN
+  T* smem = nullptr;  // decoder: sampled memory (T, M, C) then coefficients (T, M)
 };
 
 // Input gradients: dx always; the others may be null when not wanted.
@@ -112,7 +114,7 @@ template <class T> struct LayerInputGrads {
 };
 
 // Element counts of the saved buffers, in LayerSaved's order (0: not used).
-constexpr int kLayerSavedCount = 13;
+constexpr int kLayerSavedCount = 14;
 void layer_saved_sizes(const LayerShape& s, const LayerOptions& o,
                        int64_t sizes[kLayerSavedCount]);
 
@@ -177,9 +179,9 @@ template <class T> LayerInputs<T> typed(const LayerInputs<void>& p) {
 
 template <class T> LayerSaved<T> typed(const LayerSaved<void>& p) {
   auto c = [](void* v) { return static_cast<T*>(v); };
-  return {c(p.qkv),   c(p.probs),   c(p.sa_heads), c(p.xhat_a), c(p.rstd_a),
-          c(p.value), c(p.raw),     c(p.sampled),  c(p.xhat_b), c(p.rstd_b),
-          c(p.hidden), c(p.xhat_c), c(p.rstd_c)};
+  return {c(p.qkv),    c(p.probs),  c(p.sa_heads), c(p.xhat_a), c(p.rstd_a),
+          c(p.value),  c(p.raw),    c(p.sampled),  c(p.xhat_b), c(p.rstd_b),
+          c(p.hidden), c(p.xhat_c), c(p.rstd_c),   c(p.smem)};
 }
 
 template <class T> LayerInputGrads<T> typed(const LayerInputGrads<void>& p) {
