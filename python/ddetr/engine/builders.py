@@ -107,7 +107,9 @@ def build_model(config, num_classes: int) -> DeformableDetr:
         num_decoder_layers=config.dec_layers, dim_feedforward=config.dim_feedforward,
         dropout=config.dropout, enc_num_points=config.enc_n_points,
         dec_num_points=config.dec_n_points, two_stage_num_proposals=config.num_queries,
-        aux_loss=config.aux_loss, train_backbone=config.lr_backbone > 0)
+        aux_loss=config.aux_loss, train_backbone=config.lr_backbone > 0,
+        native_layers=None if config.native_layers else False,  # None: when built
+        recompute_activations=config.recompute_activations)
     if config.backbone_weights is None and config.lr_backbone > 0:
         model.backbone[0].body.requires_grad_(True)
     if config.backbone_norm == "batch":

@@ -57,6 +57,12 @@ class TrainConfig:
     with_box_refine: bool = _f(False, "iterative bounding box refinement")
     two_stage: bool = _f(False, "two-stage Deformable DETR (implies --with_box_refine)")
     aux_loss: bool = _f(True, "losses on every decoder layer (--no-aux_loss to disable)")
+    native_layers: bool = _f(True, "run the encoder and decoder layers in one native call per "
+                                   "pass when the extension is built (--no-native_layers: the "
+                                   "PyTorch path)")
+    recompute_activations: bool = _f(False, "native layers recompute the FFN activations and "
+                                            "attention probabilities in the backward (less "
+                                            "memory, a little slower)")
     # loss and matching
     set_cost_class: float = _f(2.0, "matching cost weight of the focal class cost")
     set_cost_bbox: float = _f(5.0, "matching cost weight of the L1 box distance")
