@@ -75,7 +75,8 @@ def make_case(kind: str, batch: int, levels, args, device, dtype) -> dict:
     shapes = torch.tensor(levels, device=device)
     s = sum(h * w for h, w in levels)
     ratios = torch.ones(batch, len(levels), 2, dtype=dtype, device=device)
-    make = DeformableTransformerEncoderLayer if kind == "encoder" else DeformableTransformerDecoderLayer
+    make = {"encoder": DeformableTransformerEncoderLayer,
+            "decoder": DeformableTransformerDecoderLayer}[kind]
     layer = _perturbed(make(D_MODEL, FFN, args.dropout, "relu", len(levels), HEADS, POINTS), gen)
     layer = layer.to(device, dtype).train()
 
@@ -87,7 +88,8 @@ def make_case(kind: str, batch: int, levels, args, device, dtype) -> dict:
         inputs = (rand(batch, s, D_MODEL), rand(batch, s, D_MODEL), ref, shapes, None)
     else:
         lq = args.queries
-        ref = torch.rand(batch, lq, 1, 2, generator=gen).to(device, dtype).expand(-1, -1, len(levels), -1)
+        ref = torch.rand(batch, lq, 1, 2, generator=gen).to(device, dtype)
+        ref = ref.expand(-1, -1, len(levels), -1)
         inputs = (rand(batch, lq, D_MODEL), rand(batch, lq, D_MODEL), ref.contiguous(),
                   rand(batch, s, D_MODEL), shapes, None)
     return {"layer": layer, "inputs": inputs}
@@ -219,7 +221,8 @@ def main(argv=None) -> None:
     result = run(args)
     print_table(result)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"layers_{args.device}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    path = os.path.join(args.out, f"layers_{args.device}_{stamp}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print("wrote " + path, file=sys.stderr)

@@ -20,6 +20,10 @@ then both run side by side in this one process on the same inputs:
 * ddetr's time by part (backbone, input projection, flattening, encoder, decoder, heads,
   criterion, matching, backward) from one ``torch.profiler`` run of each measurement.
 
+ddetr runs twice: ``ddetr`` with its native encoder / decoder layers (the default when
+the extension is built) and ``ddetr-pytorch-layers`` with the layers' PyTorch path
+(``--no-layers-off`` skips the second).
+
 Time is the median of ``--repeats`` calls after ``--warmup`` untimed ones. Prints tables
 and writes JSON under ``--out``.
 """
@@ -46,6 +50,7 @@ from ddetr.models import deformable_transformer  # noqa: E402
 from _common import PeakMemory, device_name, extension_built, git, time_step  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+IMPLS = ("transformers", "ddetr", "ddetr-pytorch-layers")
 PARTS = ("backbone", "input projection", "flattening", "encoder", "decoder", "heads",
          "criterion", "matching", "backward")
 
@@ -68,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="largest |difference| of logits and boxes accepted in the parity check")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--no-profile", action="store_true", help="skip the per-part breakdown")
+    p.add_argument("--no-layers-off", action="store_true",
+                   help="skip ddetr with native layers off (the layers' PyTorch path)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for the JSON")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 128x128 images, 1 repeat, no warm-up (seconds, not minutes)")
@@ -158,7 +165,7 @@ class Workload:
                 if impl == "transformers":
                     self.hf.eval()(pixel_values=x, pixel_mask=mask)
                 else:
-                    self.ours.eval()(x)
+                    self._ours(impl).eval()(x)
         return step
 
     def train_step(self, impl: str):
@@ -172,7 +179,7 @@ class Workload:
                 loss = self.hf(pixel_values=x, pixel_mask=mask, labels=labels).loss
                 model = self.hf
             else:
-                self.ours.train()
+                self._ours(impl).train()
                 outputs = self.ours(x)
                 with _part("criterion"):
                     loss = self.criterion.total(self.criterion(outputs, self.targets))
@@ -181,6 +188,10 @@ class Workload:
                 loss.backward()
             model.zero_grad(set_to_none=True)
         return step
+
+    def _ours(self, impl: str):
+        self.ours.set_native_layers(impl == "ddetr")
+        return self.ours
 
     def check_parity(self, tolerance: float) -> dict:
         """Largest output differences (eval, every inference size) and the losses of both
@@ -300,10 +311,11 @@ def run(args) -> dict:
             for h, w in args.sizes]
     th, tw = args.train_size
     jobs.append((f"train step {th}x{tw} b{args.train_batch}", work.train_step))
+    impls = IMPLS[:2] if args.no_layers_off else IMPLS
     rows = []
     for name, make in jobs:
         row = {"measurement": name, "median_ms": {}, "times_ms": {}}
-        for impl in ("transformers", "ddetr"):
+        for impl in impls:
             times = time_step(make(impl), device, args.warmup, args.repeats)
             row["times_ms"][impl], row["median_ms"][impl] = times, statistics.median(times)
             print(f"  {name:<28} {impl:<12} {row['median_ms'][impl]:10.1f} ms", flush=True)
@@ -314,7 +326,7 @@ def run(args) -> dict:
     if not args.no_memory:
         for row, (name, make) in zip(rows, jobs):
             row["peak_mb"] = {}
-            for impl in ("transformers", "ddetr"):
+            for impl in impls:
                 step = make(impl)
                 with PeakMemory(device, fixed_mmap=True) as mem:
                     step()
@@ -326,15 +338,20 @@ def run(args) -> dict:
 def print_tables(result: dict) -> None:
     rows = result["rows"]
     print()
-    print(f"{'measurement':<28} {'transformers':>14} {'ddetr':>12} {'speed-up':>9}"
-          f" {'mem transformers':>17} {'mem ddetr':>10} {'mem ratio':>10}")
+    impls = [i for i in IMPLS if i in rows[0]["median_ms"]]
+    print("(speed-up: transformers / that ddetr; mem ratio: that ddetr / transformers; "
+          "ddetr-pytorch-layers: native layers off)")
+    print(f"{'measurement':<28} {'implementation':<21} {'time':>12} {'speed-up':>9}"
+          f" {'peak mem':>11} {'mem ratio':>10}")
     for r in rows:
-        a, b = r["median_ms"]["transformers"], r["median_ms"]["ddetr"]
-        line = f"{r['measurement']:<28} {a:11.1f} ms {b:9.1f} ms {a / b:8.2f}x"
-        if "peak_mb" in r:
-            ma, mb = r["peak_mb"]["transformers"], r["peak_mb"]["ddetr"]
-            line += f" {ma:14.0f} MB {mb:7.0f} MB {mb / max(ma, 1e-9):10.2f}"
-        print(line)
+        a = r["median_ms"]["transformers"]
+        for impl in impls:
+            b = r["median_ms"][impl]
+            line = f"{r['measurement']:<28} {impl:<21} {b:9.1f} ms {a / b:8.2f}x"
+            if "peak_mb" in r:
+                ma, mb = r["peak_mb"]["transformers"], r["peak_mb"][impl]
+                line += f" {mb:8.0f} MB {mb / max(ma, 1e-9):10.2f}"
+            print(line)
     if any("ddetr_parts_ms" in r for r in rows):
         print("\nddetr time by part (ms, one profiled call)")
         names = [r["measurement"] for r in rows]

@@ -14,14 +14,15 @@ from ddetr.ops.native_layers import decoder_layer, encoder_layer
 pytestmark = pytest.mark.skipif(not native_layers._library_ready(torch.zeros(1)),
                                 reason="native extension or OpenBLAS missing")
 
-SHAPES = {"three": [(5, 7), (3, 4), (1, 1)], "one": [(4, 6)], "five": [(6, 5), (4, 3), (2, 2),
-                                                                       (1, 2), (1, 1)]}
+SHAPES = {"three": [(5, 7), (3, 4), (1, 1)], "one": [(4, 6)],
+          "five": [(6, 5), (4, 3), (2, 2), (1, 2), (1, 1)]}
 C, HEADS, POINTS, FFN = 16, 4, 3, 24
 
 
 def make_layer(kind, levels, dtype=torch.float64, dropout=0.0, device="cpu", seed=0):
     torch.manual_seed(seed)
-    cls = DeformableTransformerEncoderLayer if kind == "encoder" else DeformableTransformerDecoderLayer
+    cls = {"encoder": DeformableTransformerEncoderLayer,
+           "decoder": DeformableTransformerDecoderLayer}[kind]
     layer = cls(C, FFN, dropout, "relu", len(levels), HEADS, POINTS)
     with torch.no_grad():  # away from the initialisation (zero offset weights, unit norms)
         for p in layer.parameters():
@@ -117,7 +118,7 @@ def test_batch_mask_and_no_pos(kind, n, mask, pos):
                           outputs_and_grads(layer, kind, inp, False), 1e-12)
 
 
-def test_many_blocks_of_rows(monkeypatch):
+def test_many_blocks_of_rows():
     # an encoder longer than one block of rows (kLayerBlockRows = 2048) per image
     lv = [(48, 50)]
     layer = make_layer("encoder", lv, torch.float32)
@@ -294,8 +295,8 @@ def test_bad_level_table():
     layer = make_layer("encoder", lv)
     inp = make_inputs("encoder", lv)
     with pytest.raises(ValueError, match="spatial_shapes"):
-        encoder_layer(layer, inp["x"], inp["pos"], inp["ref"], torch.tensor([(5, 7), (3, 4), (2, 1)]),
-                      None, inp["mask"])
+        encoder_layer(layer, inp["x"], inp["pos"], inp["ref"],
+                      torch.tensor([(5, 7), (3, 4), (2, 1)]), None, inp["mask"])
 
 
 def test_detector_native_matches_pytorch_path():
@@ -332,7 +333,7 @@ def test_cuda_matches_cpu(kind, ref_dim, deterministic):
     inp = make_inputs(kind, lv, ref_dim=ref_dim)
     want = outputs_and_grads(layer, kind, inp, True)
     layer_cuda = layer.cuda()
-    inp_cuda = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
+    inp_cuda = {k: v.detach().cuda().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
                 for k, v in inp.items()}
     torch.use_deterministic_algorithms(deterministic)
     try:

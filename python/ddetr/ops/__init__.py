@@ -12,4 +12,5 @@ from ddetr.ops.reference import ms_deform_attn_reference
 __all__ = ["Flattened", "MSDeformAttnFunction", "dropout", "dropout_reference",
            "encoder_reference_points", "encoder_reference_points_reference",
            "flatten_multiscale", "flatten_multiscale_reference", "linear", "module_linear",
-           "ms_deform_attn", "ms_deform_attn_reference", "native_layers", "philox_keep_mask", "relu_dropout"]
+           "ms_deform_attn", "ms_deform_attn_reference", "native_layers", "philox_keep_mask",
+           "relu_dropout"]
