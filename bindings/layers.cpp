@@ -59,18 +59,17 @@ std::vector<void*> pointers(const Pointers& ptrs, size_t n, const char* name) {
   return out;
 }
 
-// The 20 parameters in LayerParams order; the decoder's first 6 are required for a
+// The 20 parameters in LayerWeights order; the decoder's first 6 are required for a
 // decoder, everything else always.
-template <class P, class V> P param_struct(const Pointers& ptrs, bool decoder, const char* name) {
-  auto v = pointers(ptrs, 20, name);
-  for (size_t i = decoder ? 0 : 6; i < 20; ++i)
-    require(ptrs[i], true, (std::string(name) + "[" + std::to_string(i) + "]").c_str());
+template <class P> P param_struct(const Pointers& ptrs, bool decoder, const char* name) {
+  auto v = pointers(ptrs, P::kCount, name);
   P p;
-  V* f[20] = {&p.in_proj_w, &p.in_proj_b, &p.sa_out_w, &p.sa_out_b, &p.norm_a_w, &p.norm_a_b,
-              &p.value_w,   &p.value_b,   &p.oa_w,     &p.oa_b,     &p.out_w,    &p.out_b,
-              &p.norm_b_w,  &p.norm_b_b,  &p.lin1_w,   &p.lin1_b,   &p.lin2_w,   &p.lin2_b,
-              &p.norm_c_w,  &p.norm_c_b};
-  for (int i = 0; i < 20; ++i) *f[i] = v[i];
+  auto f = p.fields();
+  for (int i = 0; i < P::kCount; ++i) {
+    if (i >= (decoder ? 0 : 6))
+      require(ptrs[i], true, (std::string(name) + "[" + std::to_string(i) + "]").c_str());
+    *f[i] = v[i];
+  }
   return p;
 }
 
@@ -94,19 +93,7 @@ void on_layer_device(const std::string& dtype, const std::string& device, Cpu&& 
                      Cuda&& cuda) {
   if (dtype != "float32" && dtype != "float64")
     throw std::invalid_argument("the native layers take float32 or float64, got " + dtype);
-  if (device == "cpu") {
-    if (dtype == "float32") return cpu(Tag<float>{});
-    return cpu(Tag<double>{});
-  }
-  if (device == "cuda") {
-#ifdef DDETR_WITH_CUDA
-    return cuda(cuda_dtype(dtype));
-#else
-    (void)cuda;
-    no_cuda();
-#endif
-  }
-  throw std::invalid_argument("unsupported device type " + device);
+  on_device</*with_bf16=*/false>(dtype, device, cpu, cuda);
 }
 
 std::vector<int64_t> saved_sizes(bool decoder, const Dims& dims, const Sizes& sizes,
@@ -140,7 +127,7 @@ void forward(const std::string& dtype, const std::string& device, int device_ind
              bool deterministic, int num_threads, uintptr_t stream) {
   const LayerShape s = layer_shape(decoder, dims, sizes, levels);
   const LayerOptions o = layer_options(options);
-  const auto w = param_struct<LayerParams<void>, const void*>(params, decoder, "params");
+  const auto w = param_struct<LayerParams<void>>(params, decoder, "params");
   const LayerInputs<void> in = input_struct(inputs, decoder);
   const LayerSaved<void> sv = saved_struct(saved);
   require(out, true, "out");
@@ -167,8 +154,8 @@ void backward(const std::string& dtype, const std::string& device, int device_in
               bool deterministic, int num_threads, uintptr_t stream) {
   const LayerShape s = layer_shape(decoder, dims, sizes, levels);
   const LayerOptions o = layer_options(options);
-  const auto w = param_struct<LayerParams<void>, const void*>(params, decoder, "params");
-  const auto gw = param_struct<LayerParamGrads<void>, void*>(grad_params, decoder, "grad_params");
+  const auto w = param_struct<LayerParams<void>>(params, decoder, "params");
+  const auto gw = param_struct<LayerParamGrads<void>>(grad_params, decoder, "grad_params");
   const LayerInputs<void> in = input_struct(inputs, decoder);
   const LayerSaved<void> sv = saved_struct(saved);
   auto gv = pointers(grad_inputs, 4, "grad_inputs");

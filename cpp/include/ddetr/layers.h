@@ -42,6 +42,7 @@
 // in msda.h (float / double like the values, masks one byte per token).
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 
@@ -67,28 +68,30 @@ struct LayerOptions {
   uint64_t seed = 0;
 };
 
-// Parameters, row-major like torch's nn.Linear weights (out_features, in_features).
-template <class T> struct LayerParams {
+// Parameters (Ptr = const T*) or their gradients (Ptr = T*, fully written by the
+// backward), row-major like torch's nn.Linear weights (out_features, in_features).
+template <class Ptr> struct LayerWeights {
   // decoder self-attention (nn.MultiheadAttention: in_proj (3C, C), out_proj)
-  const T *in_proj_w = nullptr, *in_proj_b = nullptr, *sa_out_w = nullptr,
-          *sa_out_b = nullptr, *norm_a_w = nullptr, *norm_a_b = nullptr;
+  Ptr in_proj_w = nullptr, in_proj_b = nullptr, sa_out_w = nullptr, sa_out_b = nullptr,
+      norm_a_w = nullptr, norm_a_b = nullptr;
   // deformable attention; oa = [sampling_offsets; attention_weights] stacked (3K, C)
-  const T *value_w = nullptr, *value_b = nullptr, *oa_w = nullptr, *oa_b = nullptr,
-          *out_w = nullptr, *out_b = nullptr, *norm_b_w = nullptr, *norm_b_b = nullptr;
+  Ptr value_w = nullptr, value_b = nullptr, oa_w = nullptr, oa_b = nullptr, out_w = nullptr,
+      out_b = nullptr, norm_b_w = nullptr, norm_b_b = nullptr;
   // FFN
-  const T *lin1_w = nullptr, *lin1_b = nullptr, *lin2_w = nullptr, *lin2_b = nullptr,
-          *norm_c_w = nullptr, *norm_c_b = nullptr;
+  Ptr lin1_w = nullptr, lin1_b = nullptr, lin2_w = nullptr, lin2_b = nullptr,
+      norm_c_w = nullptr, norm_c_b = nullptr;
+
+  static constexpr int kCount = 20;
+  // every field in the order above, for code that treats them alike
+  std::array<Ptr*, kCount> fields() {
+    return {&in_proj_w, &in_proj_b, &sa_out_w, &sa_out_b, &norm_a_w, &norm_a_b, &value_w,
+            &value_b,   &oa_w,      &oa_b,     &out_w,    &out_b,    &norm_b_w, &norm_b_b,
+            &lin1_w,    &lin1_b,    &lin2_w,   &lin2_b,   &norm_c_w, &norm_c_b};
+  }
 };
 
-// Gradients of LayerParams, same layout, fully written by the backward.
-template <class T> struct LayerParamGrads {
-  T *in_proj_w = nullptr, *in_proj_b = nullptr, *sa_out_w = nullptr, *sa_out_b = nullptr,
-    *norm_a_w = nullptr, *norm_a_b = nullptr;
-  T *value_w = nullptr, *value_b = nullptr, *oa_w = nullptr, *oa_b = nullptr,
-    *out_w = nullptr, *out_b = nullptr, *norm_b_w = nullptr, *norm_b_b = nullptr;
-  T *lin1_w = nullptr, *lin1_b = nullptr, *lin2_w = nullptr, *lin2_b = nullptr,
-    *norm_c_w = nullptr, *norm_c_b = nullptr;
-};
+template <class T> using LayerParams = LayerWeights<const T*>;
+template <class T> using LayerParamGrads = LayerWeights<T*>;
 
 template <class T> struct LayerInputs {
   const T* x = nullptr;          // src (encoder) or tgt (decoder): (N, Lq, C)
@@ -140,35 +143,19 @@ void layer_backward_cpu(const LayerShape& s, const LayerOptions& o, const LayerP
                         size_t workspace_bytes, int num_threads);
 
 // The void-pointer structs the bindings fill, as typed ones.
-template <class T> LayerParams<T> typed(const LayerParams<void>& p) {
-  auto c = [](const void* v) { return static_cast<const T*>(v); };
+template <class T> LayerParams<T> typed(LayerParams<void> p) {
   LayerParams<T> t;
-  t.in_proj_w = c(p.in_proj_w); t.in_proj_b = c(p.in_proj_b);
-  t.sa_out_w = c(p.sa_out_w); t.sa_out_b = c(p.sa_out_b);
-  t.norm_a_w = c(p.norm_a_w); t.norm_a_b = c(p.norm_a_b);
-  t.value_w = c(p.value_w); t.value_b = c(p.value_b);
-  t.oa_w = c(p.oa_w); t.oa_b = c(p.oa_b);
-  t.out_w = c(p.out_w); t.out_b = c(p.out_b);
-  t.norm_b_w = c(p.norm_b_w); t.norm_b_b = c(p.norm_b_b);
-  t.lin1_w = c(p.lin1_w); t.lin1_b = c(p.lin1_b);
-  t.lin2_w = c(p.lin2_w); t.lin2_b = c(p.lin2_b);
-  t.norm_c_w = c(p.norm_c_w); t.norm_c_b = c(p.norm_c_b);
+  const auto from = p.fields();
+  const auto to = t.fields();
+  for (int i = 0; i < LayerParams<T>::kCount; ++i) *to[i] = static_cast<const T*>(*from[i]);
   return t;
 }
 
-template <class T> LayerParamGrads<T> typed(const LayerParamGrads<void>& p) {
-  auto c = [](void* v) { return static_cast<T*>(v); };
+template <class T> LayerParamGrads<T> typed(LayerParamGrads<void> p) {
   LayerParamGrads<T> t;
-  t.in_proj_w = c(p.in_proj_w); t.in_proj_b = c(p.in_proj_b);
-  t.sa_out_w = c(p.sa_out_w); t.sa_out_b = c(p.sa_out_b);
-  t.norm_a_w = c(p.norm_a_w); t.norm_a_b = c(p.norm_a_b);
-  t.value_w = c(p.value_w); t.value_b = c(p.value_b);
-  t.oa_w = c(p.oa_w); t.oa_b = c(p.oa_b);
-  t.out_w = c(p.out_w); t.out_b = c(p.out_b);
-  t.norm_b_w = c(p.norm_b_w); t.norm_b_b = c(p.norm_b_b);
-  t.lin1_w = c(p.lin1_w); t.lin1_b = c(p.lin1_b);
-  t.lin2_w = c(p.lin2_w); t.lin2_b = c(p.lin2_b);
-  t.norm_c_w = c(p.norm_c_w); t.norm_c_b = c(p.norm_c_b);
+  const auto from = p.fields();
+  const auto to = t.fields();
+  for (int i = 0; i < LayerParamGrads<T>::kCount; ++i) *to[i] = static_cast<T*>(*from[i]);
   return t;
 }
 
