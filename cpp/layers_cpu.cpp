@@ -335,7 +335,7 @@ void layer_saved_sizes(const LayerShape& s, const LayerOptions& o,
       dec * d.T,                                        // rstd_a
       dec ? 0 : d.N * d.S * d.C,                        // value (encoder)
       d.T * 3 * d.K,                                    // raw
-      d.T * d.C,                                        // sampled
+      dec * d.T * d.C,                                  // sampled (decoder)
       d.T * d.C,                                        // xhat_b
       d.T,                                              // rstd_b
       o.recompute ? 0 : d.T * d.F,                      // hidden

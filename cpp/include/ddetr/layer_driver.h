@@ -283,9 +283,11 @@ void block_forward(const Ops& ops, const LayerShape& s, const Dims& d, const Lay
 
 template <class T> struct BlockBackward {
   T *g, *df, *y1, *h, *dh, *da, *dsampled, *q, *loc, *attn, *dloc, *dattn, *draw, *dq;
+  T *sampled;                         // encoder
   T *dsmem, *dcoef, *dloc2, *dattn2;  // decoder
   BlockBackward(Carver& ws, const Dims& d, const LayerSaved<T>& saved, bool decoder) {
     const int64_t k = decoder ? 1 : 0;
+    sampled = saved.sampled ? nullptr : ws.take<T>(d.B * d.C);
     dsmem = ws.take<T>(k * d.B * d.M * d.C);
     dcoef = ws.take<T>(k * d.B * d.M);
     dloc2 = ws.take<T>(k * d.B * 2 * d.K);
@@ -419,20 +421,24 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
   norm_backward(ops, rows, C, b.g, saved.xhat_b + r0 * C, saved.rstd_b + r0, w.norm_b_w, dx,
                 gw.norm_b_w, gw.norm_b_b, acc);
   const T* da = drop_backward(ops, o, kDropB, r0, rows * C, dx, b.da);
+  // sampled = msda(value, loc, attn): loc and attn recomputed from the saved projection,
+  // and the encoder's sampled features too (one MSDA forward, cheaper than storing them)
+  const T* raw = saved.raw + r0 * 3 * K;
+  const SamplingArgs sa = sampling_args(s, rows);
+  const T* ref = in.ref + r0 * s.msda.L * s.ref_dim;
+  ops.sampling_forward(sa, raw, ref, b.loc, b.attn);
+  const T* sampled = saved.sampled ? saved.sampled + r0 * C : b.sampled;
+  if (!saved.sampled)
+    ops.msda_forward(block_shape(s, rows), maps.value + n * d.S * C, b.loc, b.attn, b.sampled);
   // a = sampled W_o^T + b_o
-  linear_backward(ops, rows, C, C, saved.sampled + r0 * C, C, da, C, w.out_w, gw.out_w, gw.out_b,
-                  acc, b.dsampled, C, T(0));
-  // sampled = msda(value, loc, attn), loc and attn recomputed from the saved projection
+  linear_backward(ops, rows, C, C, sampled, C, da, C, w.out_w, gw.out_w, gw.out_b, acc,
+                  b.dsampled, C, T(0));
   const T* x = xin + r0 * C;
   const T* q = x;
   if (in.pos) {
     ops.add(rows * C, x, in.pos + r0 * C, b.q);
     q = b.q;
   }
-  const T* raw = saved.raw + r0 * 3 * K;
-  const SamplingArgs sa = sampling_args(s, rows);
-  const T* ref = in.ref + r0 * s.msda.L * s.ref_dim;
-  ops.sampling_forward(sa, raw, ref, b.loc, b.attn);
   if (s.decoder)
     sample_memory_backward(ops, s, d, w, maps, vg, saved, gw, n, r0, rows, acc, b, msda_ws,
                            msda_ws_bytes);

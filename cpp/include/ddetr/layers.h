@@ -29,10 +29,12 @@
 // counted from the block's first element; the backward regenerates the same masks.
 //
 // Saved activations (training): written by the forward into buffers the caller
-// allocates (sizes from layer_saved_sizes), read by the backward. `recompute` leaves
-// out the FFN hidden activations and the decoder's attention probabilities (the
-// backward recomputes them: one more GEMM); LayerNorms keep their normalised input
-// and 1/std (the layer output alone cannot give it back when gamma has zeros).
+// allocates (sizes from layer_saved_sizes), read by the backward. The encoder does not
+// keep its sampled features (the backward samples again: one MSDA forward).
+// `recompute` leaves out the FFN hidden activations and the decoder's attention
+// probabilities (the backward recomputes them: one more GEMM); LayerNorms keep their
+// normalised input and 1/std (the layer output alone cannot give them back when gamma
+// has zeros).
 //
 // Memory: the native code never allocates tensor memory. Every pass also takes a
 // workspace of layer_workspace_bytes bytes. Work goes in blocks of kLayerBlockRows
