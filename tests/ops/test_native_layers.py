@@ -288,6 +288,9 @@ def test_module_flag_and_fallbacks(monkeypatch):
                             monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _uses_native(layer, "encoder", inp, monkeypatch)
+    # an empty batch
+    empty = {k: v[:0] if torch.is_tensor(v) and k != "shapes" else v for k, v in inp.items()}
+    assert not _uses_native(layer, "encoder", empty, monkeypatch)
 
 
 def test_bad_level_table():

@@ -112,8 +112,8 @@ def supports(layer: nn.Module, x: Tensor, *others: Tensor | None) -> bool:
 
     if torch.compiler.is_compiling() or not _library_ready(x):
         return False
-    if torch.is_autocast_enabled(x.device.type):
-        return False
+    if torch.is_autocast_enabled(x.device.type) or x.numel() == 0:
+        return False  # (empty batches: the PyTorch path handles them)
     if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in others):
         return False
     if getattr(layer, "activation", None) is not _relu:
