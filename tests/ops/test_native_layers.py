@@ -293,6 +293,26 @@ def test_module_flag_and_fallbacks(monkeypatch):
     assert not _uses_native(layer, "encoder", empty, monkeypatch)
 
 
+@pytest.mark.parametrize("kind,field,value,match", [
+    ("encoder", "pos", lambda i: i["pos"][:, :-1], "pos: expected shape"),
+    ("encoder", "ref", lambda i: i["ref"][..., :1, :], "reference_points"),
+    ("encoder", "x", lambda i: i["x"][..., :-1], "query"),
+    ("encoder", "ref", lambda i: i["ref"].float(), "reference_points: expected torch.float64"),
+    ("encoder", "mask", lambda i: i["mask"].float(), "input_padding_mask"),
+    ("encoder", "x", lambda i: i["x"].to(torch.int64), "x: expected a float32 or float64"),
+    ("decoder", "memory", lambda i: i["memory"][:, :-2], "input_padding_mask"),
+    ("decoder", "memory", lambda i: i["memory"][:1], "input_flatten"),
+    ("decoder", "pos", lambda i: i["pos"].float(), "pos: expected torch.float64"),
+])
+def test_bad_input(kind, field, value, match):
+    lv = SHAPES["three"]
+    layer = make_layer(kind, lv)
+    inp = make_inputs(kind, lv)
+    inp[field] = value(inp)
+    with pytest.raises(ValueError, match=match):
+        call(layer, kind, inp, native=True)
+
+
 def test_bad_level_table():
     lv = SHAPES["three"]
     layer = make_layer("encoder", lv)

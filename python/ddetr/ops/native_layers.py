@@ -238,12 +238,33 @@ class _NativeLayer(torch.autograd.Function):
         return (None, gx, gpos, gref, gmem, None, *gparams)
 
 
+def _check(attn: nn.Module, x: Tensor, pos: Tensor | None, ref: Tensor, value_in: Tensor,
+           spatial_shapes, mask: Tensor | None) -> None:
+    """Shapes, dtypes and devices of a layer call; ValueError naming the argument."""
+    if not isinstance(x, Tensor) or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"x: expected a float32 or float64 tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    attn._check(x, ref, value_in, spatial_shapes, mask)
+    if pos is not None and tuple(pos.shape) != tuple(x.shape):
+        raise ValueError(f"pos: expected shape {tuple(x.shape)}, got {tuple(pos.shape)}")
+    for name, t in (("pos", pos), ("reference_points", ref), ("memory", value_in)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name}: expected {x.dtype} on {x.device} like the queries, "
+                             f"got {t.dtype} on {t.device}")
+    if mask is not None and mask.device != x.device:
+        raise ValueError(f"padding mask: expected a tensor on {x.device}, got {mask.device}")
+    if not _library_ready(x):
+        raise RuntimeError(f"native layers on {x.device.type}: the native library (and "
+                           "OpenBLAS on the CPU, cuBLAS on CUDA) is not available")
+
+
 def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Tensor,
          memory: Tensor | None, spatial_shapes, level_start_index, mask: Tensor | None,
          params: list, recompute: bool) -> Tensor:
     attn = layer.cross_attn if decoder else layer.self_attn
-    n, lq, c = x.shape
     value_in = memory if decoder else x
+    _check(attn, x, pos, ref, value_in, spatial_shapes, mask)
+    n, lq, c = x.shape
     shapes, starts = as_level_tensors(spatial_shapes, level_start_index, x.device)
     levels = _levels(shapes, starts)
     s = value_in.shape[1]
