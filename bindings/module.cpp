@@ -103,21 +103,9 @@ void backward(const std::string& dtype, const std::string& device, int device_in
 void cpu_gemm(const std::string& dtype, bool trans_a, bool trans_b, int64_t M, int64_t N,
               int64_t K, uintptr_t A, int64_t lda, uintptr_t B, int64_t ldb, double beta,
               uintptr_t C, int64_t ldc, uintptr_t bias, bool relu, int num_threads) {
-  GemmArgs g;
-  g.trans_a = trans_a;
-  g.trans_b = trans_b;
-  g.M = M;
-  g.N = N;
-  g.K = K;
-  g.A = as<const void>(A);
-  g.lda = lda;
-  g.B = as<const void>(B);
-  g.ldb = ldb;
-  g.beta = beta;
-  g.C = as<void>(C);
-  g.ldc = ldc;
-  g.bias = as<const void>(bias);
-  g.relu = relu;
+  const GemmArgs g = gemm_args(trans_a, trans_b, M, N, K, as<const void>(A), lda,
+                               as<const void>(B), ldb, beta, as<void>(C), ldc,
+                               as<const void>(bias), relu);
   if (dtype != "float32" && dtype != "float64")
     throw std::invalid_argument("gemm takes float32 or float64, got " + dtype);
   const DType t = dtype == "float32" ? DType::f32 : DType::f64;

@@ -116,16 +116,9 @@ void gemm(DType dtype, const GemmArgs& g, int num_threads) {
   const int ta = g.trans_a ? kTrans : kNoTrans, tb = g.trans_b ? kTrans : kNoTrans;
 #pragma omp parallel num_threads(threads)
   {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int t = 0, nt = 1;
-#endif
     // rows [m0, m1) of C, in multiples of 16 rows, done kEpilogueRows at a time so the
     // epilogue finds them in cache
-    const int64_t per = (int64_t(M) + nt - 1) / nt;
-    const int64_t step = (per + 15) / 16 * 16;
-    const int64_t m0 = std::min<int64_t>(M, t * step), m1 = std::min<int64_t>(M, m0 + step);
+    const auto [m0, m1] = thread_slice(M, 16);
     for (int64_t r0 = m0; r0 < m1; r0 += kEpilogueRows) {
       const int rows = int(std::min<int64_t>(m1 - r0, kEpilogueRows));
       // row m of op(A): row m of A, or column m of A when transposed

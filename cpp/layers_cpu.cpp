@@ -37,7 +37,8 @@ template <class T> struct CpuOps {
 
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
             const T* B, int64_t ldb, T beta, T* C, int64_t ldc, const T* bias, bool relu) const {
-    ddetr::gemm(dtype_of<T>(), args(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc, bias, relu),
+    ddetr::gemm(dtype_of<T>(),
+                gemm_args(ta, tb, M, N, K, A, lda, B, ldb, double(beta), C, ldc, bias, relu),
                 threads);
   }
 
@@ -48,8 +49,8 @@ template <class T> struct CpuOps {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < batch; ++i)
       ddetr::gemm(dtype_of<T>(),
-                  args(ta, tb, M, N, K, A + i * sa, lda, B + i * sb, ldb, beta, C + i * sc, ldc,
-                       nullptr, false),
+                  gemm_args(ta, tb, M, N, K, A + i * sa, lda, B + i * sb, ldb, double(beta),
+                            C + i * sc, ldc),
                   1);
   }
 
@@ -248,27 +249,6 @@ template <class T> struct CpuOps {
   }
 
  private:
-  static GemmArgs args(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A,
-                       int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc,
-                       const T* bias, bool relu) {
-    GemmArgs g;
-    g.trans_a = ta;
-    g.trans_b = tb;
-    g.M = M;
-    g.N = N;
-    g.K = K;
-    g.A = A;
-    g.lda = lda;
-    g.B = B;
-    g.ldb = ldb;
-    g.beta = double(beta);
-    g.C = C;
-    g.ldc = ldc;
-    g.bias = bias;
-    g.relu = relu;
-    return g;
-  }
-
   // out = softmax(scale * x) over n entries (out may alias x); the max is subtracted
   static void softmax(int64_t n, T scale, const T* x, T* out) {
     T mx = -std::numeric_limits<T>::infinity();
@@ -296,13 +276,7 @@ template <class T> struct CpuOps {
     const int nt = std::max<int>(1, std::min<int64_t>(team(rows * cols), (cols + 15) / 16));
 #pragma omp parallel num_threads(nt)
     {
-#ifdef _OPENMP
-      const int t = omp_get_thread_num(), n_t = omp_get_num_threads();
-#else
-      const int t = 0, n_t = 1;
-#endif
-      const int64_t per = ((cols + n_t - 1) / n_t + 15) / 16 * 16;
-      const int64_t j0 = std::min(cols, t * per), j1 = std::min(cols, j0 + per);
+      const auto [j0, j1] = thread_slice(cols, 16);
       std::vector<double> acc(size_t(j1 - j0), 0.0);
       for (int64_t r = 0; r < rows; ++r) {
         const T* xr = x + r * cols + j0;

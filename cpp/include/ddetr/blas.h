@@ -41,6 +41,27 @@ struct GemmArgs {
   bool relu = false;
 };
 
+inline GemmArgs gemm_args(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                          const void* A, int64_t lda, const void* B, int64_t ldb, double beta,
+                          void* C, int64_t ldc, const void* bias = nullptr, bool relu = false) {
+  GemmArgs g;
+  g.trans_a = trans_a;
+  g.trans_b = trans_b;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.A = A;
+  g.lda = lda;
+  g.B = B;
+  g.ldb = ldb;
+  g.beta = beta;
+  g.C = C;
+  g.ldc = ldc;
+  g.bias = bias;
+  g.relu = relu;
+  return g;
+}
+
 // dtype f32 or f64; `num_threads` as torch.get_num_threads() (0: OpenMP's default).
 void gemm(DType dtype, const GemmArgs& g, int num_threads);
 
