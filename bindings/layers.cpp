@@ -83,8 +83,10 @@ LayerInputs<void> input_struct(const Pointers& ptrs, bool decoder) {
 
 LayerSaved<void> saved_struct(const Pointers& ptrs) {
   auto v = pointers(ptrs, kLayerSavedCount, "saved");
-  return {v[0], v[1], v[2],  v[3],  v[4],  v[5],  v[6],
-          v[7], v[8], v[9], v[10], v[11], v[12], v[13]};
+  LayerSaved<void> saved;
+  const auto f = saved.fields();
+  for (int i = 0; i < kLayerSavedCount; ++i) *f[i] = v[i];
+  return saved;
 }
 
 // float32 / float64 only, on either device

@@ -58,6 +58,20 @@ template <class T> T* rows_of(T* saved, int64_t r0, int64_t cols, T* scratch) {
   return saved ? saved + r0 * cols : scratch;
 }
 
+// x + pos into `scratch`, or x itself without positions.
+template <class T, class Ops>
+const T* with_pos(const Ops& ops, int64_t n, const T* x, const T* pos, T* scratch) {
+  if (!pos) return x;
+  ops.add(n, x, pos, scratch);
+  return scratch;
+}
+
+// Runs fn(n, r0, rows) for every block of at most B query rows of every image, in order.
+template <class Fn> void for_each_block(int64_t N, int64_t Lq, int64_t B, Fn&& fn) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t q0 = 0; q0 < Lq; q0 += B) fn(n, n * Lq + q0, std::min(B, Lq - q0));
+}
+
 inline DropoutArgs drop_args(const LayerOptions& o, DropSite site, int64_t first_row,
                              int64_t n) {
   DropoutArgs a;
@@ -132,9 +146,7 @@ inline MsdaShape block_shape(const LayerShape& s, int64_t rows) {
 // The decoder's sampling shapes: every (query, head) is one query of a one-head MSDA
 // over the memory (D = C) or over the ones (D = 1).
 inline MsdaShape memory_shape(const LayerShape& s, int64_t rows, int64_t D) {
-  MsdaShape ms = s.msda;
-  ms.N = 1;
-  ms.Lq = rows * s.msda.M;
+  MsdaShape ms = block_shape(s, rows * s.msda.M);
   ms.M = 1;
   ms.D = D;
   return ms;
@@ -160,27 +172,53 @@ template <class T> LayerSaved<T> counting_saved(const LayerShape& s, const Layer
   int64_t sizes[kLayerSavedCount];
   layer_saved_sizes(s, o, sizes);
   T* some = reinterpret_cast<T*>(alignof(T));  // non-null marker, never dereferenced
-  auto pick = [&](int i) { return o.training && sizes[i] > 0 ? some : nullptr; };
-  return {pick(0), pick(1), pick(2),  pick(3),  pick(4),  pick(5),  pick(6),
-          pick(7), pick(8), pick(9), pick(10), pick(11), pick(12), pick(13)};
+  LayerSaved<T> saved;
+  const auto f = saved.fields();
+  for (int i = 0; i < kLayerSavedCount; ++i) *f[i] = o.training && sizes[i] > 0 ? some : nullptr;
+  return saved;
 }
 
-template <class T> void check_saved(const LayerShape& s, const LayerOptions& o,
-                                    const LayerSaved<T>& saved) {
+// What both passes require of their arguments.
+template <class T> void check_call(const LayerShape& s, const LayerOptions& o,
+                                   LayerSaved<T> saved, const LayerInputs<T>& in) {
+  validate(s);
+  if (s.decoder && !in.memory) throw std::invalid_argument("layer: a decoder layer needs memory");
   if (!o.training) return;
   int64_t sizes[kLayerSavedCount];
   layer_saved_sizes(s, o, sizes);
-  T* const ptrs[kLayerSavedCount] = {saved.qkv,    saved.probs,   saved.sa_heads, saved.xhat_a,
-                                     saved.rstd_a, saved.value,   saved.raw,      saved.sampled,
-                                     saved.xhat_b, saved.rstd_b,  saved.hidden,   saved.xhat_c,
-                                     saved.rstd_c, saved.smem};
+  const auto ptrs = saved.fields();
   for (int i = 0; i < kLayerSavedCount; ++i)
-    if ((sizes[i] > 0) != (ptrs[i] != nullptr))
+    if ((sizes[i] > 0) != (*ptrs[i] != nullptr))
       throw std::invalid_argument("saved activation buffer " + std::to_string(i) +
                                   (sizes[i] > 0 ? " is missing" : " is not expected"));
 }
 
+// The decoder's saved (T, M) sampling coefficients (after the (T, M, C) samples) at row r0.
+template <class T> T* saved_coef(const LayerSaved<T>& saved, const Dims& d, int64_t r0) {
+  return saved.smem + d.T * d.M * d.C + r0 * d.M;
+}
+
+// A dropout site's mask applied to g (the forward on activations, the backward on their
+// gradients: the same mask), into `to` or in place; g itself when nothing drops.
+template <class T, class Ops>
+const T* dropped(const Ops& ops, const LayerOptions& o, DropSite site, int64_t first_row,
+                 int64_t n, const T* g, T* to) {
+  if (!dropping(o)) return g;
+  ops.dropout(drop_args(o, site, first_row, n), g, to, false);
+  return to;
+}
+
 // ---------------------------------------------------------------- forward pieces
+
+// Image n's attention probabilities softmax(Q_m K_m^T / sqrt(D)), (M, Lq, Lq), from its
+// rows of qkv (Q_m is columns [m D, m D + D) of the Q block).
+template <class T, class Ops>
+void attention_probs(const Ops& ops, const Dims& d, const T* qkv_n, T* probs) {
+  const int64_t C3 = 3 * d.C, LL = d.Lq * d.Lq;
+  ops.gemm_batched(false, true, d.Lq, d.Lq, d.D, qkv_n, C3, d.D, qkv_n + d.C, C3, d.D, T(0),
+                   probs, d.Lq, LL, d.M);
+  ops.softmax_rows(d.M * d.Lq, d.Lq, T(1) / std::sqrt(T(d.D)), probs);
+}
 
 // Q K V projections, per-head softmax(Q K^T / sqrt(D)), dropout, probs V, out_proj,
 // add & norm: y0 (T, C).
@@ -189,11 +227,7 @@ void self_attention_forward(const Ops& ops, const Dims& d, const LayerOptions& o
                             const LayerParams<T>& w, const LayerInputs<T>& in,
                             const LayerSaved<T>& saved, const SelfAttnForward<T>& b) {
   const int64_t C = d.C, C3 = 3 * d.C, LL = d.Lq * d.Lq;
-  const T* qk = in.x;
-  if (in.pos) {
-    ops.add(d.T * C, in.x, in.pos, b.qk);
-    qk = b.qk;
-  }
+  const T* qk = with_pos(ops, d.T * C, in.x, in.pos, b.qk);
   T* qkv = saved.qkv ? saved.qkv : b.qkv;
   // [Q K] from x + pos, V from x; rows of qkv are (Q | K | V), each (M, D)
   ops.gemm(false, true, d.T, 2 * C, C, qk, C, w.in_proj_w, C, T(0), qkv, C3, w.in_proj_b,
@@ -204,21 +238,14 @@ void self_attention_forward(const Ops& ops, const Dims& d, const LayerOptions& o
   for (int64_t n = 0; n < d.N; ++n) {
     const T* qkv_n = qkv + n * d.Lq * C3;
     T* probs = saved.probs ? saved.probs + n * d.M * LL : b.probs;
-    // (M heads) scores (Lq, Lq) = Q_m K_m^T; Q_m is columns [m D, m D + D) of qkv_n
-    ops.gemm_batched(false, true, d.Lq, d.Lq, d.D, qkv_n, C3, d.D, qkv_n + C, C3, d.D, T(0),
-                     probs, d.Lq, LL, d.M);
-    ops.softmax_rows(d.M * d.Lq, d.Lq, T(1) / std::sqrt(T(d.D)), probs);
-    const T* pd = probs;
-    if (dropping(o)) {
-      ops.dropout(drop_args(o, kDropAttn, n, d.M * LL), probs, b.pd, false);
-      pd = b.pd;
-    }
+    attention_probs(ops, d, qkv_n, probs);
+    const T* pd = dropped(ops, o, kDropAttn, n, d.M * LL, probs, b.pd);
     // heads_m (Lq, D) = probs_m V_m, written into columns [m D, m D + D) of heads
     ops.gemm_batched(false, false, d.Lq, d.D, d.Lq, pd, d.Lq, LL, qkv_n + 2 * C, C3, d.D, T(0),
                      heads + n * d.Lq * C, C, d.D, d.M);
   }
   ops.gemm(false, true, d.T, C, C, heads, C, w.sa_out_w, C, T(0), b.a, C, w.sa_out_b, false);
-  if (dropping(o)) ops.dropout(drop_args(o, kDropA, 0, d.T * C), b.a, b.a, false);
+  dropped(ops, o, kDropA, 0, d.T * C, b.a, b.a);
   ops.add_layernorm(d.T, C, in.x, b.a, w.norm_a_w, w.norm_a_b, b.y0, saved.xhat_a,
                     saved.rstd_a);
 }
@@ -247,11 +274,7 @@ void block_forward(const Ops& ops, const LayerShape& s, const Dims& d, const Lay
                    const LayerSaved<T>& saved, const BlockForward<T>& b) {
   const int64_t C = d.C, K = d.K;
   const T* x = xin + r0 * C;
-  const T* q = x;
-  if (in.pos) {
-    ops.add(rows * C, x, in.pos + r0 * C, b.q);
-    q = b.q;
-  }
+  const T* q = with_pos(ops, rows * C, x, in.pos ? in.pos + r0 * C : nullptr, b.q);
   T* raw = rows_of(saved.raw, r0, 3 * K, b.raw);
   ops.gemm(false, true, rows, 3 * K, C, q, C, w.oa_w, C, T(0), raw, 3 * K, w.oa_b, false);
   ops.sampling_forward(sampling_args(s, rows), raw, in.ref + r0 * s.msda.L * s.ref_dim, b.loc,
@@ -259,21 +282,21 @@ void block_forward(const Ops& ops, const LayerShape& s, const Dims& d, const Lay
   T* sampled = rows_of(saved.sampled, r0, C, b.sampled);
   if (s.decoder) {
     T* smem = rows_of(saved.smem, r0, d.M * C, b.smem);
-    T* coef = saved.smem ? saved.smem + d.T * d.M * C + r0 * d.M : b.coef;
+    T* coef = saved.smem ? saved_coef(saved, d, r0) : b.coef;
     sample_memory(ops, s, d, w, maps, n, rows, b.loc, b.attn, smem, coef, sampled);
   } else {
     ops.msda_forward(block_shape(s, rows), maps.value + n * d.S * C, b.loc, b.attn, sampled);
   }
   ops.gemm(false, true, rows, C, C, sampled, C, w.out_w, C, T(0), b.a, C, w.out_b, false);
-  if (dropping(o)) ops.dropout(drop_args(o, kDropB, r0, rows * C), b.a, b.a, false);
+  dropped(ops, o, kDropB, r0, rows * C, b.a, b.a);
   ops.add_layernorm(rows, C, x, b.a, w.norm_b_w, w.norm_b_b, b.y1,
                     rows_of(saved.xhat_b, r0, C, static_cast<T*>(nullptr)),
                     rows_of(saved.rstd_b, r0, 1, static_cast<T*>(nullptr)));
   T* hidden = rows_of(saved.hidden, r0, d.F, b.hidden);
   ops.gemm(false, true, rows, d.F, C, b.y1, C, w.lin1_w, C, T(0), hidden, d.F, w.lin1_b, true);
-  if (dropping(o)) ops.dropout(drop_args(o, kDropFfn, r0, rows * d.F), hidden, hidden, false);
+  dropped(ops, o, kDropFfn, r0, rows * d.F, hidden, hidden);
   ops.gemm(false, true, rows, C, d.F, hidden, d.F, w.lin2_w, d.F, T(0), b.a, C, w.lin2_b, false);
-  if (dropping(o)) ops.dropout(drop_args(o, kDropC, r0, rows * C), b.a, b.a, false);
+  dropped(ops, o, kDropC, r0, rows * C, b.a, b.a);
   ops.add_layernorm(rows, C, b.y1, b.a, w.norm_c_w, w.norm_c_b, out + r0 * C,
                     rows_of(saved.xhat_c, r0, C, static_cast<T*>(nullptr)),
                     rows_of(saved.rstd_c, r0, 1, static_cast<T*>(nullptr)));
@@ -347,15 +370,6 @@ void norm_backward(const Ops& ops, int64_t rows, int64_t C, const T* dy, const T
   ops.layernorm_backward(rows, C, dy, xhat, rstd, gamma, dx);
 }
 
-// Gradient of a dropout site (the same mask on the gradient), into `to` or in place.
-template <class T, class Ops>
-const T* drop_backward(const Ops& ops, const LayerOptions& o, DropSite site, int64_t first_row,
-                       int64_t n, const T* g, T* to) {
-  if (!dropping(o)) return g;
-  ops.dropout(drop_args(o, site, first_row, n), g, to, false);
-  return to;
-}
-
 // Backward of sample_memory: from b.dsampled to the value projection's gradients,
 // the memory's gradient (accumulated) and b.dloc / b.dattn.
 template <class T, class Ops>
@@ -367,7 +381,7 @@ void sample_memory_backward(const Ops& ops, const LayerShape& s, const Dims& d,
                             size_t msda_ws_bytes) {
   const int64_t C = d.C, D = d.D, M = d.M;
   const T* smem = saved.smem + r0 * M * C;
-  const T* coef = saved.smem + d.T * M * C + r0 * M;
+  const T* coef = saved_coef(saved, d, r0);
   const T beta = acc ? T(1) : T(0);
   // sampled_m = smem_m W_v,m^T + coef_m b_v,m:
   // dsmem_m = dsampled_m W_v,m, dW_v,m = dsampled_m^T smem_m,
@@ -401,13 +415,13 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
   // out = LN_c(y1 + drop_c(f)): g = d(y1 + drop_c(f)), then df
   norm_backward(ops, rows, C, dout, saved.xhat_c + r0 * C, saved.rstd_c + r0, w.norm_c_w, b.g,
                 gw.norm_c_w, gw.norm_c_b, acc);
-  const T* df = drop_backward(ops, o, kDropC, r0, rows * C, b.g, b.df);
+  const T* df = dropped(ops, o, kDropC, r0, rows * C, b.g, b.df);
   // FFN: f = hidden W_2^T + b_2, hidden = drop(relu(y1 W_1^T + b_1))
   ops.layernorm_apply(rows, C, saved.xhat_b + r0 * C, w.norm_b_w, w.norm_b_b, b.y1);
   T* h = saved.hidden ? saved.hidden + r0 * F : b.h;
   if (!saved.hidden) {
     ops.gemm(false, true, rows, F, C, b.y1, C, w.lin1_w, C, T(0), h, F, w.lin1_b, true);
-    if (dropping(o)) ops.dropout(drop_args(o, kDropFfn, r0, rows * F), h, h, false);
+    dropped(ops, o, kDropFfn, r0, rows * F, h, h);
   }
   linear_backward(ops, rows, F, C, h, F, df, C, w.lin2_w, gw.lin2_w, gw.lin2_b, acc, b.dh, F,
                   T(0));
@@ -420,7 +434,7 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
   T* dx = dxin + r0 * C;
   norm_backward(ops, rows, C, b.g, saved.xhat_b + r0 * C, saved.rstd_b + r0, w.norm_b_w, dx,
                 gw.norm_b_w, gw.norm_b_b, acc);
-  const T* da = drop_backward(ops, o, kDropB, r0, rows * C, dx, b.da);
+  const T* da = dropped(ops, o, kDropB, r0, rows * C, dx, b.da);
   // sampled = msda(value, loc, attn): loc and attn recomputed from the saved projection,
   // and the encoder's sampled features too (one MSDA forward, cheaper than storing them)
   const T* raw = saved.raw + r0 * 3 * K;
@@ -433,12 +447,7 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
   // a = sampled W_o^T + b_o
   linear_backward(ops, rows, C, C, sampled, C, da, C, w.out_w, gw.out_w, gw.out_b, acc,
                   b.dsampled, C, T(0));
-  const T* x = xin + r0 * C;
-  const T* q = x;
-  if (in.pos) {
-    ops.add(rows * C, x, in.pos + r0 * C, b.q);
-    q = b.q;
-  }
+  const T* q = with_pos(ops, rows * C, xin + r0 * C, in.pos ? in.pos + r0 * C : nullptr, b.q);
   if (s.decoder)
     sample_memory_backward(ops, s, d, w, maps, vg, saved, gw, n, r0, rows, acc, b, msda_ws,
                            msda_ws_bytes);
@@ -468,7 +477,7 @@ void self_attention_backward(const Ops& ops, const Dims& d, const LayerOptions& 
   // y0 = LN_a(x + drop_a(a)): the residual's gradient is dx
   norm_backward(ops, d.T, C, dy0, saved.xhat_a, saved.rstd_a, w.norm_a_w, gi.x, gw.norm_a_w,
                 gw.norm_a_b, false);
-  const T* da = drop_backward(ops, o, kDropA, 0, d.T * C, gi.x, b.da);
+  const T* da = dropped(ops, o, kDropA, 0, d.T * C, gi.x, b.da);
   linear_backward(ops, d.T, C, C, saved.sa_heads, C, da, C, w.sa_out_w, gw.sa_out_w, gw.sa_out_b,
                   false, b.dheads, C, T(0));
   for (int64_t n = 0; n < d.N; ++n) {
@@ -476,22 +485,14 @@ void self_attention_backward(const Ops& ops, const Dims& d, const LayerOptions& 
     T* dqkv_n = b.dqkv + n * d.Lq * C3;
     const T* dheads_n = b.dheads + n * d.Lq * C;
     T* probs = saved.probs ? saved.probs + n * d.M * LL : b.probs;
-    if (!saved.probs) {
-      ops.gemm_batched(false, true, d.Lq, d.Lq, d.D, qkv_n, C3, d.D, qkv_n + C, C3, d.D, T(0),
-                       probs, d.Lq, LL, d.M);
-      ops.softmax_rows(d.M * d.Lq, d.Lq, scale, probs);
-    }
-    const T* pd = probs;
-    if (dropping(o)) {
-      ops.dropout(drop_args(o, kDropAttn, n, d.M * LL), probs, b.pd, false);
-      pd = b.pd;
-    }
+    if (!saved.probs) attention_probs(ops, d, qkv_n, probs);
+    const T* pd = dropped(ops, o, kDropAttn, n, d.M * LL, probs, b.pd);
     // heads_m = pd_m V_m: dV_m = pd_m^T dheads_m, dpd_m = dheads_m V_m^T
     ops.gemm_batched(true, false, d.Lq, d.D, d.Lq, pd, d.Lq, LL, dheads_n, C, d.D, T(0),
                      dqkv_n + 2 * C, C3, d.D, d.M);
     ops.gemm_batched(false, true, d.Lq, d.Lq, d.D, dheads_n, C, d.D, qkv_n + 2 * C, C3, d.D,
                      T(0), b.dp, d.Lq, LL, d.M);
-    if (dropping(o)) ops.dropout(drop_args(o, kDropAttn, n, d.M * LL), b.dp, b.dp, false);
+    dropped(ops, o, kDropAttn, n, d.M * LL, b.dp, b.dp);
     // scores = scale Q K^T: ds = scale * softmax backward; dQ = ds K, dK = ds^T Q
     ops.softmax_rows_backward(d.M * d.Lq, d.Lq, scale, probs, b.dp);
     ops.gemm_batched(false, false, d.Lq, d.D, d.Lq, b.dp, d.Lq, LL, qkv_n + C, C3, d.D, T(0),
@@ -500,11 +501,7 @@ void self_attention_backward(const Ops& ops, const Dims& d, const LayerOptions& 
                      dqkv_n + C, C3, d.D, d.M);
   }
   // [Q K] = qk W_qk^T + b_qk with qk = x + pos; V = x W_v^T + b_v
-  const T* qk = in.x;
-  if (in.pos) {
-    ops.add(d.T * C, in.x, in.pos, b.qk);
-    qk = b.qk;
-  }
+  const T* qk = with_pos(ops, d.T * C, in.x, in.pos, b.qk);
   ops.column_sums(d.T, C3, b.dqkv, gw.in_proj_b, false);
   linear_backward(ops, d.T, C, 2 * C, qk, C, b.dqkv, C3, w.in_proj_w, gw.in_proj_w,
                   static_cast<T*>(nullptr), false, b.dqk, C, T(0));
@@ -603,9 +600,7 @@ void layer_forward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
                    const LayerParams<T>& w, const LayerInputs<T>& in, T* out,
                    const LayerSaved<T>& saved, void* workspace, size_t workspace_bytes) {
   using namespace layer_detail;
-  validate(s);
-  check_saved(s, o, saved);
-  if (s.decoder && !in.memory) throw std::invalid_argument("layer: a decoder layer needs memory");
+  check_call(s, o, saved, in);
   const Dims d(s);
   Carver ws(workspace, Ops::kAlign);
   const ForwardSpace<T> sp(ws, s, d, saved);
@@ -623,10 +618,9 @@ void layer_forward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
     self_attention_forward(ops, d, o, w, in, saved, sp.sa);
     xin = sp.sa.y0;
   }
-  for (int64_t n = 0; n < d.N; ++n)
-    for (int64_t q0 = 0; q0 < d.Lq; q0 += d.B)
-      block_forward(ops, s, d, o, w, in, xin, maps, n, n * d.Lq + q0,
-                    std::min(d.B, d.Lq - q0), out, saved, sp.blk);
+  for_each_block(d.N, d.Lq, d.B, [&](int64_t n, int64_t r0, int64_t rows) {
+    block_forward(ops, s, d, o, w, in, xin, maps, n, r0, rows, out, saved, sp.blk);
+  });
 }
 
 template <class T, class Ops>
@@ -635,11 +629,9 @@ void layer_backward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
                     const T* grad_out, const LayerInputGrads<T>& gi,
                     const LayerParamGrads<T>& gw, void* workspace, size_t workspace_bytes) {
   using namespace layer_detail;
-  validate(s);
   if (!o.training) throw std::invalid_argument("layer: the backward needs a training forward");
-  check_saved(s, o, saved);
+  check_call(s, o, saved, in);
   if (!gi.x) throw std::invalid_argument("layer: the input gradient buffer is missing");
-  if (s.decoder && !in.memory) throw std::invalid_argument("layer: a decoder layer needs memory");
   const Dims d(s);
   Carver ws(workspace, Ops::kAlign);
   const BackwardSpace<T> sp(ws, s, d, saved, msda_scratch(ops, s, d));
@@ -659,13 +651,11 @@ void layer_backward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
     dxin = sp.dy0;
   }
   bool accumulate = false;  // the first block writes the parameter gradients
-  for (int64_t n = 0; n < d.N; ++n)
-    for (int64_t q0 = 0; q0 < d.Lq; q0 += d.B) {
-      block_backward(ops, s, d, o, w, in, xin, saved, grad_out, n, n * d.Lq + q0,
-                     std::min(d.B, d.Lq - q0), dxin, maps, vg, gi, gw, accumulate, sp.blk,
-                     sp.msda, sp.msda_bytes);
-      accumulate = true;
-    }
+  for_each_block(d.N, d.Lq, d.B, [&](int64_t n, int64_t r0, int64_t rows) {
+    block_backward(ops, s, d, o, w, in, xin, saved, grad_out, n, r0, rows, dxin, maps, vg, gi,
+                   gw, accumulate, sp.blk, sp.msda, sp.msda_bytes);
+    accumulate = true;
+  });
   if (s.decoder) {
     // padded memory tokens were zeroed before sampling: no gradient reaches them
     if (in.mask) ops.mask_rows(d.N * d.S, d.C, in.mask, vg.memory);

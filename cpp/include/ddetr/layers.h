@@ -103,6 +103,8 @@ template <class T> struct LayerInputs {
   const uint8_t* mask = nullptr; // (N, S), nonzero on padding, or null
 };
 
+constexpr int kLayerSavedCount = 14;
+
 // Saved activations; the element counts are given by layer_saved_sizes.
 template <class T> struct LayerSaved {
   T *qkv = nullptr, *probs = nullptr, *sa_heads = nullptr, *xhat_a = nullptr,
@@ -111,6 +113,12 @@ template <class T> struct LayerSaved {
     *rstd_b = nullptr;                                        // deformable attention
   T *hidden = nullptr, *xhat_c = nullptr, *rstd_c = nullptr;  // FFN
   T* smem = nullptr;  // decoder: sampled memory (T, M, C) then coefficients (T, M)
+
+  // every field in the order above (layer_saved_sizes' order)
+  std::array<T**, kLayerSavedCount> fields() {
+    return {&qkv,    &probs,  &sa_heads, &xhat_a, &rstd_a, &value,  &raw,
+            &sampled, &xhat_b, &rstd_b,  &hidden, &xhat_c, &rstd_c, &smem};
+  }
 };
 
 // Input gradients: dx always; the others may be null when not wanted.
@@ -119,7 +127,6 @@ template <class T> struct LayerInputGrads {
 };
 
 // Element counts of the saved buffers, in LayerSaved's order (0: not used).
-constexpr int kLayerSavedCount = 14;
 void layer_saved_sizes(const LayerShape& s, const LayerOptions& o,
                        int64_t sizes[kLayerSavedCount]);
 
@@ -166,11 +173,12 @@ template <class T> LayerInputs<T> typed(const LayerInputs<void>& p) {
           static_cast<const T*>(p.ref), static_cast<const T*>(p.memory), p.mask};
 }
 
-template <class T> LayerSaved<T> typed(const LayerSaved<void>& p) {
-  auto c = [](void* v) { return static_cast<T*>(v); };
-  return {c(p.qkv),    c(p.probs),  c(p.sa_heads), c(p.xhat_a), c(p.rstd_a),
-          c(p.value),  c(p.raw),    c(p.sampled),  c(p.xhat_b), c(p.rstd_b),
-          c(p.hidden), c(p.xhat_c), c(p.rstd_c),   c(p.smem)};
+template <class T> LayerSaved<T> typed(LayerSaved<void> p) {
+  LayerSaved<T> t;
+  const auto from = p.fields();
+  const auto to = t.fields();
+  for (int i = 0; i < kLayerSavedCount; ++i) *to[i] = static_cast<T*>(*from[i]);
+  return t;
 }
 
 template <class T> LayerInputGrads<T> typed(const LayerInputGrads<void>& p) {

@@ -1,0 +1,47 @@
+// Checks and sizes of the native layers (ddetr/layers.h) shared by the CPU and CUDA
+// passes.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "ddetr/layer_driver.h"
+
+namespace ddetr {
+
+void layer_saved_sizes(const LayerShape& s, const LayerOptions& o,
+                       int64_t sizes[kLayerSavedCount]) {
+  const layer_detail::Dims d(s);
+  const int64_t dec = s.decoder ? 1 : 0;
+  const int64_t vals[kLayerSavedCount] = {
+      dec * d.T * 3 * d.C,                              // qkv
+      o.recompute ? 0 : dec * d.N * d.M * d.Lq * d.Lq,  // probs
+      dec * d.T * d.C,                                  // sa_heads
+      dec * d.T * d.C,                                  // xhat_a
+      dec * d.T,                                        // rstd_a
+      dec ? 0 : d.N * d.S * d.C,                        // value (encoder)
+      d.T * 3 * d.K,                                    // raw
+      dec * d.T * d.C,                                  // sampled (decoder)
+      d.T * d.C,                                        // xhat_b
+      d.T,                                              // rstd_b
+      o.recompute ? 0 : d.T * d.F,                      // hidden
+      d.T * d.C,                                        // xhat_c
+      d.T,                                              // rstd_c
+      dec * d.T * d.M * (d.C + 1)};                     // smem and coefficients
+  std::copy(vals, vals + kLayerSavedCount, sizes);
+}
+
+void validate(const LayerShape& s) {
+  auto bad = [](const std::string& what) { throw std::invalid_argument("layer: " + what); };
+  validate(s.msda);
+  if (s.N < 1 || s.Lq < 1 || s.C < 1 || s.F < 1)
+    bad("N, Lq, d_model and dim_feedforward must be positive");
+  if (s.msda.N != s.N || s.msda.Lq != s.Lq) bad("the MSDA shape's N / Lq differ from the layer's");
+  if (s.msda.M * s.msda.D != s.C)
+    bad("d_model (" + std::to_string(s.C) + ") != num_heads * head dim (" +
+        std::to_string(s.msda.M) + " * " + std::to_string(s.msda.D) + ")");
+  if (s.msda.S < 1) bad("the value maps are empty");
+  if (s.ref_dim != 2 && s.ref_dim != 4) bad("reference points must have 2 or 4 coordinates");
+  if (!s.decoder && s.msda.S != s.Lq) bad("an encoder layer's queries are its S tokens");
+}
+
+}  // namespace ddetr
