@@ -157,6 +157,18 @@ void require_cublas() {
         "native layers on CUDA need cuBLAS: no library is loaded (load_cublas)");
 }
 
+// Runs fn(ops, Tag<T>) on the CudaOps of `dtype` for `device` and `stream`, with cuBLAS
+// loaded and the device current: what every layer pass needs first.
+template <class F>
+void with_cuda_ops(DType dtype, bool deterministic, int device, uintptr_t stream, F&& fn) {
+  require_cublas();
+  DeviceGuard guard(device);
+  dispatch_layer(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    fn(CudaOps<T>{device, as_stream(stream), deterministic}, tag);
+  });
+}
+
 }  // namespace
 
 void cublas_gemm(int device, cudaStream_t stream, const GemmCall<float>& g) {
@@ -218,12 +230,8 @@ void layer_forward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o,
                         const LayerSaved<void>& saved, void* workspace,
                         size_t workspace_bytes, bool deterministic, int device,
                         uintptr_t stream) {
-  using namespace cuda_detail;
-  require_cublas();
-  DeviceGuard guard(device);
-  dispatch_layer(dtype, [&](auto tag) {
+  cuda_detail::with_cuda_ops(dtype, deterministic, device, stream, [&](const auto& ops, auto tag) {
     using T = typename decltype(tag)::type;
-    const CudaOps<T> ops{device, as_stream(stream), deterministic};
     layer_forward<T>(ops, s, o, typed<T>(w), typed<T>(in), static_cast<T*>(out),
                      typed<T>(saved), workspace, workspace_bytes);
   });
@@ -236,12 +244,8 @@ void layer_backward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o
                          const LayerParamGrads<void>& grad_w, void* workspace,
                          size_t workspace_bytes, bool deterministic, int device,
                          uintptr_t stream) {
-  using namespace cuda_detail;
-  require_cublas();
-  DeviceGuard guard(device);
-  dispatch_layer(dtype, [&](auto tag) {
+  cuda_detail::with_cuda_ops(dtype, deterministic, device, stream, [&](const auto& ops, auto tag) {
     using T = typename decltype(tag)::type;
-    const CudaOps<T> ops{device, as_stream(stream), deterministic};
     layer_backward<T>(ops, s, o, typed<T>(w), typed<T>(in), typed<T>(saved),
                       static_cast<const T*>(grad_out), typed<T>(grad_in), typed<T>(grad_w),
                       workspace, workspace_bytes);
