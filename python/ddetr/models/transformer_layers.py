@@ -84,11 +84,12 @@ class DeformableTransformerEncoderLayer(nn.Module):
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """src, pos (N, S, C); reference_points (N, S, L, 2); padding_mask (N, S)."""
-        self.self_attn._check(src, reference_points, src, spatial_shapes, padding_mask)
         if self.native_layers and native_layers.supports(self, src, pos, reference_points):
+            # (encoder_layer checks its inputs itself)
             return native_layers.encoder_layer(self, src, pos, reference_points, spatial_shapes,
                                                level_start_index, padding_mask,
                                                self.recompute_activations)
+        self.self_attn._check(src, reference_points, src, spatial_shapes, padding_mask)
         value = self.self_attn.project_value(src, padding_mask)
         if torch.is_grad_enabled():
             return self._tokens(src, pos, reference_points, value, spatial_shapes,
@@ -153,8 +154,6 @@ class DeformableTransformerDecoderLayer(nn.Module):
         """tgt, query_pos (N, Lq, C); reference_points (N, Lq, L, 2 or 4); memory (N, S, C)."""
         if self.native_layers and native_layers.supports(self, tgt, query_pos, reference_points,
                                                                  memory):
-            self.cross_attn._check(tgt, reference_points, memory, spatial_shapes,
-                                   memory_padding_mask)
             return native_layers.decoder_layer(self, tgt, query_pos, reference_points, memory,
                                                spatial_shapes, level_start_index,
                                                memory_padding_mask, self.recompute_activations)

@@ -55,12 +55,18 @@ def _load_blas() -> bool:
         return False
     libs = sorted(glob.glob(os.path.join(scipy_openblas32.get_lib_dir(),
                                          f"lib{scipy_openblas32.get_library()}.*")))
-    for path in libs:
+    return load_first(_ext._C.load_blas, libs, "linear layers use torch's matmul")
+
+
+def load_first(load, paths, fallback: str) -> bool:
+    """Calls ``load(path)`` on each path until one does not raise RuntimeError; logs each
+    failure with what happens instead (``fallback``). False when none loads."""
+    for path in paths:
         try:
-            _ext._C.load_blas(path)
+            load(path)
             return True
         except RuntimeError as exc:
-            logger.info("could not load %s (%s): linear layers use torch's matmul", path, exc)
+            logger.info("could not load %s (%s): %s", path, exc, fallback)
     return False
 
 

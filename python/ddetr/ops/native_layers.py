@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ddetr import _ext
 from ddetr.ops._native import _DTYPE_NAMES, _device, _levels, as_level_tensors
-from ddetr.ops.blas import blas_available
+from ddetr.ops.blas import blas_available, load_first
 from ddetr.ops.philox_dropout import _seed
 
 logger = logging.getLogger(__name__)
@@ -72,12 +72,8 @@ def _load_cublas() -> bool:
     found = ctypes.util.find_library("cublas")
     if found:
         candidates.append(found)
-    for path in candidates:
-        try:
-            _ext._C.load_cublas(path)
-            return True
-        except RuntimeError as exc:
-            logger.info("could not load cuBLAS from %s (%s)", path, exc)
+    if load_first(_ext._C.load_cublas, candidates, "native layers stay off on CUDA"):
+        return True
     logger.info("cuBLAS not found: the native layers stay off on CUDA")
     return False
 
@@ -148,6 +144,12 @@ class _Call:
     levels: list
     options: tuple[bool, bool, float, int]    # training, recompute, p, seed
 
+    def head(self, x: Tensor) -> tuple:
+        """The arguments every native layer entry point starts with."""
+        device, index, _ = _device(x)
+        return (_DTYPE_NAMES[x.dtype], device, index, self.decoder, self.dims, self.sizes,
+                self.levels, self.options)
+
 
 def _deform_params(attn: nn.Module, norm: nn.LayerNorm) -> list[Tensor]:
     # (M*L*P*2 + M*L*P, C): one GEMM for the offsets and the attention logits
@@ -166,37 +168,33 @@ def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _workspace(nbytes: int, device: torch.device) -> Tensor:
-    if device.type != "cpu":
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+def _workspace(call: _Call, x: Tensor, backward: bool) -> tuple[Tensor, bool]:
+    """The workspace of a pass (kept per thread on the CPU), and whether it runs the
+    deterministic CUDA backward."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    nbytes = _ext._C.layer_workspace_bytes(*call.head(x), backward, deterministic)
+    if x.device.type != "cpu":
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device), deterministic
     ws = getattr(_cpu_workspace, "buffer", None)
     if ws is None or ws.numel() < nbytes:
         ws = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         _cpu_workspace.buffer = ws
-    return ws
+    return ws, deterministic
 
 
 class _NativeLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, x, pos, ref, memory, mask, *params):
-        dtype, dev = _DTYPE_NAMES[x.dtype], x.device
-        device, index, stream = _device(x)
-        sizes = _ext._C.layer_saved_sizes(call.decoder, call.dims, call.sizes, call.levels,
-                                          call.options)
+        head = call.head(x)
         training = call.options[0]
-        saved = [torch.empty(n, dtype=x.dtype, device=dev) if training and n else None
-                 for n in sizes]
+        saved = [torch.empty(n, dtype=x.dtype, device=x.device) if training and n else None
+                 for n in _ext._C.layer_saved_sizes(*head[3:])]
         out = torch.empty_like(x)
-        nbytes = _ext._C.layer_workspace_bytes(dtype, device, index, call.decoder, call.dims,
-                                               call.sizes, call.levels, call.options, False,
-                                               torch.are_deterministic_algorithms_enabled())
-        ws = _workspace(nbytes, dev)
-        _ext._C.layer_forward(dtype, device, index, call.decoder, call.dims, call.sizes,
-                              call.levels, call.options, [_ptr(p) for p in params],
-                              [_ptr(x), _ptr(pos), _ptr(ref), _ptr(memory), _ptr(mask)],
-                              out.data_ptr(), [_ptr(s) for s in saved], ws.data_ptr(),
-                              ws.numel(), torch.are_deterministic_algorithms_enabled(),
-                              torch.get_num_threads(), stream)
+        ws, deterministic = _workspace(call, x, backward=False)
+        _ext._C.layer_forward(*head, [_ptr(p) for p in params],
+                              [_ptr(t) for t in (x, pos, ref, memory, mask)], out.data_ptr(),
+                              [_ptr(s) for s in saved], ws.data_ptr(), ws.numel(),
+                              deterministic, torch.get_num_threads(), _device(x)[2])
         ctx.call = call
         ctx.present = [s is not None for s in saved]
         ctx.save_for_backward(x, pos, ref, memory, mask, *params,
@@ -221,20 +219,13 @@ class _NativeLayer(torch.autograd.Function):
         gref = torch.empty_like(ref) if need[3] else None
         gmem = torch.empty_like(memory) if memory is not None and need[4] else None
         gparams = [None if p is None else torch.empty_like(p) for p in params]
-        dtype, dev = _DTYPE_NAMES[x.dtype], x.device
-        device, index, stream = _device(x)
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        nbytes = _ext._C.layer_workspace_bytes(dtype, device, index, call.decoder, call.dims,
-                                               call.sizes, call.levels, call.options, True,
-                                               deterministic)
-        ws = _workspace(nbytes, dev)
-        _ext._C.layer_backward(dtype, device, index, call.decoder, call.dims, call.sizes,
-                               call.levels, call.options, [_ptr(p) for p in params],
-                               [_ptr(x), _ptr(pos), _ptr(ref), _ptr(memory), _ptr(mask)],
+        ws, deterministic = _workspace(call, x, backward=True)
+        _ext._C.layer_backward(*call.head(x), [_ptr(p) for p in params],
+                               [_ptr(t) for t in (x, pos, ref, memory, mask)],
                                [_ptr(s) for s in saved], grad_out.contiguous().data_ptr(),
-                               [_ptr(gx), _ptr(gpos), _ptr(gref), _ptr(gmem)],
+                               [_ptr(t) for t in (gx, gpos, gref, gmem)],
                                [_ptr(g) for g in gparams], ws.data_ptr(), ws.numel(),
-                               deterministic, torch.get_num_threads(), stream)
+                               deterministic, torch.get_num_threads(), _device(x)[2])
         return (None, gx, gpos, gref, gmem, None, *gparams)
 
 
@@ -272,17 +263,15 @@ def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Te
         raise ValueError(f"spatial_shapes: the levels hold {sum(h * w for h, w, _ in levels)} "
                          f"pixels but the value input has {s} tokens")
     p = _dropouts(layer)[0] if layer.training else 0.0
-    tensors = [x, pos, ref] + params
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors
-                                           + [memory])
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, pos, ref, memory, *params))
     training = grad or (layer.training and p > 0)
     call = _Call(decoder, (n, lq, c, layer.linear1.out_features, ref.shape[-1]),
                  (n, s, attn.n_heads, c // attn.n_heads, lq, attn.n_levels, attn.n_points),
                  levels, (training, bool(recompute), float(p), _seed() if p > 0 else 0))
     mask_u8 = None if mask is None else mask.contiguous().view(torch.uint8)
-    contiguous = [None if t is None else t.contiguous() for t in (x, pos, ref, memory)]
-    return _NativeLayer.apply(call, *contiguous, mask_u8,
-                              *[None if t is None else t.contiguous() for t in params])
+    tensors = [None if t is None else t.contiguous() for t in (x, pos, ref, memory, *params)]
+    return _NativeLayer.apply(call, *tensors[:4], mask_u8, *tensors[4:])
 
 
 def encoder_layer(layer: nn.Module, src: Tensor, pos: Tensor | None, reference_points: Tensor,
