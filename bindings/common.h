@@ -36,16 +36,12 @@ inline MsdaShape make_shape(const Sizes& sz, const Levels& levels) {
 
 template <class T> struct Tag { using type = T; };
 
-// The one dtype dispatch of the CPU entry points; without bf16 for entry points whose
-// kernels exist for float32 and float64 only.
-template <bool with_bf16, class Fn> void dispatch_cpu(const std::string& dtype, Fn&& fn) {
+// The one dtype dispatch of the CPU entry points.
+template <class Fn> void dispatch_cpu(const std::string& dtype, Fn&& fn) {
   if (dtype == "float32") return fn(Tag<float>{});
   if (dtype == "float64") return fn(Tag<double>{});
-  if constexpr (with_bf16) {
-    if (dtype == "bfloat16") return fn(Tag<bf16>{});
-  }
-  throw std::invalid_argument(std::string("the CPU kernels take float32, float64") +
-                              (with_bf16 ? " or bfloat16" : "") + ", got " + dtype);
+  if (dtype == "bfloat16") return fn(Tag<bf16>{});
+  throw std::invalid_argument("the CPU kernels take float32, float64 or bfloat16, got " + dtype);
 }
 
 inline DType cuda_dtype(const std::string& dtype) {
@@ -68,9 +64,9 @@ inline DType cuda_dtype(const std::string& dtype) {
 // the one place that dispatches on device and dtype, and knows a build may lack CUDA.
 // `cuda` is a generic lambda, so without CUDA its body (which names the CUDA launchers)
 // is never instantiated and nothing undefined is linked.
-template <bool with_bf16 = true, class Cpu, class Cuda>
+template <class Cpu, class Cuda>
 void on_device(const std::string& dtype, const std::string& device, Cpu&& cpu, Cuda&& cuda) {
-  if (device == "cpu") return dispatch_cpu<with_bf16>(dtype, cpu);
+  if (device == "cpu") return dispatch_cpu(dtype, cpu);
   if (device == "cuda") {
 #ifdef DDETR_WITH_CUDA
     return cuda(cuda_dtype(dtype));

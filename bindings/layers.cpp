@@ -89,13 +89,14 @@ LayerSaved<void> saved_struct(const Pointers& ptrs) {
   return saved;
 }
 
-// float32 / float64 only, on either device
+// float32, float64 or bfloat16 (float16 has no native layer), on either device
 template <class Cpu, class Cuda>
 void on_layer_device(const std::string& dtype, const std::string& device, Cpu&& cpu,
                      Cuda&& cuda) {
-  if (dtype != "float32" && dtype != "float64")
-    throw std::invalid_argument("the native layers take float32 or float64, got " + dtype);
-  on_device</*with_bf16=*/false>(dtype, device, cpu, cuda);
+  if (dtype == "float16")
+    throw std::invalid_argument("the native layers take float32, float64 or bfloat16, got " +
+                                dtype);
+  on_device(dtype, device, cpu, cuda);
 }
 
 std::vector<int64_t> saved_sizes(bool decoder, const Dims& dims, const Sizes& sizes,
@@ -111,7 +112,7 @@ size_t workspace_bytes(const std::string& dtype, const std::string& device, int 
                        const Options& options, bool backward, bool deterministic) {
   const LayerShape s = layer_shape(decoder, dims, sizes, levels);
   const LayerOptions o = layer_options(options);
-  const int elem = dtype == "float64" ? 8 : 4;
+  const int elem = dtype == "float64" ? 8 : dtype == "bfloat16" ? 2 : 4;
   size_t bytes = 0;
   on_layer_device(
       dtype, device,

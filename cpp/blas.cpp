@@ -71,7 +71,95 @@ int as_blas_int(int64_t v, const char* name) {
   return int(v);
 }
 
+// Throws on sizes OpenBLAS cannot take or a missing library; false when C is empty.
+bool check_gemm(const GemmArgs& g) {
+  if (!blas_loaded()) throw std::runtime_error("gemm: no BLAS library is loaded");
+  const int M = as_blas_int(g.M, "M"), N = as_blas_int(g.N, "N"), K = as_blas_int(g.K, "K");
+  const int lda = as_blas_int(g.lda, "lda"), ldb = as_blas_int(g.ldb, "ldb");
+  const int ldc = as_blas_int(g.ldc, "ldc");
+  // row-major leading dimensions: at least the stored row length
+  if (lda < (g.trans_a ? M : K) || ldb < (g.trans_b ? K : N) || ldc < N)
+    throw std::invalid_argument("gemm: a leading dimension is smaller than its row");
+  if (M == 0 || N == 0) return false;
+  if ((!g.A || !g.B) && K > 0) throw std::invalid_argument("gemm: null operand");
+  if (!g.C) throw std::invalid_argument("gemm: null operand");
+  return true;
+}
+
+// dst (rows, cols), row stride cols = the bfloat16 block src[r0 + r, c0 + c] (row stride ld)
+void widen_block(const bf16* src, int64_t ld, int64_t r0, int64_t rows, int64_t c0,
+                 int64_t cols, float* dst, int num_threads) {
+  const int nt = resolve_threads(num_threads, rows * cols, int64_t(1) << 15);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const bf16* s = src + (r0 + r) * ld + c0;
+    float* d = dst + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) d[c] = to_acc(s[c]);
+  }
+}
+
+// c[j] = f[j] + beta * c[j] + bias[j], ReLU when relu, rounded to C once
+template <class C>
+void finish_row(const float* f, int64_t n, float beta, const bf16* bias, bool relu, C* c) {
+  for (int64_t j = 0; j < n; ++j) {
+    float v = f[j];
+    if (beta != 0.f) v += beta * to_acc(c[j]);
+    if (bias) v += to_acc(bias[j]);
+    if (relu && !(v > 0.f)) v = 0.f;
+    c[j] = from_acc<C>(v);
+  }
+}
+
 }  // namespace
+
+void gemm_bf16(const GemmArgs& g, bool c_float, int num_threads, float* scratch) {
+  if (!check_gemm(g)) return;
+  if (!scratch) throw std::invalid_argument("gemm_bf16: null scratch");
+  const int64_t M = g.M, N = g.N, K = g.K;
+  // panels: C rows [m0, m0 + Mc) x all N in float, K in steps of Kc
+  const int64_t Kc = std::max<int64_t>(1, std::min(K, kGemmBf16Panel / N));
+  const int64_t Mc = std::max<int64_t>(1, std::min(M, kGemmBf16Panel / std::max(N, Kc)));
+  float* cf = scratch;
+  float* af = scratch + kGemmBf16Panel;
+  float* bf = scratch + 2 * kGemmBf16Panel;
+  const auto* A = static_cast<const bf16*>(g.A);
+  const auto* B = static_cast<const bf16*>(g.B);
+  const auto* bias = static_cast<const bf16*>(g.bias);
+  const float beta = float(g.beta);
+  int64_t b_k0 = -1;  // the K panel of op(B) now in bf
+  for (int64_t m0 = 0; m0 < M; m0 += Mc) {
+    const int64_t mr = std::min(Mc, M - m0);
+    if (K == 0) std::fill(cf, cf + mr * N, 0.f);
+    for (int64_t k0 = 0; k0 < K; k0 += Kc) {
+      const int64_t kr = std::min(Kc, K - k0);
+      // the panels keep A's and B's own layouts (transposed ones stay transposed)
+      if (g.trans_a)
+        widen_block(A, g.lda, k0, kr, m0, mr, af, num_threads);
+      else
+        widen_block(A, g.lda, m0, mr, k0, kr, af, num_threads);
+      if (b_k0 != k0) {
+        if (g.trans_b)
+          widen_block(B, g.ldb, 0, N, k0, kr, bf, num_threads);
+        else
+          widen_block(B, g.ldb, k0, kr, 0, N, bf, num_threads);
+        b_k0 = k0;
+      }
+      gemm(DType::f32,
+           gemm_args(g.trans_a, g.trans_b, mr, N, kr, af, g.trans_a ? mr : kr, bf,
+                     g.trans_b ? kr : N, k0 == 0 ? 0.0 : 1.0, cf, N),
+           num_threads);
+    }
+    const int nt = resolve_threads(num_threads, mr * N, int64_t(1) << 15);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < mr; ++r) {
+      if (c_float)
+        finish_row(cf + r * N, N, beta, bias, g.relu, static_cast<float*>(g.C) + (m0 + r) * g.ldc);
+      else
+        finish_row(cf + r * N, N, beta, bias, g.relu, static_cast<bf16*>(g.C) + (m0 + r) * g.ldc);
+    }
+  }
+}
 
 void load_blas(const std::string& path) {
   std::lock_guard<std::mutex> lock(g_load_mutex);
@@ -93,19 +181,11 @@ bool blas_loaded() {
 }
 
 void gemm(DType dtype, const GemmArgs& g, int num_threads) {
-  if (!blas_loaded()) throw std::runtime_error("gemm: no BLAS library is loaded");
-  const int M = as_blas_int(g.M, "M"), N = as_blas_int(g.N, "N"), K = as_blas_int(g.K, "K");
-  const int lda = as_blas_int(g.lda, "lda"), ldb = as_blas_int(g.ldb, "ldb");
-  const int ldc = as_blas_int(g.ldc, "ldc");
-  // row-major leading dimensions: at least the stored row length
-  if (lda < (g.trans_a ? M : K) || ldb < (g.trans_b ? K : N) || ldc < N)
-    throw std::invalid_argument("gemm: a leading dimension is smaller than its row");
-  if (M == 0 || N == 0) return;
-  if (!g.A || !g.B || !g.C) {
-    if (K > 0) throw std::invalid_argument("gemm: null operand");
-  }
+  if (!check_gemm(g)) return;
   if (dtype != DType::f32 && dtype != DType::f64)
     throw std::invalid_argument("gemm: float32 or float64 only");
+  const int M = int(g.M), N = int(g.N), K = int(g.K);
+  const int lda = int(g.lda), ldb = int(g.ldb), ldc = int(g.ldc);
   // OpenBLAS itself runs on one thread: its own pool spin-waits between calls and
   // fights the OpenMP teams of torch and of ddetr's kernels for the cores. Threads
   // here are an OpenMP team, each computing a contiguous block of C's rows (rows of

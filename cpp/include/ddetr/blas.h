@@ -65,4 +65,13 @@ inline GemmArgs gemm_args(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
 // dtype f32 or f64; `num_threads` as torch.get_num_threads() (0: OpenMP's default).
 void gemm(DType dtype, const GemmArgs& g, int num_threads);
 
+// The same GEMM on bfloat16 A, B and bias, through sgemm (OpenBLAS builds without a
+// bfloat16 GEMM): op(A) and op(B) are converted to float a panel at a time into
+// `scratch`, products are summed in float over all of K, and each element of C (bf16,
+// or float when c_float) is rounded once, after beta * C, bias and ReLU. `scratch`
+// holds at least kGemmBf16ScratchFloats floats (64-byte aligned).
+constexpr int64_t kGemmBf16Panel = int64_t(1) << 20;  // floats per panel (4 MB)
+constexpr int64_t kGemmBf16ScratchFloats = 3 * kGemmBf16Panel;
+void gemm_bf16(const GemmArgs& g, bool c_float, int num_threads, float* scratch);
+
 }  // namespace ddetr

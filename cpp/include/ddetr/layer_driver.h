@@ -25,6 +25,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "ddetr/dropout.h"
 #include "ddetr/layer_ops.h"
@@ -33,6 +34,18 @@
 namespace ddetr {
 
 namespace layer_detail {
+
+// Whether T is its own accumulation type (float, double), so Acc<T> buffers can stand in
+// for T ones; for bf16 they are rounded into a T copy (to_storage).
+template <class T> constexpr bool kAccIsStorage = std::is_same<T, Acc<T>>::value;
+
+// An Acc<T> buffer: `t` itself where Acc<T> is T, else the separate `acc` (bf16).
+template <class T> Acc<T>* acc_or(Acc<T>* acc, T* t) {
+  if constexpr (kAccIsStorage<T>)
+    return t;
+  else
+    return acc;
+}
 
 // Hands out aligned pieces of the workspace; with a null base it only counts bytes.
 class Carver {
@@ -109,15 +122,16 @@ struct Dims {
 
 // Workspace of the per-block part of the forward.
 template <class T> struct BlockForward {
-  T *q, *raw, *loc, *attn, *sampled, *a, *y1, *hidden, *smem, *coef;
+  T *q, *raw, *sampled, *a, *y1, *hidden, *smem, *coef;
+  Acc<T> *loc, *attn;
   BlockForward(Carver& ws, const Dims& d, const LayerSaved<T>& saved, bool decoder) {
     const int64_t k = decoder && !saved.smem ? 1 : 0;
     smem = ws.take<T>(k * d.B * d.M * d.C);
     coef = ws.take<T>(k * d.B * d.M);
     q = ws.take<T>(d.B * d.C);
     raw = saved.raw ? nullptr : ws.take<T>(d.B * 3 * d.K);
-    loc = ws.take<T>(d.B * 2 * d.K);
-    attn = ws.take<T>(d.B * d.K);
+    loc = ws.take<Acc<T>>(d.B * 2 * d.K);
+    attn = ws.take<Acc<T>>(d.B * d.K);
     sampled = saved.sampled ? nullptr : ws.take<T>(d.B * d.C);
     a = ws.take<T>(d.B * d.C);
     y1 = ws.take<T>(d.B * d.C);
@@ -131,8 +145,13 @@ template <class T> struct ValueMaps {
   const T *value, *memory, *ones;
 };
 
+// Parameter gradients while the backward accumulates them over blocks of rows: in
+// Acc<T>, so bf16 layers round each gradient once, at the end, like a single GEMM would.
+template <class T> using GradAcc = LayerWeights<Acc<T>*>;
+
+// Gradients of the sampled maps, accumulated in Acc<T> (many samples add into each).
 template <class T> struct ValueGrads {
-  T *value, *memory, *ones;
+  Acc<T> *value, *memory, *ones;
 };
 
 // The MSDA shape of one block of rows of one image.
@@ -155,8 +174,10 @@ inline MsdaShape memory_shape(const LayerShape& s, int64_t rows, int64_t D) {
 // Workspace of the decoder's self-attention stage (forward).
 template <class T> struct SelfAttnForward {
   T *qk, *qkv, *probs, *pd, *heads, *a, *y0;
+  Acc<T>* scores;  // bf16: one image's attention scores in Acc<T>
   SelfAttnForward(Carver& ws, const Dims& d, const LayerSaved<T>& saved, bool on) {
     const int64_t k = on ? 1 : 0;
+    scores = kAccIsStorage<T> ? nullptr : ws.take<Acc<T>>(k * d.M * d.Lq * d.Lq);
     qk = ws.take<T>(k * d.T * d.C);
     qkv = saved.qkv ? nullptr : ws.take<T>(k * d.T * 3 * d.C);
     probs = saved.probs ? nullptr : ws.take<T>(k * d.M * d.Lq * d.Lq);
@@ -211,13 +232,15 @@ const T* dropped(const Ops& ops, const LayerOptions& o, DropSite site, int64_t f
 // ---------------------------------------------------------------- forward pieces
 
 // Image n's attention probabilities softmax(Q_m K_m^T / sqrt(D)), (M, Lq, Lq), from its
-// rows of qkv (Q_m is columns [m D, m D + D) of the Q block).
+// rows of qkv (Q_m is columns [m D, m D + D) of the Q block); the scores stay in Acc<T>
+// (`scores`, for bf16) until the softmax.
 template <class T, class Ops>
-void attention_probs(const Ops& ops, const Dims& d, const T* qkv_n, T* probs) {
+void attention_probs(const Ops& ops, const Dims& d, const T* qkv_n, Acc<T>* scores, T* probs) {
   const int64_t C3 = 3 * d.C, LL = d.Lq * d.Lq;
-  ops.gemm_batched(false, true, d.Lq, d.Lq, d.D, qkv_n, C3, d.D, qkv_n + d.C, C3, d.D, T(0),
-                   probs, d.Lq, LL, d.M);
-  ops.softmax_rows(d.M * d.Lq, d.Lq, T(1) / std::sqrt(T(d.D)), probs);
+  Acc<T>* sc = acc_or(scores, probs);
+  ops.gemm_batched(false, true, d.Lq, d.Lq, d.D, qkv_n, C3, d.D, qkv_n + d.C, C3, d.D,
+                   Acc<T>(0), sc, d.Lq, LL, d.M);
+  ops.softmax_rows(d.M * d.Lq, d.Lq, Acc<T>(1) / std::sqrt(Acc<T>(d.D)), sc, probs);
 }
 
 // Q K V projections, per-head softmax(Q K^T / sqrt(D)), dropout, probs V, out_proj,
@@ -230,21 +253,21 @@ void self_attention_forward(const Ops& ops, const Dims& d, const LayerOptions& o
   const T* qk = with_pos(ops, d.T * C, in.x, in.pos, b.qk);
   T* qkv = saved.qkv ? saved.qkv : b.qkv;
   // [Q K] from x + pos, V from x; rows of qkv are (Q | K | V), each (M, D)
-  ops.gemm(false, true, d.T, 2 * C, C, qk, C, w.in_proj_w, C, T(0), qkv, C3, w.in_proj_b,
+  ops.gemm(false, true, d.T, 2 * C, C, qk, C, w.in_proj_w, C, Acc<T>(0), qkv, C3, w.in_proj_b,
            false);
-  ops.gemm(false, true, d.T, C, C, in.x, C, w.in_proj_w + 2 * C * C, C, T(0), qkv + 2 * C,
+  ops.gemm(false, true, d.T, C, C, in.x, C, w.in_proj_w + 2 * C * C, C, Acc<T>(0), qkv + 2 * C,
            C3, w.in_proj_b + 2 * C, false);
   T* heads = saved.sa_heads ? saved.sa_heads : b.heads;
   for (int64_t n = 0; n < d.N; ++n) {
     const T* qkv_n = qkv + n * d.Lq * C3;
     T* probs = saved.probs ? saved.probs + n * d.M * LL : b.probs;
-    attention_probs(ops, d, qkv_n, probs);
+    attention_probs(ops, d, qkv_n, b.scores, probs);
     const T* pd = dropped(ops, o, kDropAttn, n, d.M * LL, probs, b.pd);
     // heads_m (Lq, D) = probs_m V_m, written into columns [m D, m D + D) of heads
-    ops.gemm_batched(false, false, d.Lq, d.D, d.Lq, pd, d.Lq, LL, qkv_n + 2 * C, C3, d.D, T(0),
+    ops.gemm_batched(false, false, d.Lq, d.D, d.Lq, pd, d.Lq, LL, qkv_n + 2 * C, C3, d.D, Acc<T>(0),
                      heads + n * d.Lq * C, C, d.D, d.M);
   }
-  ops.gemm(false, true, d.T, C, C, heads, C, w.sa_out_w, C, T(0), b.a, C, w.sa_out_b, false);
+  ops.gemm(false, true, d.T, C, C, heads, C, w.sa_out_w, C, Acc<T>(0), b.a, C, w.sa_out_b, false);
   dropped(ops, o, kDropA, 0, d.T * C, b.a, b.a);
   ops.add_layernorm(d.T, C, in.x, b.a, w.norm_a_w, w.norm_a_b, b.y0, saved.xhat_a,
                     saved.rstd_a);
@@ -254,14 +277,14 @@ void self_attention_forward(const Ops& ops, const Dims& d, const LayerOptions& o
 // smem (rows, M, C), coef (rows, M), sampled (rows, M * D).
 template <class T, class Ops>
 void sample_memory(const Ops& ops, const LayerShape& s, const Dims& d, const LayerParams<T>& w,
-                   const ValueMaps<T>& maps, int64_t n, int64_t rows, const T* loc,
-                   const T* attn, T* smem, T* coef, T* sampled) {
+                   const ValueMaps<T>& maps, int64_t n, int64_t rows, const Acc<T>* loc,
+                   const Acc<T>* attn, T* smem, T* coef, T* sampled) {
   ops.msda_forward(memory_shape(s, rows, d.C), maps.memory + n * d.S * d.C, loc, attn, smem);
   ops.msda_forward(memory_shape(s, rows, 1), maps.ones + n * d.S, loc, attn, coef);
   // per head: sampled_m (rows, D) = smem_m (rows, C) W_v,m^T + coef_m (rows, 1) b_v,m (1, D)
   ops.gemm_batched(false, true, rows, d.D, d.C, smem, d.M * d.C, d.C, w.value_w, d.C, d.D * d.C,
-                   T(0), sampled, d.C, d.D, d.M);
-  ops.gemm_batched(false, false, rows, d.D, 1, coef, d.M, 1, w.value_b, d.D, d.D, T(1), sampled,
+                   Acc<T>(0), sampled, d.C, d.D, d.M);
+  ops.gemm_batched(false, false, rows, d.D, 1, coef, d.M, 1, w.value_b, d.D, d.D, Acc<T>(1), sampled,
                    d.C, d.D, d.M);
 }
 
@@ -276,7 +299,7 @@ void block_forward(const Ops& ops, const LayerShape& s, const Dims& d, const Lay
   const T* x = xin + r0 * C;
   const T* q = with_pos(ops, rows * C, x, in.pos ? in.pos + r0 * C : nullptr, b.q);
   T* raw = rows_of(saved.raw, r0, 3 * K, b.raw);
-  ops.gemm(false, true, rows, 3 * K, C, q, C, w.oa_w, C, T(0), raw, 3 * K, w.oa_b, false);
+  ops.gemm(false, true, rows, 3 * K, C, q, C, w.oa_w, C, Acc<T>(0), raw, 3 * K, w.oa_b, false);
   ops.sampling_forward(sampling_args(s, rows), raw, in.ref + r0 * s.msda.L * s.ref_dim, b.loc,
                        b.attn);
   T* sampled = rows_of(saved.sampled, r0, C, b.sampled);
@@ -287,15 +310,15 @@ void block_forward(const Ops& ops, const LayerShape& s, const Dims& d, const Lay
   } else {
     ops.msda_forward(block_shape(s, rows), maps.value + n * d.S * C, b.loc, b.attn, sampled);
   }
-  ops.gemm(false, true, rows, C, C, sampled, C, w.out_w, C, T(0), b.a, C, w.out_b, false);
+  ops.gemm(false, true, rows, C, C, sampled, C, w.out_w, C, Acc<T>(0), b.a, C, w.out_b, false);
   dropped(ops, o, kDropB, r0, rows * C, b.a, b.a);
   ops.add_layernorm(rows, C, x, b.a, w.norm_b_w, w.norm_b_b, b.y1,
                     rows_of(saved.xhat_b, r0, C, static_cast<T*>(nullptr)),
                     rows_of(saved.rstd_b, r0, 1, static_cast<T*>(nullptr)));
   T* hidden = rows_of(saved.hidden, r0, d.F, b.hidden);
-  ops.gemm(false, true, rows, d.F, C, b.y1, C, w.lin1_w, C, T(0), hidden, d.F, w.lin1_b, true);
+  ops.gemm(false, true, rows, d.F, C, b.y1, C, w.lin1_w, C, Acc<T>(0), hidden, d.F, w.lin1_b, true);
   dropped(ops, o, kDropFfn, r0, rows * d.F, hidden, hidden);
-  ops.gemm(false, true, rows, C, d.F, hidden, d.F, w.lin2_w, d.F, T(0), b.a, C, w.lin2_b, false);
+  ops.gemm(false, true, rows, C, d.F, hidden, d.F, w.lin2_w, d.F, Acc<T>(0), b.a, C, w.lin2_b, false);
   dropped(ops, o, kDropC, r0, rows * C, b.a, b.a);
   ops.add_layernorm(rows, C, b.y1, b.a, w.norm_c_w, w.norm_c_b, out + r0 * C,
                     rows_of(saved.xhat_c, r0, C, static_cast<T*>(nullptr)),
@@ -305,16 +328,18 @@ void block_forward(const Ops& ops, const LayerShape& s, const Dims& d, const Lay
 // ---------------------------------------------------------------- backward pieces
 
 template <class T> struct BlockBackward {
-  T *g, *df, *y1, *h, *dh, *da, *dsampled, *q, *loc, *attn, *dloc, *dattn, *draw, *dq;
+  T *g, *df, *y1, *h, *dh, *da, *dsampled, *q, *draw, *dq;
+  Acc<T> *loc, *attn, *dloc, *dattn;  // MSDA's sampling locations and weights: Acc<T>
   T *sampled;                         // encoder
-  T *dsmem, *dcoef, *dloc2, *dattn2;  // decoder
+  T *dsmem, *dcoef;                   // decoder
+  Acc<T> *dloc2, *dattn2;
   BlockBackward(Carver& ws, const Dims& d, const LayerSaved<T>& saved, bool decoder) {
     const int64_t k = decoder ? 1 : 0;
     sampled = saved.sampled ? nullptr : ws.take<T>(d.B * d.C);
     dsmem = ws.take<T>(k * d.B * d.M * d.C);
     dcoef = ws.take<T>(k * d.B * d.M);
-    dloc2 = ws.take<T>(k * d.B * 2 * d.K);
-    dattn2 = ws.take<T>(k * d.B * d.K);
+    dloc2 = ws.take<Acc<T>>(k * d.B * 2 * d.K);
+    dattn2 = ws.take<Acc<T>>(k * d.B * d.K);
     g = ws.take<T>(d.B * d.C);
     df = ws.take<T>(d.B * d.C);
     y1 = ws.take<T>(d.B * d.C);
@@ -323,10 +348,10 @@ template <class T> struct BlockBackward {
     da = ws.take<T>(d.B * d.C);
     dsampled = ws.take<T>(d.B * d.C);
     q = ws.take<T>(d.B * d.C);
-    loc = ws.take<T>(d.B * 2 * d.K);
-    attn = ws.take<T>(d.B * d.K);
-    dloc = ws.take<T>(d.B * 2 * d.K);
-    dattn = ws.take<T>(d.B * d.K);
+    loc = ws.take<Acc<T>>(d.B * 2 * d.K);
+    attn = ws.take<Acc<T>>(d.B * d.K);
+    dloc = ws.take<Acc<T>>(d.B * 2 * d.K);
+    dattn = ws.take<Acc<T>>(d.B * d.K);
     draw = ws.take<T>(d.B * 3 * d.K);
     dq = ws.take<T>(d.B * d.C);
   }
@@ -334,8 +359,10 @@ template <class T> struct BlockBackward {
 
 template <class T> struct SelfAttnBackward {
   T *da, *dheads, *dqkv, *probs, *pd, *dp, *qk, *dqk;
+  Acc<T>* scores;  // bf16: one image's attention scores, then their gradient, in Acc<T>
   SelfAttnBackward(Carver& ws, const Dims& d, const LayerSaved<T>& saved, bool on) {
     const int64_t k = on ? 1 : 0;
+    scores = kAccIsStorage<T> ? nullptr : ws.take<Acc<T>>(k * d.M * d.Lq * d.Lq);
     da = ws.take<T>(k * d.T * d.C);
     dheads = ws.take<T>(k * d.T * d.C);
     dqkv = ws.take<T>(k * d.T * 3 * d.C);
@@ -351,10 +378,11 @@ template <class T> struct SelfAttnBackward {
 // `rows` rows; dX = dY W (+ beta * dX) when dX is given.
 template <class T, class Ops>
 void linear_backward(const Ops& ops, int64_t rows, int64_t in_f, int64_t out_f, const T* x,
-                     int64_t ldx, const T* dy, int64_t lddy, const T* weight, T* dw, T* db,
-                     bool accumulate, T* dx, int64_t lddx, T dx_beta) {
-  ops.gemm(true, false, out_f, in_f, rows, dy, lddy, x, ldx, accumulate ? T(1) : T(0), dw, in_f,
-           nullptr, false);
+                     int64_t ldx, const T* dy, int64_t lddy, const T* weight, Acc<T>* dw,
+                     Acc<T>* db,
+                     bool accumulate, T* dx, int64_t lddx, Acc<T> dx_beta) {
+  ops.gemm(true, false, out_f, in_f, rows, dy, lddy, x, ldx, Acc<T>(accumulate ? 1 : 0), dw,
+           in_f, nullptr, false);
   if (db) ops.column_sums(rows, out_f, dy, db, accumulate);  // dy contiguous here
   if (dx)
     ops.gemm(false, false, rows, in_f, out_f, dy, lddy, weight, in_f, dx_beta, dx, lddx, nullptr,
@@ -364,7 +392,8 @@ void linear_backward(const Ops& ops, int64_t rows, int64_t in_f, int64_t out_f, 
 // LayerNorm backward of rows: dx from dy, and the gamma / beta gradients.
 template <class T, class Ops>
 void norm_backward(const Ops& ops, int64_t rows, int64_t C, const T* dy, const T* xhat,
-                   const T* rstd, const T* gamma, T* dx, T* dgamma, T* dbeta, bool accumulate) {
+                   const T* rstd, const T* gamma, T* dx, Acc<T>* dgamma, Acc<T>* dbeta,
+                   bool accumulate) {
   ops.column_dots(rows, C, dy, xhat, dgamma, accumulate);
   ops.column_sums(rows, C, dy, dbeta, accumulate);
   ops.layernorm_backward(rows, C, dy, xhat, rstd, gamma, dx);
@@ -376,21 +405,21 @@ template <class T, class Ops>
 void sample_memory_backward(const Ops& ops, const LayerShape& s, const Dims& d,
                             const LayerParams<T>& w, const ValueMaps<T>& maps,
                             const ValueGrads<T>& vg, const LayerSaved<T>& saved,
-                            const LayerParamGrads<T>& gw, int64_t n, int64_t r0, int64_t rows,
+                            const GradAcc<T>& gw, int64_t n, int64_t r0, int64_t rows,
                             bool acc, const BlockBackward<T>& b, void* msda_ws,
                             size_t msda_ws_bytes) {
   const int64_t C = d.C, D = d.D, M = d.M;
   const T* smem = saved.smem + r0 * M * C;
   const T* coef = saved_coef(saved, d, r0);
-  const T beta = acc ? T(1) : T(0);
+  const Acc<T> beta(acc ? 1 : 0);
   // sampled_m = smem_m W_v,m^T + coef_m b_v,m:
   // dsmem_m = dsampled_m W_v,m, dW_v,m = dsampled_m^T smem_m,
   // dcoef_m = dsampled_m b_v,m^T, db_v,m = coef_m^T dsampled_m
-  ops.gemm_batched(false, false, rows, C, D, b.dsampled, C, D, w.value_w, C, D * C, T(0),
+  ops.gemm_batched(false, false, rows, C, D, b.dsampled, C, D, w.value_w, C, D * C, Acc<T>(0),
                    b.dsmem, M * C, C, M);
   ops.gemm_batched(true, false, D, C, rows, b.dsampled, C, D, smem, M * C, C, beta, gw.value_w,
                    C, D * C, M);
-  ops.gemm_batched(false, true, rows, 1, D, b.dsampled, C, D, w.value_b, D, D, T(0), b.dcoef, M,
+  ops.gemm_batched(false, true, rows, 1, D, b.dsampled, C, D, w.value_b, D, D, Acc<T>(0), b.dcoef, M,
                    1, M);
   ops.gemm_batched(true, false, 1, D, rows, coef, M, 1, b.dsampled, C, D, beta, gw.value_b, D,
                    D, M);
@@ -408,7 +437,7 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
                     const LayerSaved<T>& saved, const T* grad_out, int64_t n, int64_t r0,
                     int64_t rows, T* dxin, const ValueMaps<T>& maps, const ValueGrads<T>& vg,
                     const LayerInputGrads<T>& gi,
-                    const LayerParamGrads<T>& gw, bool acc, const BlockBackward<T>& b,
+                    const GradAcc<T>& gw, bool acc, const BlockBackward<T>& b,
                     void* msda_ws, size_t msda_ws_bytes) {
   const int64_t C = d.C, K = d.K, F = d.F;
   const T* dout = grad_out + r0 * C;
@@ -420,16 +449,16 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
   ops.layernorm_apply(rows, C, saved.xhat_b + r0 * C, w.norm_b_w, w.norm_b_b, b.y1);
   T* h = saved.hidden ? saved.hidden + r0 * F : b.h;
   if (!saved.hidden) {
-    ops.gemm(false, true, rows, F, C, b.y1, C, w.lin1_w, C, T(0), h, F, w.lin1_b, true);
+    ops.gemm(false, true, rows, F, C, b.y1, C, w.lin1_w, C, Acc<T>(0), h, F, w.lin1_b, true);
     dropped(ops, o, kDropFfn, r0, rows * F, h, h);
   }
   linear_backward(ops, rows, F, C, h, F, df, C, w.lin2_w, gw.lin2_w, gw.lin2_b, acc, b.dh, F,
-                  T(0));
+                  Acc<T>(0));
   DropoutArgs relu_args = drop_args(o, kDropFfn, r0, rows * F);
   ops.relu_dropout_backward(relu_args, h, b.dh, b.dh);
   // dy1 = g + dh W_1 (the residual and the FFN input)
   linear_backward(ops, rows, C, F, b.y1, C, b.dh, F, w.lin1_w, gw.lin1_w, gw.lin1_b, acc, b.g,
-                  C, T(1));
+                  C, Acc<T>(1));
   // y1 = LN_b(x + drop_b(a)): the residual's gradient goes straight to dxin
   T* dx = dxin + r0 * C;
   norm_backward(ops, rows, C, b.g, saved.xhat_b + r0 * C, saved.rstd_b + r0, w.norm_b_w, dx,
@@ -439,14 +468,14 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
   // and the encoder's sampled features too (one MSDA forward, cheaper than storing them)
   const T* raw = saved.raw + r0 * 3 * K;
   const SamplingArgs sa = sampling_args(s, rows);
-  const T* ref = in.ref + r0 * s.msda.L * s.ref_dim;
+  const Acc<T>* ref = in.ref + r0 * s.msda.L * s.ref_dim;
   ops.sampling_forward(sa, raw, ref, b.loc, b.attn);
   const T* sampled = saved.sampled ? saved.sampled + r0 * C : b.sampled;
   if (!saved.sampled)
     ops.msda_forward(block_shape(s, rows), maps.value + n * d.S * C, b.loc, b.attn, b.sampled);
   // a = sampled W_o^T + b_o
   linear_backward(ops, rows, C, C, sampled, C, da, C, w.out_w, gw.out_w, gw.out_b, acc,
-                  b.dsampled, C, T(0));
+                  b.dsampled, C, Acc<T>(0));
   const T* q = with_pos(ops, rows * C, xin + r0 * C, in.pos ? in.pos + r0 * C : nullptr, b.q);
   if (s.decoder)
     sample_memory_backward(ops, s, d, w, maps, vg, saved, gw, n, r0, rows, acc, b, msda_ws,
@@ -460,7 +489,7 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
   // raw = q W_oa^T + b_oa; q = x + pos, so dq is also the gradient of pos
   T* dq = gi.pos ? gi.pos + r0 * C : b.dq;
   linear_backward(ops, rows, C, 3 * K, q, C, b.draw, 3 * K, w.oa_w, gw.oa_w, gw.oa_b, acc, dq, C,
-                  T(0));
+                  Acc<T>(0));
   ops.add(rows * C, dx, dq, dx);
 }
 
@@ -470,43 +499,45 @@ template <class T, class Ops>
 void self_attention_backward(const Ops& ops, const Dims& d, const LayerOptions& o,
                              const LayerParams<T>& w, const LayerInputs<T>& in,
                              const LayerSaved<T>& saved, const T* dy0,
-                             const LayerInputGrads<T>& gi, const LayerParamGrads<T>& gw,
+                             const LayerInputGrads<T>& gi, const GradAcc<T>& gw,
                              const SelfAttnBackward<T>& b) {
   const int64_t C = d.C, C3 = 3 * d.C, LL = d.Lq * d.Lq;
-  const T scale = T(1) / std::sqrt(T(d.D));
+  const Acc<T> scale = Acc<T>(1) / std::sqrt(Acc<T>(d.D));
   // y0 = LN_a(x + drop_a(a)): the residual's gradient is dx
   norm_backward(ops, d.T, C, dy0, saved.xhat_a, saved.rstd_a, w.norm_a_w, gi.x, gw.norm_a_w,
                 gw.norm_a_b, false);
   const T* da = dropped(ops, o, kDropA, 0, d.T * C, gi.x, b.da);
   linear_backward(ops, d.T, C, C, saved.sa_heads, C, da, C, w.sa_out_w, gw.sa_out_w, gw.sa_out_b,
-                  false, b.dheads, C, T(0));
+                  false, b.dheads, C, Acc<T>(0));
   for (int64_t n = 0; n < d.N; ++n) {
     const T* qkv_n = saved.qkv + n * d.Lq * C3;
     T* dqkv_n = b.dqkv + n * d.Lq * C3;
     const T* dheads_n = b.dheads + n * d.Lq * C;
     T* probs = saved.probs ? saved.probs + n * d.M * LL : b.probs;
-    if (!saved.probs) attention_probs(ops, d, qkv_n, probs);
+    if (!saved.probs) attention_probs(ops, d, qkv_n, b.scores, probs);
     const T* pd = dropped(ops, o, kDropAttn, n, d.M * LL, probs, b.pd);
     // heads_m = pd_m V_m: dV_m = pd_m^T dheads_m, dpd_m = dheads_m V_m^T
-    ops.gemm_batched(true, false, d.Lq, d.D, d.Lq, pd, d.Lq, LL, dheads_n, C, d.D, T(0),
+    ops.gemm_batched(true, false, d.Lq, d.D, d.Lq, pd, d.Lq, LL, dheads_n, C, d.D, Acc<T>(0),
                      dqkv_n + 2 * C, C3, d.D, d.M);
+    // (dpd in Acc<T> until the softmax backward has taken the row sums off it)
+    Acc<T>* dpd = acc_or(b.scores, b.dp);
     ops.gemm_batched(false, true, d.Lq, d.Lq, d.D, dheads_n, C, d.D, qkv_n + 2 * C, C3, d.D,
-                     T(0), b.dp, d.Lq, LL, d.M);
-    dropped(ops, o, kDropAttn, n, d.M * LL, b.dp, b.dp);
+                     Acc<T>(0), dpd, d.Lq, LL, d.M);
+    dropped(ops, o, kDropAttn, n, d.M * LL, dpd, dpd);
     // scores = scale Q K^T: ds = scale * softmax backward; dQ = ds K, dK = ds^T Q
-    ops.softmax_rows_backward(d.M * d.Lq, d.Lq, scale, probs, b.dp);
-    ops.gemm_batched(false, false, d.Lq, d.D, d.Lq, b.dp, d.Lq, LL, qkv_n + C, C3, d.D, T(0),
+    ops.softmax_rows_backward(d.M * d.Lq, d.Lq, scale, probs, dpd, b.dp);
+    ops.gemm_batched(false, false, d.Lq, d.D, d.Lq, b.dp, d.Lq, LL, qkv_n + C, C3, d.D, Acc<T>(0),
                      dqkv_n, C3, d.D, d.M);
-    ops.gemm_batched(true, false, d.Lq, d.D, d.Lq, b.dp, d.Lq, LL, qkv_n, C3, d.D, T(0),
+    ops.gemm_batched(true, false, d.Lq, d.D, d.Lq, b.dp, d.Lq, LL, qkv_n, C3, d.D, Acc<T>(0),
                      dqkv_n + C, C3, d.D, d.M);
   }
   // [Q K] = qk W_qk^T + b_qk with qk = x + pos; V = x W_v^T + b_v
   const T* qk = with_pos(ops, d.T * C, in.x, in.pos, b.qk);
   ops.column_sums(d.T, C3, b.dqkv, gw.in_proj_b, false);
   linear_backward(ops, d.T, C, 2 * C, qk, C, b.dqkv, C3, w.in_proj_w, gw.in_proj_w,
-                  static_cast<T*>(nullptr), false, b.dqk, C, T(0));
+                  static_cast<Acc<T>*>(nullptr), false, b.dqk, C, Acc<T>(0));
   linear_backward(ops, d.T, C, C, in.x, C, b.dqkv + 2 * C, C3, w.in_proj_w + 2 * C * C,
-                  gw.in_proj_w + 2 * C * C, static_cast<T*>(nullptr), false, gi.x, C, T(1));
+                  gw.in_proj_w + 2 * C * C, static_cast<Acc<T>*>(nullptr), false, gi.x, C, Acc<T>(1));
   ops.add(d.T * C, gi.x, b.dqk, gi.x);
   if (gi.pos) ops.add(d.T * C, gi.pos, b.dqk, gi.pos);
 }
@@ -524,19 +555,46 @@ template <class T> struct ForwardSpace {
         blk(ws, d, saved, s.decoder) {}
 };
 
+// Element counts of the parameters, in LayerWeights order (0: not in this layer).
+inline void param_sizes(const LayerShape& s, int64_t sizes[LayerParams<float>::kCount]) {
+  const int64_t C = s.C, F = s.F, K3 = 3 * s.msda.M * s.msda.L * s.msda.P;
+  const int64_t sa = s.decoder ? 1 : 0;
+  const int64_t all[LayerParams<float>::kCount] = {
+      sa * 3 * C * C, sa * 3 * C, sa * C * C, sa * C, sa * C, sa * C,  // self-attention
+      C * C, C, K3 * C, K3, C * C, C, C, C,                           // deformable attention
+      F * C, F, C * F, C, C, C};                                      // FFN
+  std::copy(all, all + LayerParams<float>::kCount, sizes);
+}
+
+template <class T> GradAcc<T> grad_accumulators(Carver& ws, const LayerShape& s) {
+  GradAcc<T> g;
+  if constexpr (!kAccIsStorage<T>) {
+    int64_t sizes[GradAcc<T>::kCount];
+    param_sizes(s, sizes);
+    const auto f = g.fields();
+    for (int i = 0; i < GradAcc<T>::kCount; ++i)
+      *f[i] = sizes[i] > 0 ? ws.take<Acc<T>>(sizes[i]) : nullptr;
+  }
+  return g;
+}
+
 template <class T> struct BackwardSpace {
-  T *dvalue, *memory, *ones, *dmemory, *dones, *y0, *dy0;
+  GradAcc<T> grad_w;  // bf16: the Acc<T> accumulators (float and double use the outputs)
+  Acc<T> *dvalue, *dmemory, *dones;
+  T *dvalue_t, *memory, *ones, *y0, *dy0;
   void* msda;
   size_t msda_bytes;
   SelfAttnBackward<T> sa;
   BlockBackward<T> blk;
   BackwardSpace(Carver& ws, const LayerShape& s, const Dims& d, const LayerSaved<T>& saved,
                 size_t msda_ws_bytes)
-      : dvalue(ws.take<T>(s.decoder ? 0 : d.N * d.S * d.C)),
+      : grad_w(grad_accumulators<T>(ws, s)),
+        dvalue(ws.take<Acc<T>>(s.decoder ? 0 : d.N * d.S * d.C)),
+        dmemory(ws.take<Acc<T>>(s.decoder ? d.N * d.S * d.C : 0)),
+        dones(ws.take<Acc<T>>(s.decoder ? d.N * d.S : 0)),
+        dvalue_t(s.decoder || kAccIsStorage<T> ? nullptr : ws.take<T>(d.N * d.S * d.C)),
         memory(ws.take<T>(s.decoder ? d.N * d.S * d.C : 0)),
         ones(ws.take<T>(s.decoder ? d.N * d.S : 0)),
-        dmemory(ws.take<T>(s.decoder ? d.N * d.S * d.C : 0)),
-        dones(ws.take<T>(s.decoder ? d.N * d.S : 0)),
         y0(ws.take<T>(s.decoder ? d.T * d.C : 0)),
         dy0(ws.take<T>(s.decoder ? d.T * d.C : 0)),
         msda(ws.take_bytes(msda_ws_bytes)),
@@ -557,7 +615,7 @@ template <class T, class Ops>
 ValueMaps<T> memory_maps(const Ops& ops, const Dims& d, const LayerInputs<T>& in, T* memory,
                          T* ones) {
   const int64_t rows = d.N * d.S;
-  ops.fill(rows, T(1), ones);
+  ops.fill(rows, Acc<T>(1), ones);
   if (!in.mask) return {nullptr, in.memory, ones};
   ops.copy_rows(rows, d.C, in.memory, d.C, memory, d.C);
   ops.mask_rows(rows, d.C, in.mask, memory);
@@ -577,6 +635,19 @@ template <class T, class Ops> size_t workspace_bytes(const Ops& ops, const Layer
   return ws.used();
 }
 
+// n accumulated values x in the storage type: for float and double x itself (copied to
+// `out` when that is another buffer), for bf16 rounded into `out`.
+template <class T, class Ops>
+const T* storage_copy(const Ops& ops, int64_t n, const Acc<T>* x, T* out) {
+  if constexpr (kAccIsStorage<T>) {
+    if (out && out != x) ops.copy_rows(1, n, x, n, out, n);
+    return x;
+  } else {
+    ops.to_storage(n, x, out);
+    return out;
+  }
+}
+
 inline void check_workspace(size_t need, size_t given) {
   if (given < need)
     throw std::invalid_argument("workspace: the pass needs " + std::to_string(need) +
@@ -585,14 +656,15 @@ inline void check_workspace(size_t need, size_t given) {
 
 }  // namespace layer_detail
 
-// Workspace bytes of a pass; elem_bytes 4 (float) or 8 (double).
+// Workspace bytes of a pass of the driver; elem_bytes 2 (bf16), 4 (float) or 8 (double).
 template <class Ops>
 size_t layer_workspace_bytes(const Ops& ops, const LayerShape& s, const LayerOptions& o,
                              bool backward, int elem_bytes) {
   validate(s);
+  if (elem_bytes == 2) return layer_detail::workspace_bytes<bf16>(ops, s, o, backward);
   if (elem_bytes == 4) return layer_detail::workspace_bytes<float>(ops, s, o, backward);
   if (elem_bytes == 8) return layer_detail::workspace_bytes<double>(ops, s, o, backward);
-  throw std::invalid_argument("layer: float32 or float64 only");
+  throw std::invalid_argument("layer: bfloat16, float32 or float64 only");
 }
 
 template <class T, class Ops>
@@ -609,7 +681,7 @@ void layer_forward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
   if (s.decoder) {
     maps = memory_maps(ops, d, in, sp.memory, sp.ones);
   } else {  // value = mask(src W_v^T + b_v) over all N * S rows
-    ops.gemm(false, true, d.N * d.S, d.C, d.C, in.x, d.C, w.value_w, d.C, T(0), sp.value, d.C,
+    ops.gemm(false, true, d.N * d.S, d.C, d.C, in.x, d.C, w.value_w, d.C, Acc<T>(0), sp.value, d.C,
              w.value_b, false);
     if (in.mask) ops.mask_rows(d.N * d.S, d.C, in.mask, sp.value);
   }
@@ -627,7 +699,7 @@ template <class T, class Ops>
 void layer_backward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
                     const LayerParams<T>& w, const LayerInputs<T>& in, const LayerSaved<T>& saved,
                     const T* grad_out, const LayerInputGrads<T>& gi,
-                    const LayerParamGrads<T>& gw, void* workspace, size_t workspace_bytes) {
+                    const LayerParamGrads<T>& grad_w, void* workspace, size_t workspace_bytes) {
   using namespace layer_detail;
   if (!o.training) throw std::invalid_argument("layer: the backward needs a training forward");
   check_call(s, o, saved, in);
@@ -636,11 +708,17 @@ void layer_backward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
   Carver ws(workspace, Ops::kAlign);
   const BackwardSpace<T> sp(ws, s, d, saved, msda_scratch(ops, s, d));
   check_workspace(ws.used(), workspace_bytes);
+  GradAcc<T> gw;
+  if constexpr (kAccIsStorage<T>)
+    gw = grad_w;
+  else
+    gw = sp.grad_w;
   ValueMaps<T> maps{saved.value, nullptr, nullptr};
-  ValueGrads<T> vg{sp.dvalue, nullptr, sp.dones};
+  ValueGrads<T> vg{sp.dvalue, sp.dmemory, sp.dones};
   if (s.decoder) {
     maps = memory_maps(ops, d, in, sp.memory, sp.ones);
-    vg.memory = gi.memory ? gi.memory : sp.dmemory;
+    if constexpr (kAccIsStorage<T>)
+      if (gi.memory) vg.memory = gi.memory;  // accumulate in place
   }
   ops.fill_zero(d.N * d.S * d.C, s.decoder ? vg.memory : vg.value);
   const T* xin = in.x;
@@ -659,12 +737,21 @@ void layer_backward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
   if (s.decoder) {
     // padded memory tokens were zeroed before sampling: no gradient reaches them
     if (in.mask) ops.mask_rows(d.N * d.S, d.C, in.mask, vg.memory);
+    if (gi.memory) storage_copy(ops, d.N * d.S * d.C, vg.memory, gi.memory);
     self_attention_backward(ops, d, o, w, in, saved, sp.dy0, gi, gw, sp.sa);
   } else {  // value = mask(src W_v^T + b_v): padded rows pass no gradient
     if (in.mask) ops.mask_rows(d.N * d.S, d.C, in.mask, vg.value);
-    linear_backward(ops, d.N * d.S, d.C, d.C, in.x, d.C, vg.value, d.C, w.value_w, gw.value_w,
-                    gw.value_b, false, gi.x, d.C, T(1));
+    const T* dvalue = storage_copy(ops, d.N * d.S * d.C, vg.value, sp.dvalue_t);
+    linear_backward(ops, d.N * d.S, d.C, d.C, in.x, d.C, dvalue, d.C, w.value_w, gw.value_w,
+                    gw.value_b, false, gi.x, d.C, Acc<T>(1));
   }
+  int64_t sizes[GradAcc<T>::kCount];
+  param_sizes(s, sizes);
+  LayerParamGrads<T> out = grad_w;
+  const auto from = gw.fields();
+  const auto to = out.fields();
+  for (int i = 0; i < GradAcc<T>::kCount; ++i)
+    if (sizes[i] > 0) storage_copy(ops, sizes[i], *from[i], *to[i]);
 }
 
 }  // namespace ddetr

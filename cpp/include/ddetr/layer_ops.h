@@ -1,24 +1,33 @@
 // The primitives the layer driver (ddetr/layer_driver.h) is written in.
 //
 // The driver is one template over an `Ops` class; the CPU (cpp/layers_cpu.cpp) and CUDA
-// (cuda/layers.cu) each provide one. An Ops<T> (T = float or double) has these const
-// members; every pointer is device memory of that backend, every matrix row-major with
-// its row stride (`ld`) in elements, and `out` may alias an input only where stated.
+// (cuda/layers.cu) each provide one. An Ops<T> (T = the storage type: float, double or
+// bf16) has these const members; every pointer is device memory of that backend, every
+// matrix row-major with its row stride (`ld`) in elements, and `out` may alias an input
+// only where stated. A = Acc<T> (ddetr/scalar.h): float for float and bf16, double for
+// double. Arithmetic happens in A; T buffers are read into A and rounded back once.
+// MSDA's sampling locations and weights and their gradients, and the gradients of the
+// sampled maps, are A buffers (as in ddetr/msda.h); everything else is T. U below is
+// either T or A (member templates).
 //
 //   static constexpr size_t kAlign;   // alignment of workspace carve-outs, in bytes
 //
 //   gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc, bias, relu)
 //       C (M, N) = op(A) op(B) + beta * C, then C[m, n] += bias[n] (bias may be null),
 //       then ReLU when relu; op(X) = X^T when its flag is set (A is (K, M) then).
+//       A, B, bias: T; beta: A; C: U (T, or A for the parameter-gradient accumulators).
+//       Products and sums in float (double for double), C rounded to U once.
 //   gemm_batched(ta, tb, M, N, K, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch)
 //       `batch` independent GEMMs as above without epilogue; GEMM i uses A + i * sa,
 //       B + i * sb, C + i * sc.
-//   add(n, a, b, out)                    out = a + b elementwise; out may alias a or b
-//   fill_zero(n, x)
-//   fill(n, value, x)                    x[i] = value
-//   copy_rows(rows, cols, x, ldx, out, ldo)   out[r, :cols] = x[r, :cols]
-//   mask_rows(rows, cols, mask, x)       x[r, :] = 0 where mask[r] != 0
-//   dropout(args, x, out, relu)          ddetr/dropout.h; out may alias x
+//   add(n, a, b, out)                    (U) out = a + b elementwise; out may alias a or b
+//   fill_zero(n, x)                      (U)
+//   fill(n, value, x)                    x[i] = value (A value, T x)
+//   copy_rows(rows, cols, x, ldx, out, ldo)   (U) out[r, :cols] = x[r, :cols]
+//   mask_rows(rows, cols, mask, x)       (U) x[r, :] = 0 where mask[r] != 0
+//   to_storage(n, x, out)                out[i] = x[i] rounded to T (A x, T out); only
+//                                        called when T is not A (bf16)
+//   dropout(args, x, out, relu)          (U) ddetr/dropout.h; out may alias x
 //   relu_dropout_backward(args, out, grad_out, grad_x)   grad_x may alias grad_out
 //   add_layernorm(rows, C, base, branch, gamma, beta, y, xhat, rstd)
 //       x = base + branch; per row mean, rstd = 1 / sqrt(var + 1e-5) (biased variance),
@@ -30,18 +39,21 @@
 //       dx may alias dy.
 //   column_sums(rows, cols, x, out, accumulate)      out[j] (+)= sum_r x[r, j]
 //   column_dots(rows, cols, x, y, out, accumulate)   out[j] (+)= sum_r x[r, j] * y[r, j]
-//       (both deterministic: the same bits on every run)
-//   sampling_forward(args, raw, ref, loc, attn)       see SamplingArgs
+//       (x, y: T; out: U; both deterministic: the same bits on every run)
+//   sampling_forward(args, raw, ref, loc, attn)       see SamplingArgs (ref, loc, attn: A)
 //   sampling_backward(args, raw, ref, attn, grad_loc, grad_attn, grad_raw, grad_ref)
-//       grad_raw (rows, 3K) written; grad_ref written when not null
+//       ref, attn, grad_loc, grad_attn, grad_ref: A; grad_raw (rows, 3K) written (T);
+//       grad_ref written when not null
 //   msda_forward(shape, value, loc, attn, out)                       ddetr/msda.h
 //   msda_backward_workspace_bytes(shape)
 //   msda_backward(shape, value, loc, attn, grad_out, grad_value, grad_loc, grad_attn,
 //                 workspace, workspace_bytes)
 //       grad_value ACCUMULATES (+=); grad_loc and grad_attn are written.
-//   softmax_rows(rows, cols, scale, x)               x[r, :] = softmax(scale * x[r, :])
-//   softmax_rows_backward(rows, cols, scale, p, g)
-//       g[r, :] = scale * p[r, :] * (g[r, :] - sum_j p[r, j] * g[r, j]), in place on g
+//   softmax_rows(rows, cols, scale, x, out)   out[r, :] = softmax(scale * x[r, :])
+//       x: U, out: T (may alias x when U is T); scale: A
+//   softmax_rows_backward(rows, cols, scale, p, g, out)
+//       out[r, :] = scale * p[r, :] * (g[r, :] - sum_j p[r, j] * g[r, j])
+//       p, out: T; g: U (out may alias g when U is T); scale: A
 #pragma once
 
 #include <cstdint>

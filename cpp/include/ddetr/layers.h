@@ -40,8 +40,10 @@
 // workspace of layer_workspace_bytes bytes. Work goes in blocks of kLayerBlockRows
 // query rows, so the workspace stays small whatever the image size.
 //
-// Types: float and double (arithmetic in the element type); references and masks as
-// in msda.h (float / double like the values, masks one byte per token).
+// Types: T = float, double or bf16 for every tensor (parameters, inputs, outputs, saved
+// activations, gradients) except the reference points and their gradient, which are in
+// Acc<T> (float for bf16, as MSDA's sampling locations: a bf16 location can be off by a
+// third of a pixel); arithmetic in Acc<T>; masks one byte per token.
 #pragma once
 
 #include <array>
@@ -98,7 +100,7 @@ template <class T> using LayerParamGrads = LayerWeights<T*>;
 template <class T> struct LayerInputs {
   const T* x = nullptr;          // src (encoder) or tgt (decoder): (N, Lq, C)
   const T* pos = nullptr;        // (N, Lq, C) or null
-  const T* ref = nullptr;        // (N, Lq, L, ref_dim)
+  const Acc<T>* ref = nullptr;   // (N, Lq, L, ref_dim), in Acc<T> like MSDA's locations
   const T* memory = nullptr;     // decoder: (N, S, C); encoder: unused (value input is x)
   const uint8_t* mask = nullptr; // (N, S), nonzero on padding, or null
 };
@@ -123,7 +125,9 @@ template <class T> struct LayerSaved {
 
 // Input gradients: dx always; the others may be null when not wanted.
 template <class T> struct LayerInputGrads {
-  T *x = nullptr, *pos = nullptr, *ref = nullptr, *memory = nullptr;
+  T *x = nullptr, *pos = nullptr;
+  Acc<T>* ref = nullptr;
+  T* memory = nullptr;
 };
 
 // Element counts of the saved buffers, in LayerSaved's order (0: not used).
@@ -170,7 +174,7 @@ template <class T> LayerParamGrads<T> typed(LayerParamGrads<void> p) {
 
 template <class T> LayerInputs<T> typed(const LayerInputs<void>& p) {
   return {static_cast<const T*>(p.x), static_cast<const T*>(p.pos),
-          static_cast<const T*>(p.ref), static_cast<const T*>(p.memory), p.mask};
+          static_cast<const Acc<T>*>(p.ref), static_cast<const T*>(p.memory), p.mask};
 }
 
 template <class T> LayerSaved<T> typed(LayerSaved<void> p) {
@@ -182,11 +186,11 @@ template <class T> LayerSaved<T> typed(LayerSaved<void> p) {
 }
 
 template <class T> LayerInputGrads<T> typed(const LayerInputGrads<void>& p) {
-  return {static_cast<T*>(p.x), static_cast<T*>(p.pos), static_cast<T*>(p.ref),
+  return {static_cast<T*>(p.x), static_cast<T*>(p.pos), static_cast<Acc<T>*>(p.ref),
           static_cast<T*>(p.memory)};
 }
 
-// CUDA (cuda/layers.cu): dtype f32 or f64, pointers as void* of that type, on `stream`.
+// CUDA (cuda/layers.cu): dtype bf16, f32 or f64, pointers as void* of that type, on `stream`.
 // Needs cuBLAS, loaded at run time (load_cublas); throws std::runtime_error otherwise.
 void load_cublas(const char* path);
 bool cublas_loaded();

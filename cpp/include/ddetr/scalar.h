@@ -25,6 +25,7 @@ struct bf16 {
 
 template <class T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
+template <> struct AccOf<void> { using type = void; };  // untyped pointer structs
 template <class T> using Acc = typename AccOf<T>::type;
 
 DDETR_HD float bits_to_float(uint32_t u) {

@@ -15,8 +15,15 @@ the steps in Python:
 - GEMMs run on OpenBLAS (scipy-openblas32) on the CPU and on cuBLAS on CUDA, both
   loaded at run time.
 
-``supports(layer, x)`` says whether a layer and input can take this path: float32 or
-float64, ReLU, one dropout probability for all the layer's dropouts, LayerNorm eps 1e-5,
+bfloat16 layers (a model converted with ``.to(torch.bfloat16)``) store every tensor and
+saved activation in bfloat16 and compute in float32: GEMMs accumulate in float32 (on the
+CPU, OpenBLAS's sgemm on panels widened from bfloat16, since OpenBLAS has no bfloat16
+GEMM; on CUDA, cuBLAS's bf16 GEMM with float32 compute), sampling locations and weights
+stay float32 and so do the value gradients while they accumulate. Their reference points
+are float32 (as the detector keeps them; bf16 ones are widened).
+
+``supports(layer, x)`` says whether a layer and input can take this path: float32,
+float64 or bfloat16, ReLU, one dropout probability for all the layer's dropouts, LayerNorm eps 1e-5,
 plain ``nn.Linear`` / ``MSDeformAttn`` / ``nn.MultiheadAttention`` sub-modules without
 hooks, not while ``torch.compile`` traces, and the native library (and OpenBLAS or
 cuBLAS) present. Everything else stays on the PyTorch path, which is the reference.
@@ -40,6 +47,7 @@ from ddetr.ops.philox_dropout import _seed
 
 logger = logging.getLogger(__name__)
 
+_LAYER_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _cublas_state: bool | None = None
 # CPU workspaces are kept between calls, one per thread (two threads may run layers at
 # once): a fresh multi-MB buffer costs a page fault per 4 KB on first touch, which the
@@ -79,11 +87,21 @@ def _load_cublas() -> bool:
 
 
 def _library_ready(x: Tensor) -> bool:
-    if not _ext.available() or x.dtype not in (torch.float32, torch.float64):
+    if not _ext.available() or x.dtype not in _LAYER_DTYPES:
         return False
     if x.device.type == "cpu":
         return blas_available()
     return x.device.type == "cuda" and cublas_available()
+
+
+def _companion_dtypes(x: Tensor) -> tuple[torch.dtype, ...]:
+    # dtypes the other inputs may have: x's, and float32 reference points for bf16 x
+    return (x.dtype, torch.float32) if x.dtype == torch.bfloat16 else (x.dtype,)
+
+
+def _ref_dtype(x: Tensor) -> torch.dtype:
+    # the reference points' dtype on the native side (MSDA's location type)
+    return torch.float32 if x.dtype == torch.bfloat16 else x.dtype
 
 
 def _plain(module: nn.Module, kind: type) -> bool:
@@ -110,7 +128,8 @@ def supports(layer: nn.Module, x: Tensor, *others: Tensor | None) -> bool:
         return False
     if torch.is_autocast_enabled(x.device.type) or x.numel() == 0:
         return False  # (empty batches: the PyTorch path handles them)
-    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in others):
+    if any(t is not None and (t.dtype not in _companion_dtypes(x) or t.device != x.device)
+           for t in others):
         return False
     if getattr(layer, "activation", None) is not _relu:
         return False
@@ -232,15 +251,17 @@ class _NativeLayer(torch.autograd.Function):
 def _check(attn: nn.Module, x: Tensor, pos: Tensor | None, ref: Tensor, value_in: Tensor,
            spatial_shapes, mask: Tensor | None) -> None:
     """Shapes, dtypes and devices of a layer call; ValueError naming the argument."""
-    if not isinstance(x, Tensor) or x.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"x: expected a float32 or float64 tensor, got "
+    if not isinstance(x, Tensor) or x.dtype not in _LAYER_DTYPES:
+        raise ValueError(f"x: expected a float32, float64 or bfloat16 tensor, got "
                          f"{getattr(x, 'dtype', type(x).__name__)}")
     attn._check(x, ref, value_in, spatial_shapes, mask)
     if pos is not None and tuple(pos.shape) != tuple(x.shape):
         raise ValueError(f"pos: expected shape {tuple(x.shape)}, got {tuple(pos.shape)}")
     for name, t in (("pos", pos), ("reference_points", ref), ("memory", value_in)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"{name}: expected {x.dtype} on {x.device} like the queries, "
+        allowed = _companion_dtypes(x) if name == "reference_points" else (x.dtype,)
+        if t is not None and (t.dtype not in allowed or t.device != x.device):
+            want = " or ".join(str(d) for d in allowed)
+            raise ValueError(f"{name}: expected {want} on {x.device} like the queries, "
                              f"got {t.dtype} on {t.device}")
     if mask is not None and mask.device != x.device:
         raise ValueError(f"padding mask: expected a tensor on {x.device}, got {mask.device}")
@@ -269,6 +290,7 @@ def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Te
     call = _Call(decoder, (n, lq, c, layer.linear1.out_features, ref.shape[-1]),
                  (n, s, attn.n_heads, c // attn.n_heads, lq, attn.n_levels, attn.n_points),
                  levels, (training, bool(recompute), float(p), _seed() if p > 0 else 0))
+    ref = ref.to(_ref_dtype(x))  # (differentiable; a no-op unless bf16 references)
     mask_u8 = None if mask is None else mask.contiguous().view(torch.uint8)
     tensors = [None if t is None else t.contiguous() for t in (x, pos, ref, memory, *params)]
     return _NativeLayer.apply(call, *tensors[:4], mask_u8, *tensors[4:])
