@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
+                   help="layer dtype (bfloat16: reference points float32, as in the detector)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2],
                    help="encoder batch sizes (the decoder runs at the first)")
     p.add_argument("--queries", type=int, default=300, help="decoder queries")
@@ -74,7 +75,8 @@ def make_case(kind: str, batch: int, levels, args, device, dtype) -> dict:
     gen = torch.Generator().manual_seed(0)
     shapes = torch.tensor(levels, device=device)
     s = sum(h * w for h, w in levels)
-    ratios = torch.ones(batch, len(levels), 2, dtype=dtype, device=device)
+    ref_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    ratios = torch.ones(batch, len(levels), 2, dtype=ref_dtype, device=device)
     make = {"encoder": DeformableTransformerEncoderLayer,
             "decoder": DeformableTransformerDecoderLayer}[kind]
     layer = _perturbed(make(D_MODEL, FFN, args.dropout, "relu", len(levels), HEADS, POINTS), gen)
@@ -88,7 +90,7 @@ def make_case(kind: str, batch: int, levels, args, device, dtype) -> dict:
         inputs = (rand(batch, s, D_MODEL), rand(batch, s, D_MODEL), ref, shapes, None)
     else:
         lq = args.queries
-        ref = torch.rand(batch, lq, 1, 2, generator=gen).to(device, dtype)
+        ref = torch.rand(batch, lq, 1, 2, generator=gen).to(device, ref_dtype)
         ref = ref.expand(-1, -1, len(levels), -1)
         inputs = (rand(batch, lq, D_MODEL), rand(batch, lq, D_MODEL), ref.contiguous(),
                   rand(batch, s, D_MODEL), shapes, None)
