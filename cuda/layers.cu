@@ -18,6 +18,11 @@
 // at once, so each call sets the stream and enqueues the GEMM under the handle's mutex
 // (both are asynchronous: the lock is held for microseconds).
 // Math mode: cuBLAS's default (no TF32), so float32 results match a float32 reference.
+//
+// Types: float and double go through cublas{S,D}gemm(StridedBatched); bfloat16 through
+// cublasGemm(StridedBatched)Ex with bf16 A and B, a bf16 or float C and float
+// accumulation (CUBLAS_COMPUTE_32F), so C is rounded once. The Ex entry points are
+// optional when loading: without them only bfloat16 layers fail.
 #include <dlfcn.h>
 
 #include <climits>
@@ -26,6 +31,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "ddetr/layer_driver.h"
 #include "ddetr/layers.h"
@@ -52,6 +58,21 @@ using GemmStridedFn = int (*)(CublasHandle, int, int, int, int, int, const T*, c
                               long long, const T*, int, long long, const T*, T*, int, long long,
                               int);
 
+// cublasGemmEx / cublasGemmStridedBatchedEx: untyped operands, each followed by its
+// cudaDataType_t, then (after C's ldc, stride and the batch count) a cublasComputeType_t
+// and a cublasGemmAlgo_t, all int-sized enums; alpha and beta point to float for
+// CUBLAS_COMPUTE_32F.
+using GemmExFn = int (*)(CublasHandle, int, int, int, int, int, const void*, const void*, int,
+                         int, const void*, int, int, const void*, void*, int, int, int, int);
+using GemmStridedExFn = int (*)(CublasHandle, int, int, int, int, int, const void*,
+                                const void*, int, int, long long, const void*, int, int,
+                                long long, const void*, void*, int, int, long long, int, int,
+                                int);
+constexpr int kDataF32 = 0;       // CUDA_R_32F
+constexpr int kDataBf16 = 14;     // CUDA_R_16BF
+constexpr int kCompute32F = 68;   // CUBLAS_COMPUTE_32F
+constexpr int kGemmDefault = -1;  // CUBLAS_GEMM_DEFAULT
+
 struct CublasApi {
   CreateFn create = nullptr;
   DestroyFn destroy = nullptr;  // resolved to check the library; handles are kept
@@ -60,6 +81,9 @@ struct CublasApi {
   GemmFn<double> dgemm = nullptr;
   GemmStridedFn<float> sgemm_strided = nullptr;
   GemmStridedFn<double> dgemm_strided = nullptr;
+  GemmExFn gemm_ex = nullptr;  // optional: bfloat16 only
+  GemmStridedExFn gemm_strided_ex = nullptr;
+  bool has_bf16() const { return gemm_ex != nullptr && gemm_strided_ex != nullptr; }
 };
 
 std::mutex g_api_mutex;
@@ -76,12 +100,20 @@ std::mutex g_handles_mutex;
 std::map<int, std::unique_ptr<HandleSlot>>* g_handles =
     new std::map<int, std::unique_ptr<HandleSlot>>();
 
-template <class F> F resolve(void* lib, const char* name) {
-  void* p = dlsym(lib, name);
-  if (p == nullptr)
-    throw std::runtime_error(std::string("cuBLAS library lacks the symbol ") + name);
-  return reinterpret_cast<F>(p);
+template <class F> F resolve_optional(void* lib, const char* name) {
+  return reinterpret_cast<F>(dlsym(lib, name));
 }
+
+template <class F> F resolve(void* lib, const char* name) {
+  const F f = resolve_optional<F>(lib, name);
+  if (f == nullptr)
+    throw std::runtime_error(std::string("cuBLAS library lacks the symbol ") + name);
+  return f;
+}
+
+constexpr const char* kNoBf16Gemm =
+    "ddetr: bfloat16 native layers on CUDA need cublasGemmEx and cublasGemmStridedBatchedEx, "
+    "which the loaded cuBLAS library lacks";
 
 void check_status(int status, const char* call) {
   if (status != 0)
@@ -115,53 +147,100 @@ int as_int(int64_t v, const char* name) {
   return int(v);
 }
 
+// The int-sized arguments of one GEMM in cuBLAS's column-major terms (see the top:
+// B before A, m = N, n = M).
+struct CublasDims {
+  int op_b, op_a, m, n, k, ldb, lda, ldc, batch;
+};
+
+template <class T, class U> CublasDims cublas_dims(const GemmCall<T, U>& g) {
+  return {g.tb ? kOpT : kOpN,   g.ta ? kOpT : kOpN,
+          as_int(g.N, "N"),     as_int(g.M, "M"),     as_int(g.K, "K"),
+          as_int(g.ldb, "ldb"), as_int(g.lda, "lda"), as_int(g.ldc, "ldc"),
+          as_int(g.batch, "batch")};
+}
+
+// Runs call(handle) with `device` current and its handle bound to `stream`, under the
+// handle's mutex.
+template <class F>
+void on_handle(const CublasApi& api, int device, cudaStream_t stream, F&& call) {
+  DeviceGuard guard(device);
+  HandleSlot& slot = handle_for(api, device);
+  std::lock_guard<std::mutex> lock(slot.call_mutex);
+  check_status(api.set_stream(slot.handle, stream), "cublasSetStream_v2");
+  call(slot.handle);
+}
+
 GemmFn<float> plain_gemm(const CublasApi& api, float) { return api.sgemm; }
 GemmFn<double> plain_gemm(const CublasApi& api, double) { return api.dgemm; }
 GemmStridedFn<float> strided_gemm(const CublasApi& api, float) { return api.sgemm_strided; }
 GemmStridedFn<double> strided_gemm(const CublasApi& api, double) { return api.dgemm_strided; }
 
-template <class T> void run_cublas(int device, cudaStream_t stream, const GemmCall<T>& g) {
+// float and double
+template <class T> void run_cublas(int device, cudaStream_t stream, const GemmCall<T, T>& g) {
   const CublasApi api = loaded_api();
-  const int M = as_int(g.M, "M"), N = as_int(g.N, "N"), K = as_int(g.K, "K");
-  const int lda = as_int(g.lda, "lda"), ldb = as_int(g.ldb, "ldb"), ldc = as_int(g.ldc, "ldc");
-  const int batch = as_int(g.batch, "batch");
-  const int op_b = g.tb ? kOpT : kOpN, op_a = g.ta ? kOpT : kOpN;
+  const CublasDims d = cublas_dims(g);
   const T one = T(1), beta = g.beta;
-  DeviceGuard guard(device);
-  HandleSlot& slot = handle_for(api, device);
-  std::lock_guard<std::mutex> lock(slot.call_mutex);
-  check_status(api.set_stream(slot.handle, stream), "cublasSetStream_v2");
-  if (!g.strided) {
-    check_status(plain_gemm(api, T())(slot.handle, op_b, op_a, N, M, K, &one, g.B, ldb, g.A,
-                                      lda, &beta, g.C, ldc),
-                 sizeof(T) == 4 ? "cublasSgemm_v2" : "cublasDgemm_v2");
-  } else {
-    check_status(strided_gemm(api, T())(slot.handle, op_b, op_a, N, M, K, &one, g.B, ldb, g.sb,
-                                        g.A, lda, g.sa, &beta, g.C, ldc, g.sc, batch),
-                 sizeof(T) == 4 ? "cublasSgemmStridedBatched" : "cublasDgemmStridedBatched");
-  }
+  on_handle(api, device, stream, [&](CublasHandle h) {
+    if (!g.strided) {
+      check_status(plain_gemm(api, T())(h, d.op_b, d.op_a, d.m, d.n, d.k, &one, g.B, d.ldb, g.A,
+                                        d.lda, &beta, g.C, d.ldc),
+                   sizeof(T) == 4 ? "cublasSgemm_v2" : "cublasDgemm_v2");
+    } else {
+      check_status(strided_gemm(api, T())(h, d.op_b, d.op_a, d.m, d.n, d.k, &one, g.B, d.ldb,
+                                          g.sb, g.A, d.lda, g.sa, &beta, g.C, d.ldc, g.sc,
+                                          d.batch),
+                   sizeof(T) == 4 ? "cublasSgemmStridedBatched" : "cublasDgemmStridedBatched");
+    }
+  });
+}
+
+// bf16 A and B; C in U = bf16 or float
+template <class U>
+void run_cublas_bf16(int device, cudaStream_t stream, const GemmCall<bf16, U>& g) {
+  const CublasApi api = loaded_api();
+  if (!api.has_bf16()) throw std::runtime_error(kNoBf16Gemm);
+  const CublasDims d = cublas_dims(g);
+  const float one = 1.f, beta = g.beta;
+  const int t = kDataBf16, tc = std::is_same<U, bf16>::value ? kDataBf16 : kDataF32;
+  on_handle(api, device, stream, [&](CublasHandle h) {
+    if (!g.strided) {
+      check_status(api.gemm_ex(h, d.op_b, d.op_a, d.m, d.n, d.k, &one, g.B, t, d.ldb, g.A, t,
+                               d.lda, &beta, g.C, tc, d.ldc, kCompute32F, kGemmDefault),
+                   "cublasGemmEx");
+    } else {
+      check_status(api.gemm_strided_ex(h, d.op_b, d.op_a, d.m, d.n, d.k, &one, g.B, t, d.ldb,
+                                       g.sb, g.A, t, d.lda, g.sa, &beta, g.C, tc, d.ldc, g.sc,
+                                       d.batch, kCompute32F, kGemmDefault),
+                   "cublasGemmStridedBatchedEx");
+    }
+  });
 }
 
 template <class F> void dispatch_layer(DType dtype, F&& f) {
   switch (dtype) {
     case DType::f32: f(TypeTag<float>{}); return;
     case DType::f64: f(TypeTag<double>{}); return;
-    default: break;
+    case DType::bf16: f(TypeTag<bf16>{}); return;
+    case DType::f16: break;
   }
-  throw std::invalid_argument("native layers on CUDA take float32 or float64");
+  throw std::invalid_argument(
+      "native layers on CUDA take bfloat16, float32 or float64 (float16 is not supported)");
 }
 
-void require_cublas() {
+// A loaded cuBLAS with the GEMMs `dtype` needs.
+void require_cublas(DType dtype) {
   if (!cublas_loaded())
     throw std::runtime_error(
         "native layers on CUDA need cuBLAS: no library is loaded (load_cublas)");
+  if (dtype == DType::bf16 && !loaded_api().has_bf16()) throw std::runtime_error(kNoBf16Gemm);
 }
 
 // Runs fn(ops, Tag<T>) on the CudaOps of `dtype` for `device` and `stream`, with cuBLAS
 // loaded and the device current: what every layer pass needs first.
 template <class F>
 void with_cuda_ops(DType dtype, bool deterministic, int device, uintptr_t stream, F&& fn) {
-  require_cublas();
+  require_cublas(dtype);
   DeviceGuard guard(device);
   dispatch_layer(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -171,11 +250,17 @@ void with_cuda_ops(DType dtype, bool deterministic, int device, uintptr_t stream
 
 }  // namespace
 
-void cublas_gemm(int device, cudaStream_t stream, const GemmCall<float>& g) {
+void cublas_gemm(int device, cudaStream_t stream, const GemmCall<float, float>& g) {
   run_cublas(device, stream, g);
 }
-void cublas_gemm(int device, cudaStream_t stream, const GemmCall<double>& g) {
+void cublas_gemm(int device, cudaStream_t stream, const GemmCall<double, double>& g) {
   run_cublas(device, stream, g);
+}
+void cublas_gemm(int device, cudaStream_t stream, const GemmCall<bf16, bf16>& g) {
+  run_cublas_bf16(device, stream, g);
+}
+void cublas_gemm(int device, cudaStream_t stream, const GemmCall<bf16, float>& g) {
+  run_cublas_bf16(device, stream, g);
 }
 
 }  // namespace cuda_detail
@@ -200,6 +285,8 @@ void load_cublas(const char* path) {
     api.dgemm = resolve<GemmFn<double>>(lib, "cublasDgemm_v2");
     api.sgemm_strided = resolve<GemmStridedFn<float>>(lib, "cublasSgemmStridedBatched");
     api.dgemm_strided = resolve<GemmStridedFn<double>>(lib, "cublasDgemmStridedBatched");
+    api.gemm_ex = resolve_optional<GemmExFn>(lib, "cublasGemmEx");
+    api.gemm_strided_ex = resolve_optional<GemmStridedExFn>(lib, "cublasGemmStridedBatchedEx");
   } catch (...) {
     dlclose(lib);
     throw;
@@ -216,13 +303,16 @@ bool cublas_loaded() {
 size_t layer_workspace_bytes_cuda(const LayerShape& s, const LayerOptions& o, bool backward,
                                   int elem_bytes, bool deterministic, int device) {
   cuda_detail::DeviceGuard guard(device);  // the MSDA backward sizes CUB's scratch here
+  if (elem_bytes == 2)
+    return layer_workspace_bytes(CudaOps<bf16>{device, nullptr, deterministic}, s, o, backward,
+                                 elem_bytes);
   if (elem_bytes == 4)
     return layer_workspace_bytes(CudaOps<float>{device, nullptr, deterministic}, s, o, backward,
                                  elem_bytes);
   if (elem_bytes == 8)
     return layer_workspace_bytes(CudaOps<double>{device, nullptr, deterministic}, s, o,
                                  backward, elem_bytes);
-  throw std::invalid_argument("native layers on CUDA take float32 or float64");
+  throw std::invalid_argument("native layers on CUDA take bfloat16, float32 or float64");
 }
 
 void layer_forward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o,

@@ -721,6 +721,8 @@ void layer_backward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
       if (gi.memory) vg.memory = gi.memory;  // accumulate in place
   }
   ops.fill_zero(d.N * d.S * d.C, s.decoder ? vg.memory : vg.value);
+  // (the ones map's gradient is never used, but the MSDA backward adds into it)
+  if (s.decoder) ops.fill_zero(d.N * d.S, vg.ones);
   const T* xin = in.x;
   T* dxin = gi.x;
   if (s.decoder) {
