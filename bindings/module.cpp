@@ -98,19 +98,60 @@ void backward(const std::string& dtype, const std::string& device, int device_in
 }
 
 // ---------------------------------------------------------------------------
-// CPU GEMM through the run-time loaded OpenBLAS (ddetr/blas.h).
+// CPU GEMM (ddetr/blas.h): float32 / float64 through the run-time loaded OpenBLAS;
+// bfloat16 A, B and bias with C in `c_dtype` (bfloat16 or float32), which needs a
+// workspace of gemm_workspace_bytes("bfloat16") bytes, and `kernel` "auto", "avx512"
+// or "widen" (Bf16GemmKernel).
+
+size_t gemm_workspace_bytes(const std::string& dtype) {
+  if (dtype == "bfloat16") return size_t(kGemmBf16ScratchFloats) * sizeof(float);
+  if (dtype == "float32" || dtype == "float64") return 0;
+  throw std::invalid_argument("gemm takes float32, float64 or bfloat16, got " + dtype);
+}
+
+Bf16GemmKernel bf16_kernel(const std::string& name) {
+  if (name == "auto") return Bf16GemmKernel::automatic;
+  if (name == "avx512") return Bf16GemmKernel::avx512;
+  if (name == "widen") return Bf16GemmKernel::widen;
+  throw std::invalid_argument("gemm: kernel must be auto, avx512 or widen, got " + name);
+}
 
 void cpu_gemm(const std::string& dtype, bool trans_a, bool trans_b, int64_t M, int64_t N,
               int64_t K, uintptr_t A, int64_t lda, uintptr_t B, int64_t ldb, double beta,
-              uintptr_t C, int64_t ldc, uintptr_t bias, bool relu, int num_threads) {
+              uintptr_t C, int64_t ldc, uintptr_t bias, bool relu, int num_threads,
+              const std::string& c_dtype, uintptr_t workspace, size_t workspace_size,
+              const std::string& kernel) {
   const GemmArgs g = gemm_args(trans_a, trans_b, M, N, K, as<const void>(A), lda,
                                as<const void>(B), ldb, beta, as<void>(C), ldc,
                                as<const void>(bias), relu);
+  const std::string c_type = c_dtype.empty() ? dtype : c_dtype;
+  if (dtype == "bfloat16") {
+    if (c_type != "bfloat16" && c_type != "float32")
+      throw std::invalid_argument("gemm: bfloat16 operands take a bfloat16 or float32 C, got " +
+                                  c_type);
+    const Bf16GemmKernel k = bf16_kernel(kernel);
+    const size_t needed = gemm_workspace_bytes(dtype);
+    require(workspace, true, "workspace");
+    if (workspace_size < needed)
+      throw std::invalid_argument("workspace: " + std::to_string(workspace_size) +
+                                  " bytes, the bfloat16 GEMM needs " + std::to_string(needed));
+    if (workspace % 64 != 0) throw std::invalid_argument("workspace: not 64-byte aligned");
+    py::gil_scoped_release unlocked;
+    gemm_bf16(g, c_type == "float32", num_threads, as<float>(workspace), k);
+    return;
+  }
   if (dtype != "float32" && dtype != "float64")
-    throw std::invalid_argument("gemm takes float32 or float64, got " + dtype);
+    throw std::invalid_argument("gemm takes float32, float64 or bfloat16, got " + dtype);
+  if (c_type != dtype)
+    throw std::invalid_argument("gemm: " + dtype + " operands take a C of the same dtype, got " +
+                                c_type);
   const DType t = dtype == "float32" ? DType::f32 : DType::f64;
   py::gil_scoped_release unlocked;
   gemm(t, g, num_threads);
+}
+
+std::string gemm_bf16_kernel() {
+  return gemm_bf16_default_kernel() == Bf16GemmKernel::avx512 ? "avx512" : "widen";
 }
 
 // ---------------------------------------------------------------------------
@@ -329,7 +370,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("dropout", &ddetr::dropout);
   m.def("load_blas", &ddetr::load_blas);
   m.def("blas_loaded", &ddetr::blas_loaded);
-  m.def("gemm", &ddetr::cpu_gemm);
+  m.def("gemm", &ddetr::cpu_gemm, py::arg("dtype"), py::arg("trans_a"), py::arg("trans_b"),
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("A"), py::arg("lda"), py::arg("B"),
+        py::arg("ldb"), py::arg("beta"), py::arg("C"), py::arg("ldc"), py::arg("bias"),
+        py::arg("relu"), py::arg("num_threads"), py::arg("c_dtype") = "",
+        py::arg("workspace") = 0, py::arg("workspace_bytes") = 0, py::arg("kernel") = "auto");
+  m.def("gemm_workspace_bytes", &ddetr::gemm_workspace_bytes);
+  m.def("gemm_bf16_kernel", &ddetr::gemm_bf16_kernel);
+  m.def("gemm_bf16_avx512_supported", &ddetr::gemm_bf16_avx512_supported);
   m.def("relu_dropout_backward", &ddetr::relu_dropout_backward);
   m.def("msda_forward", &ddetr::forward);
   m.def("msda_backward", &ddetr::backward);

@@ -2,8 +2,9 @@
 // ddetr/layers.h. GEMMs go to OpenBLAS (cpp/blas.cpp), MSDA and dropout to their CPU
 // kernels; the rest are row-parallel loops written here.
 //
-// bfloat16: storage only; every primitive computes in float, and GEMMs run in float
-// through OpenBLAS's sgemm on panels widened from bf16 (gemm_bf16 in cpp/blas.cpp).
+// bfloat16: storage only; every primitive computes in float, and GEMMs go to gemm_bf16
+// (cpp/gemm_bf16.cpp: AVX512-BF16 dot products accumulating in float, or, on CPUs
+// without them, OpenBLAS's sgemm on panels widened from bf16).
 //
 // Threads: an OpenMP team of torch.get_num_threads() (one thread for small work).
 // Row-wise ops give each thread whole rows. Column reductions (bias and LayerNorm

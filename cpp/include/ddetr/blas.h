@@ -65,13 +65,35 @@ inline GemmArgs gemm_args(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
 // dtype f32 or f64; `num_threads` as torch.get_num_threads() (0: OpenMP's default).
 void gemm(DType dtype, const GemmArgs& g, int num_threads);
 
-// The same GEMM on bfloat16 A, B and bias, through sgemm (OpenBLAS builds without a
-// bfloat16 GEMM): op(A) and op(B) are converted to float a panel at a time into
-// `scratch`, products are summed in float over all of K, and each element of C (bf16,
-// or float when c_float) is rounded once, after beta * C, bias and ReLU. `scratch`
-// holds at least kGemmBf16ScratchFloats floats (64-byte aligned).
+// The same GEMM on bfloat16 A, B and bias, products summed in float over all of K, each
+// element of C (bf16, or float when c_float) rounded once, after beta * C, bias and ReLU.
+// `scratch` holds at least kGemmBf16ScratchFloats floats (64-byte aligned). Sizes are
+// not limited to 32 bits, except on the widening path (OpenBLAS's ints).
+//
+// Two implementations (Bf16GemmKernel):
+// * avx512 (cpp/gemm_bf16.cpp): packs op(A) and op(B) into bf16 pairs in the scratch
+//   (at most 3 MB of it) and multiplies with AVX512-BF16 dot products (VDPBF16PS: two
+//   bf16 products added into a float lane; denormal inputs read as zero, denormal
+//   results flushed to zero). Its result does not depend on the thread count. It needs
+//   no BLAS library. Chosen when the CPU has AVX512-BF16.
+// * widen (cpp/gemm_bf16_widen.cpp): widens op(A) and op(B) to float a panel at a time
+//   (three panels of kGemmBf16Panel floats) and calls OpenBLAS's sgemm (which has no
+//   bfloat16 GEMM); needs the BLAS library loaded when K > 0.
+// `automatic` is avx512 where the CPU has it, unless the environment variable
+// DDETR_BF16_GEMM=widen (read once per process) forces the widening path. The two paths
+// differ in the order of their float sums, so their results may differ in the last bit.
+enum class Bf16GemmKernel { automatic, avx512, widen };
 constexpr int64_t kGemmBf16Panel = int64_t(1) << 20;  // floats per panel (4 MB)
 constexpr int64_t kGemmBf16ScratchFloats = 3 * kGemmBf16Panel;
-void gemm_bf16(const GemmArgs& g, bool c_float, int num_threads, float* scratch);
+void gemm_bf16(const GemmArgs& g, bool c_float, int num_threads, float* scratch,
+               Bf16GemmKernel kernel = Bf16GemmKernel::automatic);
+// What `automatic` runs (CPU and DDETR_BF16_GEMM), and whether avx512 can run at all.
+Bf16GemmKernel gemm_bf16_default_kernel();
+bool gemm_bf16_avx512_supported();
+
+// The widening path itself, and the argument checks both paths share (throw on bad
+// arguments; false when C is empty).
+void gemm_bf16_widen(const GemmArgs& g, bool c_float, int num_threads, float* scratch);
+bool check_gemm_bf16(const GemmArgs& g, const float* scratch);
 
 }  // namespace ddetr

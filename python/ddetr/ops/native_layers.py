@@ -17,8 +17,9 @@ the steps in Python:
 
 bfloat16 layers (a model converted with ``.to(torch.bfloat16)``) store every tensor and
 saved activation in bfloat16 and compute in float32: GEMMs accumulate in float32 (on the
-CPU, OpenBLAS's sgemm on panels widened from bfloat16, since OpenBLAS has no bfloat16
-GEMM; on CUDA, cuBLAS's bf16 GEMM with float32 compute), sampling locations and weights
+CPU, ddetr's own AVX512-BF16 GEMM, or OpenBLAS's sgemm on panels widened from bfloat16
+on CPUs without those instructions, since OpenBLAS has no bfloat16 GEMM; on CUDA,
+cuBLAS's bf16 GEMM with float32 compute), sampling locations and weights
 stay float32 and so do the value gradients while they accumulate. Their reference points
 are float32 (as the detector keeps them; bf16 ones are widened).
 

@@ -1,0 +1,169 @@
+"""The bfloat16 CPU GEMM (ddetr's gemm_bf16) at the encoder layer's shapes, against the
+alternatives, in GFLOP/s (2 M N K flops per GEMM):
+
+* ``avx512``: ddetr's AVX512-BF16 kernel (packed bf16 pairs, VDPBF16PS), bf16 in, C bf16
+  (linear shapes) or float (the weight-gradient shape, as the native layers use it);
+* ``widen``: ddetr's fallback, bf16 panels widened to float and OpenBLAS's sgemm;
+* ``torch``: ``torch.matmul`` on the same bf16 tensors (oneDNN on CPUs with AVX512-BF16);
+* ``sgemm``: OpenBLAS's float32 GEMM through the same binding, on float32 copies.
+
+Shapes: linear layers x (M, K) @ W^T (W (N, K), so op(B) is transposed) for M in
+{2048, 22223} rows and (K, N) in (256, 256), (256, 768), (256, 1024), (1024, 256), plus
+the weight gradient dy^T x with M = N = 256, K = 22223 rows (op(A) transposed). The
+candidates run interleaved (one call each per round, in rotating order) so that a noisy
+machine slows them alike; figures are medians over ``--repeats`` rounds. Prints a table
+and writes JSON under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common beside us
+
+import torch  # noqa: E402
+
+import ddetr  # noqa: E402
+from ddetr import _ext  # noqa: E402
+from ddetr.ops.blas import blas_available  # noqa: E402
+from _common import device_name, extension_built, git  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMPLS = ("avx512", "widen", "torch", "sgemm")
+LINEAR_KN = ((256, 256), (256, 768), (256, 1024), (1024, 256))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--rows", type=int, nargs="+", default=[2048, 22223],
+                   help="M of the linear shapes")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=9, help="timed rounds per shape")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    return p.parse_args(argv)
+
+
+def shapes(rows) -> list[dict]:
+    """(name, M, N, K, trans_a, trans_b, C float) of every benchmarked GEMM."""
+    out = [{"name": "linear", "M": m, "N": n, "K": k, "trans_a": False, "trans_b": True,
+            "c_float": False} for m in rows for k, n in LINEAR_KN]
+    out.append({"name": "weight_grad", "M": 256, "N": 256, "K": 22223, "trans_a": True,
+                "trans_b": False, "c_float": True})
+    return out
+
+
+class Workspace:
+    """The bf16 GEMM's scratch: a 64-byte aligned pointer into a float tensor."""
+
+    def __init__(self):
+        self.bytes = _ext._C.gemm_workspace_bytes("bfloat16")
+        self.buf = torch.empty(self.bytes // 4 + 16)
+        self.ptr = (self.buf.data_ptr() + 63) // 64 * 64
+
+
+def make_calls(s: dict, ws: Workspace, threads: int) -> dict:
+    """One zero-argument callable per implementation, on shared random operands."""
+    g = torch.Generator().manual_seed(0)
+    m, n, k, ta, tb = s["M"], s["N"], s["K"], s["trans_a"], s["trans_b"]
+    a = torch.randn((k, m) if ta else (m, k), generator=g).bfloat16()
+    b = torch.randn((n, k) if tb else (k, n), generator=g).bfloat16()
+    c_dtype = torch.float32 if s["c_float"] else torch.bfloat16
+    c = torch.empty(m, n, dtype=c_dtype)
+    a32, b32, c32 = a.float(), b.float(), torch.empty(m, n)
+    op_a = a.t() if ta else a
+    op_b = b.t() if tb else b
+
+    def native(kernel):
+        return lambda: _ext._C.gemm(
+            "bfloat16", ta, tb, m, n, k, a.data_ptr(), a.shape[1], b.data_ptr(), b.shape[1],
+            0.0, c.data_ptr(), n, 0, False, threads, c_dtype=str(c_dtype)[6:],
+            workspace=ws.ptr, workspace_bytes=ws.bytes, kernel=kernel)
+
+    def sgemm():
+        _ext._C.gemm("float32", ta, tb, m, n, k, a32.data_ptr(), a32.shape[1], b32.data_ptr(),
+                     b32.shape[1], 0.0, c32.data_ptr(), n, 0, False, threads)
+
+    return {"avx512": native("avx512"), "widen": native("widen"),
+            "torch": lambda: torch.matmul(op_a, op_b), "sgemm": sgemm}
+
+
+def measure(s: dict, impls, ws: Workspace, args) -> dict:
+    calls = make_calls(s, ws, args.threads)
+    times = {name: [] for name in impls}
+    for r in range(args.warmup + args.repeats):
+        order = impls[r % len(impls):] + impls[:r % len(impls)]
+        for name in order:
+            t0 = time.perf_counter()
+            calls[name]()
+            dt = time.perf_counter() - t0
+            if r >= args.warmup:
+                times[name].append(dt)
+    flops = 2.0 * s["M"] * s["N"] * s["K"]
+    return {name: {"median_ms": 1e3 * statistics.median(t),
+                   "gflops": flops / statistics.median(t) / 1e9,
+                   "best_gflops": flops / min(t) / 1e9} for name, t in times.items()}
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    impls = list(args.impls)
+    if not _ext._C.gemm_bf16_avx512_supported() and "avx512" in impls:
+        print("this CPU lacks AVX512-BF16: no avx512 column", file=sys.stderr)
+        impls.remove("avx512")
+    if not blas_available():
+        print("OpenBLAS not loaded: no widen / sgemm columns", file=sys.stderr)
+        impls = [i for i in impls if i not in ("widen", "sgemm")]
+    ws = Workspace()
+    rows = [{**s, **measure(s, impls, ws, args)} for s in shapes(args.rows)]
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "device_name": device_name("cpu"), "torch": torch.__version__,
+            "build_info": ddetr.build_info(), "git_commit": git("rev-parse", "HEAD"),
+            "extension_built": extension_built(), "threads": args.threads,
+            "loadavg": os.getloadavg(), "repeats": args.repeats, "warmup": args.warmup,
+            "impls": impls, "bf16_default_kernel": _ext._C.gemm_bf16_kernel(),
+            "argv": sys.argv[1:]}
+    return {"meta": meta, "results": rows}
+
+
+def print_table(result: dict) -> None:
+    meta, impls = result["meta"], result["meta"]["impls"]
+    print(f"# bf16 GEMM, GFLOP/s (median of {meta['repeats']}), {meta['device_name']}, "
+          f"{meta['threads']} threads")
+    print(f"{'shape':12} {'M':>6} {'N':>5} {'K':>6} {'op':5} " +
+          " ".join(f"{i:>8}" for i in impls) +
+          ("  avx512/widen avx512/torch" if {"avx512", "widen", "torch"} <= set(impls) else ""))
+    for row in result["results"]:
+        op = ("T" if row["trans_a"] else "N") + ("T" if row["trans_b"] else "N")
+        line = (f"{row['name']:12} {row['M']:>6} {row['N']:>5} {row['K']:>6} {op:5} " +
+                " ".join(f"{row[i]['gflops']:>8.1f}" for i in impls))
+        if {"avx512", "widen", "torch"} <= set(impls):
+            fast = row["avx512"]["gflops"]
+            line += (f"  {fast / row['widen']['gflops']:>11.2f}x"
+                     f" {fast / row['torch']['gflops']:>11.2f}x")
+        print(line)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not _ext.available():
+        sys.exit("the ddetr extension is not built")
+    result = run(args)
+    print_table(result)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"gemm_bf16_cpu_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote " + path, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
