@@ -290,15 +290,25 @@ template <class T> struct CpuOps {
 
  private:
   // out = softmax(scale * x) over n entries (out may alias x); the max is subtracted.
-  // The exponentials are computed twice rather than stored, so a bf16 out is rounded
-  // once.
+  // An out in A keeps the exponentials between the passes; a bf16 out gets them computed
+  // again instead, so it is rounded once.
   template <class In, class Out> static void softmax(int64_t n, A scale, const In* x, Out* out) {
     A mx = -std::numeric_limits<A>::infinity();
     for (int64_t j = 0; j < n; ++j) mx = std::max(mx, scale * to_acc(x[j]));
     A sum = 0;
-    for (int64_t j = 0; j < n; ++j) sum += std::exp(scale * to_acc(x[j]) - mx);
-    const A inv = A(1) / sum;
-    for (int64_t j = 0; j < n; ++j) out[j] = from_acc<Out>(std::exp(scale * to_acc(x[j]) - mx) * inv);
+    if constexpr (std::is_same<Out, A>::value) {
+      for (int64_t j = 0; j < n; ++j) {
+        out[j] = std::exp(scale * to_acc(x[j]) - mx);
+        sum += out[j];
+      }
+      const A inv = A(1) / sum;
+      for (int64_t j = 0; j < n; ++j) out[j] *= inv;
+    } else {
+      for (int64_t j = 0; j < n; ++j) sum += std::exp(scale * to_acc(x[j]) - mx);
+      const A inv = A(1) / sum;
+      for (int64_t j = 0; j < n; ++j)
+        out[j] = from_acc<Out>(std::exp(scale * to_acc(x[j]) - mx) * inv);
+    }
   }
 
   // out = scale * p * (g - sum_j p_j g_j) (out may alias g)
