@@ -196,6 +196,19 @@ void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>
   }
 }
 
+// Lanes of one 64-byte vector, and their sum by halving (a tree of depth log2 lanes).
+// GCC ends an `omp simd` reduction by adding the lanes one after another: a chain of
+// 16 dependent adds per dot product for float, 32 for bf16 values, whose loop it
+// vectorises at twice the width. With the tree the bf16-value backward measured about
+// 12% faster at E1 (107-118 against 123-143 ms, interleaved runs); float, no change.
+template <class A> constexpr int64_t kLanes = int64_t(64 / sizeof(A));
+
+template <class A> A lane_sum(A (&p)[kLanes<A>]) {
+  for (int64_t half = kLanes<A> / 2; half > 0; half /= 2)
+    for (int64_t l = 0; l < half; ++l) p[l] += p[l + half];
+  return p[0];
+}
+
 // Per-thread buffers of the backward.
 template <class T> struct BackwardScratch {
   std::vector<T> zero_row;    // read for corners off the map
@@ -227,23 +240,28 @@ void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first
     A* gv2 = const_cast<A*>(at<A>(grad_value_n, c.goff[2][j]));
     A* gv3 = const_cast<A*>(at<A>(grad_value_n, c.goff[3][j]));
     const A w0 = c.w[0][j], w1 = c.w[1][j], w2 = c.w[2][j], w3 = c.w[3][j];
-    A d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-    for (int64_t ch = 0; ch < D; ++ch) {
-      const A gc = g[ch];
-      d0 += gc * to_acc(v0[ch]);
-      d1 += gc * to_acc(v1[ch]);
-      d2 += gc * to_acc(v2[ch]);
-      d3 += gc * to_acc(v3[ch]);
-      gv0[ch] += w0 * gc;
-      gv1[ch] += w1 * gc;
-      gv2[ch] += w2 * gc;
-      gv3[ch] += w3 * gc;
+    // the dots in one vector of lanes each, summed across the lanes by lane_sum
+    A p0[kLanes<A>] = {}, p1[kLanes<A>] = {}, p2[kLanes<A>] = {}, p3[kLanes<A>] = {};
+    for (int64_t c0 = 0; c0 < D; c0 += kLanes<A>) {
+      const int64_t width = D - c0 < kLanes<A> ? D - c0 : kLanes<A>;
+#pragma omp simd
+      for (int64_t l = 0; l < width; ++l) {
+        const int64_t ch = c0 + l;
+        const A gc = g[ch];
+        p0[l] += gc * to_acc(v0[ch]);
+        p1[l] += gc * to_acc(v1[ch]);
+        p2[l] += gc * to_acc(v2[ch]);
+        p3[l] += gc * to_acc(v3[ch]);
+        gv0[ch] += w0 * gc;
+        gv1[ch] += w1 * gc;
+        gv2[ch] += w2 * gc;
+        gv3[ch] += w3 * gc;
+      }
     }
-    c.dot[0][j] = d0;
-    c.dot[1][j] = d1;
-    c.dot[2][j] = d2;
-    c.dot[3][j] = d3;
+    c.dot[0][j] = lane_sum(p0);
+    c.dot[1][j] = lane_sum(p1);
+    c.dot[2][j] = lane_sum(p2);
+    c.dot[3][j] = lane_sum(p3);
   }
   const int32_t *h = t.h.data() + table_first, *w = t.w.data() + table_first;
   const uint8_t* inside = c.inside.data() + first;
