@@ -9,10 +9,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import datetime
+import json
 import os
 import resource
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -340,3 +342,13 @@ def extension_built() -> str | None:
             timespec="seconds")
     except (AttributeError, OSError, TypeError):
         return None
+
+
+def write_result(out_dir: str, name: str, data: dict) -> str:
+    """Writes ``data`` as ``<out_dir>/<name>_<YYYYmmdd-HHMMSS>.json``; returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print("wrote " + path, file=sys.stderr)
+    return path

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -48,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import ddetr  # noqa: E402
 import _common as C  # noqa: E402
-from _common import device_name, extension_built, git  # noqa: E402
+from _common import device_name, extension_built, git, write_result  # noqa: E402
 from ddetr.ops import (encoder_reference_points, encoder_reference_points_reference,  # noqa: E402
                        flatten_multiscale, flatten_multiscale_reference)
 
@@ -237,12 +236,7 @@ def main(argv=None) -> int:
     meta["tokens"] = x["tokens"]
     meta["loadavg_at_end"] = os.getloadavg()
     print_table(rows, meta)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out,
-                        f"flatten_{args.device}_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
-    print("wrote " + path, file=sys.stderr)
+    write_result(args.out, f"flatten_{args.device}", {"meta": meta, "results": rows})
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 import ddetr  # noqa: E402
 from ddetr import _ext  # noqa: E402
 from ddetr.ops.blas import blas_available  # noqa: E402
-from _common import device_name, extension_built, git  # noqa: E402
+from _common import device_name, extension_built, git, write_result  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMPLS = ("avx512", "widen", "torch", "sgemm")
@@ -158,11 +157,7 @@ def main(argv=None) -> None:
         sys.exit("the ddetr extension is not built")
     result = run(args)
     print_table(result)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"gemm_bf16_cpu_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote " + path, file=sys.stderr)
+    write_result(args.out, "gemm_bf16_cpu", result)
 
 
 if __name__ == "__main__":

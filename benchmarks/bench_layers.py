@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,8 @@ import ddetr  # noqa: E402
 from ddetr.models.transformer_layers import (DeformableTransformerDecoderLayer,  # noqa: E402
                                              DeformableTransformerEncoderLayer)
 from ddetr.ops import encoder_reference_points, ms_deform_attn  # noqa: E402
-from _common import device_name, extension_built, git, image_levels, time_step  # noqa: E402
+from _common import (device_name, extension_built, git, image_levels,  # noqa: E402
+                     time_step, write_result)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("eager", "pytorch", "native", "native-recompute")
@@ -222,12 +222,7 @@ def main(argv=None) -> None:
         sys.exit("--device cuda: no CUDA device visible to torch")
     result = run(args)
     print_table(result)
-    os.makedirs(args.out, exist_ok=True)
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    path = os.path.join(args.out, f"layers_{args.device}_{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote " + path, file=sys.stderr)
+    write_result(args.out, f"layers_{args.device}", result)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ import torch  # noqa: E402
 
 from ddetr.engine.config import make_config  # noqa: E402
 from ddetr.engine.train import setup, to_device, train_step  # noqa: E402
-from _common import device_name, git  # noqa: E402
+from _common import device_name, git, write_result  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,16 +84,13 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"{r['steps'][0]:>5}-{r['steps'][1]:<5} {r['native']:>10.4f} {r['pytorch']:>10.4f} "
               f"{r['relative_difference']:>+10.3%}")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"training_curve_{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
-    with open(path, "w") as f:
-        json.dump({"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "device_name": device_name("cpu"), "torch": torch.__version__,
-                            "git_commit": git("rev-parse", "HEAD"), "argv": sys.argv[1:]},
-                   "windows": rows,
-                   "losses": {k: v[0] for k, v in curves.items()},
-                   "seconds_per_step": {k: v[1] for k, v in curves.items()}}, f, indent=1)
-    print("wrote " + path, file=sys.stderr)
+    write_result(args.out, "training_curve",
+                 {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                           "device_name": device_name("cpu"), "torch": torch.__version__,
+                           "git_commit": git("rev-parse", "HEAD"), "argv": sys.argv[1:]},
+                  "windows": rows,
+                  "losses": {k: v[0] for k, v in curves.items()},
+                  "seconds_per_step": {k: v[1] for k, v in curves.items()}})
 
 
 if __name__ == "__main__":
