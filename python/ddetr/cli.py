@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run_flags(parser, for_eval: bool = True) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     if for_eval:
-        parser.add_argument("--amp", default="off", help="off (default), bf16, fp16 or auto")
+        parser.add_argument("--amp", default="off",
+                            help="mixed precision: off (default), bf16 (autocast; the native "
+                                 "layers then run in bfloat16), fp16 (CUDA, with a gradient "
+                                 "scaler) or auto")
         parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                             help="tqdm progress bars (default on)")
 

@@ -230,9 +230,11 @@ def test_recompute_equals_store_and_is_deterministic(kind):
     assert_close_relative(results[1], results[0], 1e-6)
 
 
-def _bf16_results(kind, levels, ref_dim, n, lq, recompute=False):
+def _bf16_results(kind, levels, ref_dim, n, lq, recompute=False, autocast=False):
     """Output and gradients of (native bf16, PyTorch bf16, exact float64) on the same
-    bf16-representable parameters and inputs; the float64 run is the truth.
+    bf16-representable parameters and inputs; the float64 run is the truth. With
+    ``autocast`` the first two are a float32 layer on float32 inputs under bfloat16
+    autocast instead of a bf16 layer.
 
     Bilinear sampling's gradient jumps where a location crosses a pixel, and bf16
     offsets move locations by up to a few tenths of a pixel, so with random offsets
@@ -270,14 +272,22 @@ def _bf16_results(kind, levels, ref_dim, n, lq, recompute=False):
     grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(2))
     grad_out = grad_out.to(torch.bfloat16)
 
-    def run(layer, inp, native):
+    if autocast:
+        layer_bf = layer_bf.float()
+        inp_bf = {k: v.detach().float().requires_grad_() if torch.is_tensor(v)
+                  and v.is_floating_point() else v for k, v in inp_bf.items()}
+
+    def run(layer, inp, native, cast=False):
         leaves = [t for t in (inp["x"], inp["pos"], inp["ref"], inp.get("memory"))
                   if t is not None] + list(layer.parameters())
-        out = call(layer, kind, inp, native, recompute)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            out = call(layer, kind, inp, native, recompute)
         grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+        assert all(g.dtype == t.dtype for g, t in zip(grads, leaves))
         return [t.detach().double() for t in (out, *grads)]
 
-    return run(layer_bf, inp_bf, True), run(layer_bf, inp_bf, False), run(layer64, inp64, False)
+    return (run(layer_bf, inp_bf, True, autocast), run(layer_bf, inp_bf, False, autocast),
+            run(layer64, inp64, False))
 
 
 def _relative_errors(got, want):
@@ -307,6 +317,29 @@ def test_bfloat16_against_float64(kind, ref_dim, levels, n):
         assert err <= 0.02 and err <= 2 * err_eager + 0.002, \
             f"{name}: native bf16 error {err:.2e}, PyTorch bf16 error {err_eager:.2e}"
     assert all(t.isfinite().all() for t in native)
+
+
+@pytest.mark.parametrize("kind,ref_dim", [("encoder", 2), ("decoder", 4)])
+def test_bfloat16_autocast_runs_natively(kind, ref_dim, monkeypatch):
+    # a float32 layer under bf16 autocast runs the bf16 native layer (its float32
+    # parameters get float32 gradients) with errors like autocast's own PyTorch path;
+    # float16 autocast stays on the PyTorch path
+    calls = []
+    real = native_layers._run
+    monkeypatch.setattr(native_layers, "_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lv = SHAPES["three"]
+    native, eager, exact = _bf16_results(kind, lv, ref_dim, 2, 7, autocast=True)
+    assert len(calls) == 1  # the native run only (call() runs the other one unflagged)
+    # (autocast's PyTorch path keeps LayerNorm and softmax in float32, where the bf16
+    # layer rounds their outputs: 0.5% more slack than test_bfloat16_against_float64)
+    for err, err_eager in zip(_relative_errors(native, exact), _relative_errors(eager, exact)):
+        assert err <= 0.02 and err <= 2 * err_eager + 0.007
+    layer = make_layer(kind, lv, torch.float32)
+    inp = make_inputs(kind, lv, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not _uses_native(layer, kind, inp, monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _uses_native(layer, kind, inp, monkeypatch)
 
 
 def test_bfloat16_many_blocks_recompute_and_dropout():
@@ -392,12 +425,10 @@ def test_module_flag_and_fallbacks(monkeypatch):
     layer.dropout2.p = 0.3
     assert not _uses_native(layer, "encoder", inp, monkeypatch)
     layer.dropout2.p = 0.0
-    # bfloat16 layers run natively; autocast stays on the PyTorch path
+    # bfloat16 layers run natively (autocast: test_bfloat16_autocast_runs_natively)
     bf = make_layer("encoder", lv, torch.bfloat16)
     assert _uses_native(bf, "encoder", make_inputs("encoder", lv, dtype=torch.bfloat16),
                         monkeypatch)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _uses_native(layer, "encoder", inp, monkeypatch)
     # an empty batch
     empty = {k: v[:0] if torch.is_tensor(v) and k != "shapes" else v for k, v in inp.items()}
     assert not _uses_native(layer, "encoder", empty, monkeypatch)

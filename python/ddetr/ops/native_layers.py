@@ -15,19 +15,22 @@ the steps in Python:
 - GEMMs run on OpenBLAS (scipy-openblas32) on the CPU and on cuBLAS on CUDA, both
   loaded at run time.
 
-bfloat16 layers (a model converted with ``.to(torch.bfloat16)``) store every tensor and
-saved activation in bfloat16 and compute in float32: GEMMs accumulate in float32 (on the
-CPU, ddetr's own AVX512-BF16 GEMM, or OpenBLAS's sgemm on panels widened from bfloat16
-on CPUs without those instructions, since OpenBLAS has no bfloat16 GEMM; on CUDA,
-cuBLAS's bf16 GEMM with float32 compute), sampling locations and weights
-stay float32 and so do the value gradients while they accumulate. Their reference points
-are float32 (as the detector keeps them; bf16 ones are widened).
+bfloat16 layers (a model converted with ``.to(torch.bfloat16)``, or any float32 model
+under ``torch.autocast(dtype=torch.bfloat16)``, whose parameters and inputs are then
+cast, as autocast casts them for its matmuls) store every tensor and saved activation in
+bfloat16 and compute in float32: GEMMs accumulate in float32 (on the CPU, ddetr's own
+AVX512-BF16 GEMM, or OpenBLAS's sgemm on panels widened from bfloat16 on CPUs without
+those instructions, since OpenBLAS has no bfloat16 GEMM; on CUDA, cuBLAS's bf16 GEMM
+with float32 compute), sampling locations and weights stay float32 and so do the value
+gradients while they accumulate. Their reference points are float32 (as the detector
+keeps them; bf16 ones are widened).
 
 ``supports(layer, x)`` says whether a layer and input can take this path: float32,
-float64 or bfloat16, ReLU, one dropout probability for all the layer's dropouts, LayerNorm eps 1e-5,
-plain ``nn.Linear`` / ``MSDeformAttn`` / ``nn.MultiheadAttention`` sub-modules without
-hooks, not while ``torch.compile`` traces, and the native library (and OpenBLAS or
-cuBLAS) present. Everything else stays on the PyTorch path, which is the reference.
+float64 or bfloat16 (or bfloat16 autocast), ReLU, one dropout probability for all the
+layer's dropouts, LayerNorm eps 1e-5, plain ``nn.Linear`` / ``MSDeformAttn`` /
+``nn.MultiheadAttention`` sub-modules without hooks, not while ``torch.compile`` traces,
+and the native library (and OpenBLAS or cuBLAS) present. Everything else stays on the
+PyTorch path, which is the reference.
 """
 
 from __future__ import annotations
@@ -87,8 +90,9 @@ def _load_cublas() -> bool:
     return False
 
 
-def _library_ready(x: Tensor) -> bool:
-    if not _ext.available() or x.dtype not in _LAYER_DTYPES:
+def _library_ready(x: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the native layers can run on x's device in ``dtype`` (default x's)."""
+    if not _ext.available() or (dtype or x.dtype) not in _LAYER_DTYPES:
         return False
     if x.device.type == "cpu":
         return blas_available()
@@ -118,19 +122,32 @@ def _dropouts(layer: nn.Module) -> list[float]:
     return ps
 
 
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for this device type."""
+    return torch.is_autocast_enabled(device_type)
+
+
 def supports(layer: nn.Module, x: Tensor, *others: Tensor | None) -> bool:
     """Whether ``layer`` (an encoder or decoder layer of ddetr) on input ``x`` and the
     other tensor inputs ``others`` can run natively with the same result as its PyTorch
-    path (all of one dtype and device, no autocast)."""
+    path: all of one dtype and device, or, under bfloat16 autocast, float32 / bfloat16
+    tensors and parameters (the layer then runs in bfloat16, like autocast's matmuls)."""
     from ddetr.models.ms_deform_attn import MSDeformAttn
     from ddetr.models.transformer_layers import _relu
 
-    if torch.compiler.is_compiling() or not _library_ready(x):
-        return False
-    if torch.is_autocast_enabled(x.device.type) or x.numel() == 0:
+    if torch.compiler.is_compiling() or x.numel() == 0:
         return False  # (empty batches: the PyTorch path handles them)
-    if any(t is not None and (t.dtype not in _companion_dtypes(x) or t.device != x.device)
-           for t in others):
+    tensors = [x, *(t for t in others if t is not None)]
+    params = list(layer.parameters())
+    if _autocast(x.device.type):
+        castable = (torch.float32, torch.bfloat16)
+        if (torch.get_autocast_dtype(x.device.type) != torch.bfloat16
+                or not _library_ready(x, torch.bfloat16)
+                or any(t.dtype not in castable for t in tensors + params)):
+            return False
+    elif not _library_ready(x) or any(t.dtype not in _companion_dtypes(x) for t in tensors):
+        return False
+    if any(t.device != x.device for t in tensors):
         return False
     if getattr(layer, "activation", None) is not _relu:
         return False
@@ -152,7 +169,8 @@ def supports(layer: nn.Module, x: Tensor, *others: Tensor | None) -> bool:
                 and sa.in_proj_bias is not None and sa.bias_k is None and not sa.add_zero_attn
                 and _plain(sa.out_proj, type(sa.out_proj)) and sa.out_proj.bias is not None):
             return False
-    return all(p.dtype == x.dtype and p.device == x.device for p in layer.parameters())
+    return all(p.device == x.device and (p.dtype == x.dtype or _autocast(x.device.type))
+               for p in params)
 
 
 @dataclass(frozen=True)
@@ -275,6 +293,9 @@ def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Te
          memory: Tensor | None, spatial_shapes, level_start_index, mask: Tensor | None,
          params: list, recompute: bool) -> Tensor:
     attn = layer.cross_attn if decoder else layer.self_attn
+    if _autocast(x.device.type):  # bfloat16 autocast (supports() says which): run in bf16
+        x, pos, memory = (None if t is None else t.to(torch.bfloat16) for t in (x, pos, memory))
+        params = [None if t is None else t.to(torch.bfloat16) for t in params]
     value_in = memory if decoder else x
     _check(attn, x, pos, ref, value_in, spatial_shapes, mask)
     n, lq, c = x.shape
