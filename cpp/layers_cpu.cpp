@@ -269,9 +269,9 @@ template <class T> struct CpuOps {
 
   void msda_backward(const MsdaShape& s, const T* value, const A* loc, const A* attn,
                      const T* grad_out, A* grad_value, A* grad_loc, A* grad_attn, void*,
-                     size_t) const {
+                     size_t, T* out) const {
     msda_backward_cpu<T>(s, value, loc, attn, grad_out, grad_value, grad_loc, grad_attn,
-                         threads);
+                         threads, out);
   }
 
   template <class U> void softmax_rows(int64_t rows, int64_t cols, A scale, const U* x,

@@ -214,24 +214,30 @@ template <class T> struct BackwardScratch {
   std::vector<T> zero_row;    // read for corners off the map
   std::vector<Acc<T>> dummy;  // 4 rows, written for corners off the map
   std::vector<Acc<T>> g;      // grad_out row in the accumulation type
+  std::vector<Acc<T>> fwd;    // the forward's output row (when asked for)
   Corners<Acc<T>> corners;
   BackwardScratch(int64_t D, int64_t samples)
-      : zero_row(D, from_acc<T>(Acc<T>(0))), dummy(4 * D), g(D), corners(samples) {}
+      : zero_row(D, from_acc<T>(Acc<T>(0))), dummy(4 * D), g(D), fwd(D), corners(samples) {}
 };
 
 // The L*P samples of one (n, q, m), whose corners start at entry `first` of `c`:
-// first the dots and the scatter, sample by sample over the channels; then, in one
+// first the dots and the scatter, sample by sample over the channels (and, when `out`
+// is not null, the forward's output row from the same corners); then, in one
 // vectorised pass over the samples, their location and attention gradients.
 // attn/grad_loc/grad_attn point at this (n, q, m)'s first sample.
-template <class T, int DC>
+template <class T, int DC, bool kOut>
 void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first,
                    const T* value_n, Acc<T>* grad_value_n, BackwardScratch<T>& buf,
-                   int64_t first, const Acc<T>* attn, Acc<T>* grad_loc, Acc<T>* grad_attn) {
+                   int64_t first, const Acc<T>* attn, Acc<T>* grad_loc, Acc<T>* grad_attn,
+                   T* out) {
   using A = Acc<T>;
   const int64_t D = DC ? DC : s.D;
   const int64_t lp = s.L * s.P;
   Corners<A>& c = buf.corners;
   const A* g = buf.g.data();
+  A* fwd = buf.fwd.data();
+  if constexpr (kOut)
+    for (int64_t ch = 0; ch < D; ++ch) fwd[ch] = A(0);
   for (int64_t j = first; j < first + lp; ++j) {
     const T *v0 = at<T>(value_n, c.off[0][j]), *v1 = at<T>(value_n, c.off[1][j]);
     const T *v2 = at<T>(value_n, c.off[2][j]), *v3 = at<T>(value_n, c.off[3][j]);
@@ -256,6 +262,9 @@ void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first
         gv1[ch] += w1 * gc;
         gv2[ch] += w2 * gc;
         gv3[ch] += w3 * gc;
+        if constexpr (kOut)
+          fwd[ch] += w0 * to_acc(v0[ch]) + w1 * to_acc(v1[ch]) + w2 * to_acc(v2[ch]) +
+                     w3 * to_acc(v3[ch]);
       }
     }
     c.dot[0][j] = lane_sum(p0);
@@ -263,6 +272,8 @@ void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first
     c.dot[2][j] = lane_sum(p2);
     c.dot[3][j] = lane_sum(p3);
   }
+  if constexpr (kOut)
+    for (int64_t ch = 0; ch < D; ++ch) out[ch] = from_acc<T>(fwd[ch]);
   const int32_t *h = t.h.data() + table_first, *w = t.w.data() + table_first;
   const uint8_t* inside = c.inside.data() + first;
   const A *ly = c.ly.data() + first, *lx = c.lx.data() + first;
@@ -300,10 +311,10 @@ struct HeadBlocks {
   }
 };
 
-template <class T, int DC>
+template <class T, int DC, bool kOut>
 void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>* attn,
               const T* grad_out, Acc<T>* grad_value, Acc<T>* grad_loc, Acc<T>* grad_attn,
-              int threads) {
+              int threads, T* out) {
   using A = Acc<T>;
   const int64_t lp = s.L * s.P;
   const HeadBlocks blocks(s, threads);
@@ -332,8 +343,9 @@ void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T
           const int64_t nqm = (n * s.Lq + q) * s.M + m;
           const T* go = grad_out + nqm * s.D;
           for (int64_t ch = 0; ch < s.D; ++ch) buf.g[ch] = to_acc(go[ch]);
-          backward_head<T, DC>(s, table, m * lp, value_n, grad_value_n, buf, (m - m0) * lp,
-                               attn + nqm * lp, grad_loc + 2 * nqm * lp, grad_attn + nqm * lp);
+          backward_head<T, DC, kOut>(s, table, m * lp, value_n, grad_value_n, buf,
+                                     (m - m0) * lp, attn + nqm * lp, grad_loc + 2 * nqm * lp,
+                                     grad_attn + nqm * lp, kOut ? out + nqm * s.D : nullptr);
         }
       }
     }
@@ -369,14 +381,18 @@ void msda_forward_cpu(const MsdaShape& s, const T* value, const Acc<T>* loc,
 template <class T>
 void msda_backward_cpu(const MsdaShape& s, const T* value, const Acc<T>* loc,
                        const Acc<T>* attn, const T* grad_out, Acc<T>* grad_value,
-                       Acc<T>* grad_loc, Acc<T>* grad_attn, int num_threads) {
+                       Acc<T>* grad_loc, Acc<T>* grad_attn, int num_threads, T* out) {
   validate(s);
   if (s.N * s.Lq * s.M == 0) return;
   with_head_size(s.D, [&](auto dc) {
     const int threads = resolve_threads(num_threads, s.N * s.Lq * s.M * s.L * s.P,
                                         kSerialBelowSamples);
-    backward<T, decltype(dc)::value>(s, value, loc, attn, grad_out, grad_value, grad_loc,
-                                     grad_attn, threads);
+    if (out)
+      backward<T, decltype(dc)::value, true>(s, value, loc, attn, grad_out, grad_value,
+                                             grad_loc, grad_attn, threads, out);
+    else
+      backward<T, decltype(dc)::value, false>(s, value, loc, attn, grad_out, grad_value,
+                                              grad_loc, grad_attn, threads, nullptr);
   });
 }
 
@@ -385,7 +401,7 @@ void msda_backward_cpu(const MsdaShape& s, const T* value, const Acc<T>* loc,
                                     const Acc<T>*, T*, int);                              \
   template void msda_backward_cpu<T>(const MsdaShape&, const T*, const Acc<T>*,          \
                                      const Acc<T>*, const T*, Acc<T>*, Acc<T>*, Acc<T>*, \
-                                     int);
+                                     int, T*);
 DDETR_INSTANTIATE(float)
 DDETR_INSTANTIATE(double)
 DDETR_INSTANTIATE(bf16)

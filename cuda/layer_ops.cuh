@@ -294,11 +294,14 @@ template <class T> struct CudaOps {
            cuda_detail::align_bytes(launcher, kAlign);
   }
 
+  // `out` (when not null) gets the forward's output: here a separate forward launch
   void msda_backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>* attn,
                      const T* grad_out, Acc<T>* grad_value, Acc<T>* grad_loc,
-                     Acc<T>* grad_attn, void* workspace, size_t workspace_bytes) const {
+                     Acc<T>* grad_attn, void* workspace, size_t workspace_bytes,
+                     T* out) const {
     const uintptr_t st = reinterpret_cast<uintptr_t>(stream);
     constexpr DType dt = cuda_detail::dtype_of<T>();
+    if (out) msda_forward(s, value, loc, attn, out);
     // No sample: grad_loc / grad_attn are empty and grad_value gets nothing (the
     // deterministic launcher would leave the scratch unwritten).
     if (s.N * s.Lq * s.M * s.L * s.P == 0) return;

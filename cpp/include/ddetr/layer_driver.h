@@ -424,9 +424,11 @@ void sample_memory_backward(const Ops& ops, const LayerShape& s, const Dims& d,
   ops.gemm_batched(true, false, 1, D, rows, coef, M, 1, b.dsampled, C, D, beta, gw.value_b, D,
                    D, M);
   ops.msda_backward(memory_shape(s, rows, C), maps.memory + n * d.S * C, b.loc, b.attn, b.dsmem,
-                    vg.memory + n * d.S * C, b.dloc, b.dattn, msda_ws, msda_ws_bytes);
+                    vg.memory + n * d.S * C, b.dloc, b.dattn, msda_ws, msda_ws_bytes,
+                    static_cast<T*>(nullptr));
   ops.msda_backward(memory_shape(s, rows, 1), maps.ones + n * d.S, b.loc, b.attn, b.dcoef,
-                    vg.ones + n * d.S, b.dloc2, b.dattn2, msda_ws, msda_ws_bytes);
+                    vg.ones + n * d.S, b.dloc2, b.dattn2, msda_ws, msda_ws_bytes,
+                    static_cast<T*>(nullptr));
   ops.add(rows * 2 * d.K, b.dloc, b.dloc2, b.dloc);
   ops.add(rows * d.K, b.dattn, b.dattn2, b.dattn);
 }
@@ -464,26 +466,27 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
   norm_backward(ops, rows, C, b.g, saved.xhat_b + r0 * C, saved.rstd_b + r0, w.norm_b_w, dx,
                 gw.norm_b_w, gw.norm_b_b, acc);
   const T* da = dropped(ops, o, kDropB, r0, rows * C, dx, b.da);
-  // sampled = msda(value, loc, attn): loc and attn recomputed from the saved projection,
-  // and the encoder's sampled features too (one MSDA forward, cheaper than storing them)
+  // sampled = msda(value, loc, attn): loc and attn recomputed from the saved projection
   const T* raw = saved.raw + r0 * 3 * K;
   const SamplingArgs sa = sampling_args(s, rows);
   const Acc<T>* ref = in.ref + r0 * s.msda.L * s.ref_dim;
   ops.sampling_forward(sa, raw, ref, b.loc, b.attn);
+  // a = sampled W_o^T + b_o: dsampled = da W_o first, for the MSDA backward; the encoder's
+  // sampled features (not stored) come out of that backward, which gathers the same
+  // corners, and only then does dW_o = da^T sampled run
+  ops.gemm(false, false, rows, C, C, da, C, w.out_w, C, Acc<T>(0), b.dsampled, C,
+           static_cast<const T*>(nullptr), false);
   const T* sampled = saved.sampled ? saved.sampled + r0 * C : b.sampled;
-  if (!saved.sampled)
-    ops.msda_forward(block_shape(s, rows), maps.value + n * d.S * C, b.loc, b.attn, b.sampled);
-  // a = sampled W_o^T + b_o
-  linear_backward(ops, rows, C, C, sampled, C, da, C, w.out_w, gw.out_w, gw.out_b, acc,
-                  b.dsampled, C, Acc<T>(0));
-  const T* q = with_pos(ops, rows * C, xin + r0 * C, in.pos ? in.pos + r0 * C : nullptr, b.q);
   if (s.decoder)
     sample_memory_backward(ops, s, d, w, maps, vg, saved, gw, n, r0, rows, acc, b, msda_ws,
                            msda_ws_bytes);
   else
     ops.msda_backward(block_shape(s, rows), maps.value + n * d.S * C, b.loc, b.attn,
                       b.dsampled, vg.value + n * d.S * C, b.dloc, b.dattn, msda_ws,
-                      msda_ws_bytes);
+                      msda_ws_bytes, saved.sampled ? static_cast<T*>(nullptr) : b.sampled);
+  linear_backward(ops, rows, C, C, sampled, C, da, C, w.out_w, gw.out_w, gw.out_b, acc,
+                  static_cast<T*>(nullptr), C, Acc<T>(0));
+  const T* q = with_pos(ops, rows * C, xin + r0 * C, in.pos ? in.pos + r0 * C : nullptr, b.q);
   ops.sampling_backward(sa, raw, ref, b.attn, b.dloc, b.dattn, b.draw,
                         gi.ref ? gi.ref + r0 * s.msda.L * s.ref_dim : nullptr);
   // raw = q W_oa^T + b_oa; q = x + pos, so dq is also the gradient of pos

@@ -47,8 +47,10 @@
 //   msda_forward(shape, value, loc, attn, out)                       ddetr/msda.h
 //   msda_backward_workspace_bytes(shape)
 //   msda_backward(shape, value, loc, attn, grad_out, grad_value, grad_loc, grad_attn,
-//                 workspace, workspace_bytes)
-//       grad_value ACCUMULATES (+=); grad_loc and grad_attn are written.
+//                 workspace, workspace_bytes, out)
+//       grad_value ACCUMULATES (+=); grad_loc and grad_attn are written; out, when not
+//       null, gets msda_forward's output too (the CPU computes it from the corners the
+//       backward gathers anyway).
 //   softmax_rows(rows, cols, scale, x, out)   out[r, :] = softmax(scale * x[r, :])
 //       x: U, out: T (may alias x when U is T); scale: A
 //   softmax_rows_backward(rows, cols, scale, p, g, out)

@@ -30,7 +30,8 @@
 //
 // Saved activations (training): written by the forward into buffers the caller
 // allocates (sizes from layer_saved_sizes), read by the backward. The encoder does not
-// keep its sampled features (the backward samples again: one MSDA forward).
+// keep its sampled features: its MSDA backward, which gathers the same corners, computes
+// them again on the way (on CUDA, one more MSDA forward).
 // `recompute` leaves out the FFN hidden activations and the decoder's attention
 // probabilities (the backward recomputes them: one more GEMM); LayerNorms keep their
 // normalised input and 1/std (the layer output alone cannot give them back when gamma

@@ -46,10 +46,13 @@ template <class T>
 void msda_forward_cpu(const MsdaShape& shape, const T* value, const Acc<T>* loc,
                       const Acc<T>* attn, T* out, int num_threads);
 
+// `out`, when not null, also receives the forward's output (the backward gathers the
+// same corners, so a caller that needs both saves the forward's gathers).
 template <class T>
 void msda_backward_cpu(const MsdaShape& shape, const T* value, const Acc<T>* loc,
                        const Acc<T>* attn, const T* grad_out, Acc<T>* grad_value,
-                       Acc<T>* grad_loc, Acc<T>* grad_attn, int num_threads);
+                       Acc<T>* grad_loc, Acc<T>* grad_attn, int num_threads,
+                       T* out = nullptr);
 
 // Element types understood by the CUDA launchers (the CPU takes f32, f64, bf16).
 enum class DType { f32, f64, f16, bf16 };
