@@ -235,7 +235,10 @@ void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first
   const int64_t lp = s.L * s.P;
   Corners<A>& c = buf.corners;
   const A* g = buf.g.data();
-  A* fwd = buf.fwd.data();
+  // (a fixed-size local for the common head sizes, which the compiler keeps in registers
+  // across the samples; the scratch row for other sizes)
+  A fwd_local[DC ? DC : 1];
+  A* fwd = DC ? fwd_local : buf.fwd.data();
   if constexpr (kOut)
     for (int64_t ch = 0; ch < D; ++ch) fwd[ch] = A(0);
   for (int64_t j = first; j < first + lp; ++j) {
