@@ -104,7 +104,7 @@ void backward(const std::string& dtype, const std::string& device, int device_in
 // or "widen" (Bf16GemmKernel).
 
 size_t gemm_workspace_bytes(const std::string& dtype) {
-  if (dtype == "bfloat16") return size_t(kGemmBf16ScratchFloats) * sizeof(float);
+  if (dtype == "bfloat16") return kGemmBf16ScratchBytes;
   if (dtype == "float32" || dtype == "float64") return 0;
   throw std::invalid_argument("gemm takes float32, float64 or bfloat16, got " + dtype);
 }

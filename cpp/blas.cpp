@@ -13,6 +13,7 @@
 #include <mutex>
 #include <string>
 #include <stdexcept>
+#include <utility>
 
 namespace ddetr {
 namespace {
@@ -71,22 +72,27 @@ int as_blas_int(int64_t v, const char* name) {
   return int(v);
 }
 
-// Throws on sizes OpenBLAS cannot take or a missing library; false when C is empty.
+// Throws on sizes OpenBLAS cannot take or a missing library, then as check_gemm_args.
 bool check_gemm(const GemmArgs& g) {
   if (!blas_loaded()) throw std::runtime_error("gemm: no BLAS library is loaded");
-  const int M = as_blas_int(g.M, "M"), N = as_blas_int(g.N, "N"), K = as_blas_int(g.K, "K");
-  const int lda = as_blas_int(g.lda, "lda"), ldb = as_blas_int(g.ldb, "ldb");
-  const int ldc = as_blas_int(g.ldc, "ldc");
-  // row-major leading dimensions: at least the stored row length
-  if (lda < (g.trans_a ? M : K) || ldb < (g.trans_b ? K : N) || ldc < N)
-    throw std::invalid_argument("gemm: a leading dimension is smaller than its row");
-  if (M == 0 || N == 0) return false;
-  if ((!g.A || !g.B) && K > 0) throw std::invalid_argument("gemm: null operand");
-  if (!g.C) throw std::invalid_argument("gemm: null operand");
-  return true;
+  const std::pair<int64_t, const char*> sizes[] = {{g.M, "M"},     {g.N, "N"},     {g.K, "K"},
+                                                   {g.lda, "lda"}, {g.ldb, "ldb"}, {g.ldc, "ldc"}};
+  for (const auto& [v, name] : sizes) as_blas_int(v, name);
+  return check_gemm_args(g);
 }
 
 }  // namespace
+
+bool check_gemm_args(const GemmArgs& g) {
+  if (g.M < 0 || g.N < 0 || g.K < 0) throw std::invalid_argument("gemm: negative size");
+  // row-major leading dimensions: at least the stored row length
+  if (g.lda < (g.trans_a ? g.M : g.K) || g.ldb < (g.trans_b ? g.K : g.N) || g.ldc < g.N)
+    throw std::invalid_argument("gemm: a leading dimension is smaller than its row");
+  if (g.M == 0 || g.N == 0) return false;
+  if ((!g.A || !g.B) && g.K > 0) throw std::invalid_argument("gemm: null operand");
+  if (!g.C) throw std::invalid_argument("gemm: null operand");
+  return true;
+}
 
 void load_blas(const std::string& path) {
   std::lock_guard<std::mutex> lock(g_load_mutex);

@@ -471,12 +471,7 @@ Bf16GemmKernel gemm_bf16_default_kernel() {
 }
 
 bool check_gemm_bf16(const GemmArgs& g, const float* scratch) {
-  if (g.M < 0 || g.N < 0 || g.K < 0) throw std::invalid_argument("gemm_bf16: negative size");
-  if (g.lda < (g.trans_a ? g.M : g.K) || g.ldb < (g.trans_b ? g.K : g.N) || g.ldc < g.N)
-    throw std::invalid_argument("gemm: a leading dimension is smaller than its row");
-  if (g.M == 0 || g.N == 0) return false;
-  if ((!g.A || !g.B) && g.K > 0) throw std::invalid_argument("gemm: null operand");
-  if (!g.C) throw std::invalid_argument("gemm: null operand");
+  if (!check_gemm_args(g)) return false;
   if (!scratch) throw std::invalid_argument("gemm_bf16: null scratch");
   return true;
 }

@@ -351,13 +351,13 @@ template <class T> struct CpuOps {
 
 }  // namespace
 
-// bf16 passes take the GEMM scratch (ddetr/blas.h) from the front of their workspace.
-constexpr size_t kBf16ScratchBytes = size_t(kGemmBf16ScratchFloats) * sizeof(float);
+// bf16 passes take the GEMM scratch (ddetr/blas.h, kGemmBf16ScratchBytes) from the front
+// of their workspace.
 
 size_t layer_workspace_bytes_cpu(const LayerShape& s, const LayerOptions& o, bool backward,
                                  int elem_bytes) {
   return layer_workspace_bytes(CpuOps<float>{0}, s, o, backward, elem_bytes) +
-         (elem_bytes == 2 ? kBf16ScratchBytes : 0);
+         (elem_bytes == 2 ? kGemmBf16ScratchBytes : 0);
 }
 
 namespace {
@@ -366,11 +366,11 @@ namespace {
 template <class T> CpuOps<T> cpu_ops(int num_threads, void*& workspace, size_t& bytes) {
   CpuOps<T> ops{num_threads};
   if constexpr (std::is_same<T, bf16>::value) {
-    if (bytes < kBf16ScratchBytes)
+    if (bytes < kGemmBf16ScratchBytes)
       throw std::invalid_argument("workspace: too small for the bfloat16 GEMM scratch");
     ops.gemm_scratch = static_cast<float*>(workspace);
-    workspace = static_cast<char*>(workspace) + kBf16ScratchBytes;
-    bytes -= kBf16ScratchBytes;
+    workspace = static_cast<char*>(workspace) + kGemmBf16ScratchBytes;
+    bytes -= kGemmBf16ScratchBytes;
   }
   return ops;
 }

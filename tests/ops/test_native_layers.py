@@ -324,9 +324,7 @@ def test_bfloat16_autocast_runs_natively(kind, ref_dim, monkeypatch):
     # a float32 layer under bf16 autocast runs the bf16 native layer (its float32
     # parameters get float32 gradients) with errors like autocast's own PyTorch path;
     # float16 autocast stays on the PyTorch path
-    calls = []
-    real = native_layers._run
-    monkeypatch.setattr(native_layers, "_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_native_calls(monkeypatch)
     lv = SHAPES["three"]
     native, eager, exact = _bf16_results(kind, lv, ref_dim, 2, 7, autocast=True)
     assert len(calls) == 1  # the native run only (call() runs the other one unflagged)
@@ -396,10 +394,16 @@ def test_inference_without_grad_matches():
                                    call(layer, "encoder", inp, False), rtol=1e-12, atol=1e-12)
 
 
-def _uses_native(layer, kind, inp, monkeypatch):
-    hit = []
+def _count_native_calls(monkeypatch):
+    """A list that gets one entry per native layer call from now on."""
+    calls = []
     real = native_layers._run
-    monkeypatch.setattr(native_layers, "_run", lambda *a, **k: hit.append(1) or real(*a, **k))
+    monkeypatch.setattr(native_layers, "_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _uses_native(layer, kind, inp, monkeypatch):
+    hit = _count_native_calls(monkeypatch)
     layer.native_layers = True
     if kind == "encoder":
         layer(inp["x"], inp["pos"], inp["ref"], inp["shapes"], None, inp["mask"])
@@ -491,9 +495,7 @@ def test_detector_bfloat16_native_runs_and_agrees(monkeypatch):
     # agree with its PyTorch path within bf16 noise, and a backward gives finite gradients
     from ddetr import DeformableDetr
 
-    calls = []
-    real = native_layers._run
-    monkeypatch.setattr(native_layers, "_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_native_calls(monkeypatch)
 
     torch.manual_seed(0)
     model = DeformableDetr(num_classes=5, num_queries=6, num_feature_levels=3, backbone="resnet18",

@@ -65,6 +65,11 @@ inline GemmArgs gemm_args(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
 // dtype f32 or f64; `num_threads` as torch.get_num_threads() (0: OpenMP's default).
 void gemm(DType dtype, const GemmArgs& g, int num_threads);
 
+// The argument checks every GEMM entry point shares: throws std::invalid_argument on a
+// negative size, a leading dimension shorter than its row or a null operand; false when
+// C is empty (nothing to do).
+bool check_gemm_args(const GemmArgs& g);
+
 // The same GEMM on bfloat16 A, B and bias, products summed in float over all of K, each
 // element of C (bf16, or float when c_float) rounded once, after beta * C, bias and ReLU.
 // `scratch` holds at least kGemmBf16ScratchFloats floats (64-byte aligned). Sizes are
@@ -85,14 +90,15 @@ void gemm(DType dtype, const GemmArgs& g, int num_threads);
 enum class Bf16GemmKernel { automatic, avx512, widen };
 constexpr int64_t kGemmBf16Panel = int64_t(1) << 20;  // floats per panel (4 MB)
 constexpr int64_t kGemmBf16ScratchFloats = 3 * kGemmBf16Panel;
+constexpr size_t kGemmBf16ScratchBytes = size_t(kGemmBf16ScratchFloats) * sizeof(float);
 void gemm_bf16(const GemmArgs& g, bool c_float, int num_threads, float* scratch,
                Bf16GemmKernel kernel = Bf16GemmKernel::automatic);
 // What `automatic` runs (CPU and DDETR_BF16_GEMM), and whether avx512 can run at all.
 Bf16GemmKernel gemm_bf16_default_kernel();
 bool gemm_bf16_avx512_supported();
 
-// The widening path itself, and the argument checks both paths share (throw on bad
-// arguments; false when C is empty).
+// The widening path itself, and the checks both paths share (check_gemm_args and a
+// non-null scratch).
 void gemm_bf16_widen(const GemmArgs& g, bool c_float, int num_threads, float* scratch);
 bool check_gemm_bf16(const GemmArgs& g, const float* scratch);
 
