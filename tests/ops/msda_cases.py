@@ -26,7 +26,8 @@ class Case:
         return f"N{self.n}_M{self.m}_D{self.d}_Lq{self.lq}_P{self.p}_{levels}"
 
 
-# 1 to 5 levels with 1x1 and non-square maps, P 1..8, D in {4, 8, 24, 32, 64}, N up to 3.
+# 1 to 5 levels with 1x1 and non-square maps, P 1..8, D in {4, 8, 16, 24, 32, 64}, N up to 3
+# (16, 32 and 64 take the CPU backward's AVX-512 path on machines that have it).
 CASES = [
     Case(((1, 1),), n=1, m=1, d=4, lq=3, p=1),
     Case(((6, 4),), n=3, m=2, d=8, lq=7, p=4),
@@ -35,6 +36,7 @@ CASES = [
     Case(((8, 13), (4, 7), (2, 4), (1, 2)), n=2, m=8, d=32, lq=9, p=4),
     Case(((11, 3), (6, 2), (3, 1), (2, 1), (1, 1)), n=3, m=1, d=64, lq=4, p=2),
     Case(((4, 4), (2, 2)), n=2, m=2, d=4, lq=13, p=5),
+    Case(((7, 5), (3, 3)), n=2, m=3, d=16, lq=10, p=3),
 ]
 
 
