@@ -100,6 +100,51 @@ template <class A> struct Corners {
   }
 };
 
+// ---- Prefetching. The gathers (and the backward's scatters) wander over a window of
+// the map larger than L2, and the out-of-order window holds only a few samples' misses,
+// so the corners a few samples on are prefetched by hand (more samples ahead in the
+// forward, whose samples take fewer instructions; measured at E1). The backward also
+// reads loc, attn and grad_out a block of heads at a time, with gaps between queries,
+// which the hardware prefetcher follows late: the rows of the query kQueriesAhead on
+// are prefetched too.
+constexpr int64_t kCornersAhead = 8, kCornersAheadForward = 32;
+constexpr int64_t kQueriesAhead = 4;
+
+#if defined(__GNUC__) || defined(__clang__)
+#define DDETR_PREFETCH(p, write) __builtin_prefetch((p), (write))
+#else
+#define DDETR_PREFETCH(p, write) ((void)(p))
+#endif
+
+// kLines cache lines from p. Unrolled by recursion: GCC vectorises a loop of
+// __builtin_prefetch calls and drops the prefetches.
+template <int kLines, int kWrite> inline void prefetch_lines(const void* p) {
+  if constexpr (kLines > 0) {
+    DDETR_PREFETCH(p, kWrite);
+    prefetch_lines<kLines - 1, kWrite>(static_cast<const char*>(p) + 64);
+  }
+}
+
+inline void prefetch_bytes(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (size_t b = 0; b < bytes; b += 64) DDETR_PREFETCH(c + b, 0);
+}
+
+// The four corners of sample j of `c` (offsets from value_n), and with kGrad their
+// gradient rows (offsets from grad_value_n), for writing. Head sizes known at compile
+// time only.
+template <class T, int DC, bool kGrad, class A>
+void prefetch_corners(const T* value_n, const A* grad_value_n, const Corners<A>& c, int64_t j) {
+  if constexpr (DC > 0) {
+    constexpr int kValueLines = int((DC * sizeof(T) + 63) / 64);
+    constexpr int kGradLines = int((DC * sizeof(A) + 63) / 64);
+    for (int k = 0; k < 4; ++k) {
+      prefetch_lines<kValueLines, 0>(at<T>(value_n, c.off[k][j]));
+      if constexpr (kGrad) prefetch_lines<kGradLines, 1>(at<A>(grad_value_n, c.goff[k][j]));
+    }
+  }
+}
+
 // Where corners off the map read from (value) and scatter to (grad_value): byte
 // offsets from the image's base, so on and off the map cost the same add.
 struct OffMap {
@@ -190,6 +235,9 @@ void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>
       for (int64_t m = 0; m < s.M; ++m) {
         for (int64_t ch = 0; ch < D; ++ch) acc[ch] = A(0);
         for (int64_t j = m * lp; j < (m + 1) * lp; ++j) {
+          if (j + kCornersAheadForward < samples)
+            prefetch_corners<T, DC, false>(value_n, static_cast<A*>(nullptr), c,
+                                           j + kCornersAheadForward);
           const T* v0 = at<T>(value_n, c.off[0][j]);
           const T* v1 = at<T>(value_n, c.off[1][j]);
           const T* v2 = at<T>(value_n, c.off[2][j]);
@@ -274,30 +322,6 @@ inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
 
-// Software prefetch of the corners kCornersAhead samples on (values for reading,
-// gradient rows for writing): the gathers and scatters wander over a window of the
-// map larger than L2, and the out-of-order window holds only a few samples' misses.
-constexpr int64_t kCornersAhead = 8;
-
-// kLines cache lines from p. Unrolled by recursion: GCC vectorises a loop of
-// __builtin_prefetch calls and drops the prefetches.
-template <int kLines, int kWrite> inline void prefetch_lines(const void* p) {
-  if constexpr (kLines > 0) {
-    __builtin_prefetch(p, kWrite);
-    prefetch_lines<kLines - 1, kWrite>(static_cast<const char*>(p) + 64);
-  }
-}
-
-template <class T, int DC>
-void prefetch_corners(const T* value_n, float* grad_value_n, const Corners<float>& c,
-                      int64_t j) {
-  constexpr int kValueLines = int((DC * sizeof(T) + 63) / 64), kGradLines = (DC * 4 + 63) / 64;
-  for (int k = 0; k < 4; ++k) {
-    prefetch_lines<kValueLines, 0>(at<T>(value_n, c.off[k][j]));
-    prefetch_lines<kGradLines, 1>(at<float>(grad_value_n, c.goff[k][j]));
-  }
-}
-
 template <class T, int DC, bool kOut>
 void sample_pass_avx512(const T* value_n, float* grad_value_n, Corners<float>& c,
                         int64_t first, int64_t count, int64_t set_up, const float* g,
@@ -310,7 +334,7 @@ void sample_pass_avx512(const T* value_n, float* grad_value_n, Corners<float>& c
   }
   for (int64_t j = first; j < first + count; ++j) {
     if (j + kCornersAhead < set_up)
-      prefetch_corners<T, DC>(value_n, grad_value_n, c, j + kCornersAhead);
+      prefetch_corners<T, DC, true>(value_n, grad_value_n, c, j + kCornersAhead);
     const T* v[4];
     float* gv[4];
     __m512 w[4], p[4];
@@ -416,16 +440,6 @@ struct HeadBlocks {
     size = (s.M + per_image - 1) / per_image;
   }
 };
-
-// The backward reads loc, attn and grad_out a block of heads at a time, with gaps
-// between queries, which the hardware prefetcher follows late: the rows of the query
-// kQueriesAhead on are prefetched by hand.
-constexpr int64_t kQueriesAhead = 4;
-
-inline void prefetch_bytes(const void* p, size_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
-}
 
 template <class T, int DC, bool kOut>
 void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>* attn,
