@@ -323,6 +323,15 @@ def device_name(device: str) -> str:
         return platform.processor() or platform.machine()
 
 
+def blas_note() -> str:
+    """Which OpenBLAS kernels ddetr's CPU linear layers run, and whether the environment
+    chose them (OPENBLAS_CORETYPE): an AVX2 core forced on an AVX-512 machine halves the
+    speed of every GEMM, so a result means little without it."""
+    core = ddetr.build_info().get("blas") or "none (torch's matmul)"
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return f"OpenBLAS kernels: {core} ({'OPENBLAS_CORETYPE=' + forced if forced else 'chosen by OpenBLAS'})"
+
+
 def git(*cmd: str) -> str | None:
     """Output of a git command in this checkout, or None (no git, not a checkout)."""
     try:

@@ -38,8 +38,8 @@ import ddetr  # noqa: E402
 from ddetr.models.transformer_layers import (DeformableTransformerDecoderLayer,  # noqa: E402
                                              DeformableTransformerEncoderLayer)
 from ddetr.ops import encoder_reference_points, ms_deform_attn  # noqa: E402
-from _common import (device_name, extension_built, git, image_levels,  # noqa: E402
-                     time_step, write_result)
+from _common import (blas_note, device_name, extension_built, git,  # noqa: E402
+                     image_levels, time_step, write_result)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("eager", "pytorch", "native", "native-recompute")
@@ -191,7 +191,7 @@ def run(args) -> dict:
             "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), "dtype": args.dtype,
             "dropout": args.dropout, "repeats": args.repeats, "warmup": args.warmup,
             "d_model": D_MODEL, "heads": HEADS, "points": POINTS, "dim_feedforward": FFN,
-            "argv": sys.argv[1:]}
+            "blas": blas_note(), "argv": sys.argv[1:]}
     return {"meta": meta, "results": rows}
 
 
@@ -199,6 +199,7 @@ def print_table(result: dict) -> None:
     meta = result["meta"]
     print(f"# native layers vs PyTorch layers, {meta['device_name']}, {meta['dtype']}, "
           f"{meta['threads']} threads, dropout {meta['dropout']}")
+    print(f"# {meta['blas']}")
     head = (f"{'layer':8} {'N':>2} {'queries':>7} {'pass':8} " +
             " ".join(f"{m + ' ms':>18}" for m in MODES) +
             f" {'vs eager':>8} {'recomp.':>8} {'vs path':>8}")

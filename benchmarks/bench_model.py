@@ -47,7 +47,8 @@ import ddetr  # noqa: E402
 from ddetr import convert  # noqa: E402
 from ddetr.models import SetCriterion, HungarianMatcher  # noqa: E402
 from ddetr.models import deformable_transformer  # noqa: E402
-from _common import PeakMemory, device_name, extension_built, git, time_step  # noqa: E402
+from _common import (PeakMemory, blas_note, device_name, extension_built, git,  # noqa: E402
+                     time_step)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMPLS = ("transformers", "ddetr", "ddetr-pytorch-layers")
@@ -338,6 +339,7 @@ def run(args) -> dict:
 def print_tables(result: dict) -> None:
     rows = result["rows"]
     print()
+    print(f"# ddetr's linear layers: {blas_note()}")
     impls = [i for i in IMPLS if i in rows[0]["median_ms"]]
     print("(speed-up: transformers / that ddetr; mem ratio: that ddetr / transformers; "
           "ddetr-pytorch-layers: native layers off)")
@@ -373,7 +375,7 @@ def main(argv=None) -> None:
         "device": device_name(args.device), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "threads": torch.get_num_threads(), "build_info": ddetr.build_info(),
-        "extension_built": extension_built(), "git_commit": git("rev-parse", "HEAD"),
+        "blas": blas_note(), "extension_built": extension_built(), "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain")),
         "args": {k: v for k, v in vars(args).items() if k != "out"}, **result}
     os.makedirs(args.out, exist_ok=True)

@@ -370,6 +370,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("dropout", &ddetr::dropout);
   m.def("load_blas", &ddetr::load_blas);
   m.def("blas_loaded", &ddetr::blas_loaded);
+  m.def("blas_core", &ddetr::blas_core);
   m.def("gemm", &ddetr::cpu_gemm, py::arg("dtype"), py::arg("trans_a"), py::arg("trans_b"),
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("A"), py::arg("lda"), py::arg("B"),
         py::arg("ldb"), py::arg("beta"), py::arg("C"), py::arg("ldc"), py::arg("bias"),

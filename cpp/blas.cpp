@@ -45,6 +45,7 @@ struct Blas {
 Blas g_blas;
 std::mutex g_load_mutex;
 bool g_loaded = false;
+std::string g_core;  // OpenBLAS's name for the kernels it chose ("" if it cannot say)
 
 template <class F> F symbol(void* handle, const char* name) {
   void* p = dlsym(handle, name);
@@ -104,6 +105,9 @@ void load_blas(const std::string& path) {
   b.dgemm = symbol<Dgemm>(handle, "scipy_cblas_dgemm");
   b.set_threads = symbol<SetThreads>(handle, "scipy_openblas_set_num_threads");
   b.get_threads = symbol<GetThreads>(handle, "scipy_openblas_get_num_threads");
+  using CoreName = const char* (*)();
+  if (auto core = reinterpret_cast<CoreName>(dlsym(handle, "scipy_openblas_get_corename")))
+    g_core = core();
   g_blas = b;
   g_loaded = true;  // the handle stays open for the life of the process
 }
@@ -111,6 +115,11 @@ void load_blas(const std::string& path) {
 bool blas_loaded() {
   std::lock_guard<std::mutex> lock(g_load_mutex);
   return g_loaded;
+}
+
+std::string blas_core() {
+  std::lock_guard<std::mutex> lock(g_load_mutex);
+  return g_core;
 }
 
 void gemm(DType dtype, const GemmArgs& g, int num_threads) {

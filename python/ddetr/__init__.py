@@ -24,8 +24,12 @@ def build_info() -> dict:
     Keys: ``version``, ``native`` (the extension imported), ``cuda`` (CUDA kernels
     compiled in), ``cuda_archs``, ``cuda_version``, ``openmp``, ``threads`` (what the
     CPU kernels use: ``torch.get_num_threads()``), ``cpu_arch_flags``, ``max_levels``,
-    and ``import_error`` when the extension is missing.
+    ``blas`` (the OpenBLAS kernels the CPU linear layers run, by OpenBLAS's name, e.g.
+    "SkylakeX"; "" when OpenBLAS is not available; asking loads it), and ``import_error``
+    when the extension is missing.
     """
+    from ddetr.ops.blas import blas_core
+
     info = {"version": __version__, "native": _ext.available()}
     if _ext.available():
         info.update(_ext._C.build_info())
@@ -34,4 +38,5 @@ def build_info() -> dict:
         info.update(cuda=False, cuda_archs="", cuda_version="", openmp=False,
                     import_error=str(_ext.IMPORT_ERROR))
     info["threads"] = torch.get_num_threads()
+    info["blas"] = blas_core()
     return info

@@ -24,6 +24,10 @@ namespace ddetr {
 // library is in place (the first successful load wins).
 void load_blas(const std::string& path);
 bool blas_loaded();
+// The kernels OpenBLAS chose when it loaded, by its own name ("SkylakeX", "Haswell",
+// ...; the environment variable OPENBLAS_CORETYPE overrides its choice); "" before a
+// load or when the library cannot say.
+std::string blas_core();
 
 struct GemmArgs {
   bool trans_a = false, trans_b = false;
