@@ -258,12 +258,14 @@ void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>
 // Phase 2 of the backward for the samples [first, first + count) of one (n, q, m):
 // per sample, the four dots <g, value_k> into c.dot and the scatter
 // grad_value_k += w_k * g; with kOut, also fwd = sum of w_k * value_k (the forward's
-// output row). g and fwd are D floats (or doubles).
+// output row). go is the D-channel row of grad_out, g a scratch row for it in the
+// accumulation type, fwd D floats (or doubles).
 template <class T, int DC, bool kOut>
 void sample_pass_generic(int64_t D, const T* value_n, Acc<T>* grad_value_n, Corners<Acc<T>>& c,
-                         int64_t first, int64_t count, const Acc<T>* g, Acc<T>* fwd) {
+                         int64_t first, int64_t count, const T* go, Acc<T>* g, Acc<T>* fwd) {
   using A = Acc<T>;
   if constexpr (DC) D = DC;
+  for (int64_t ch = 0; ch < D; ++ch) g[ch] = to_acc(go[ch]);
   if constexpr (kOut)
     for (int64_t ch = 0; ch < D; ++ch) fwd[ch] = A(0);
   for (int64_t j = first; j < first + count; ++j) {
@@ -324,12 +326,12 @@ inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 template <class T, int DC, bool kOut>
 void sample_pass_avx512(const T* value_n, float* grad_value_n, Corners<float>& c,
-                        int64_t first, int64_t count, int64_t set_up, const float* g,
+                        int64_t first, int64_t count, int64_t set_up, const T* go,
                         float* fwd) {
   constexpr int kChunks = DC / 16;
   __m512 gr[kChunks], acc[kChunks];
   for (int i = 0; i < kChunks; ++i) {
-    gr[i] = _mm512_loadu_ps(g + 16 * i);
+    gr[i] = load16(go + 16 * i);
     acc[i] = _mm512_setzero_ps();
   }
   for (int64_t j = first; j < first + count; ++j) {
@@ -362,22 +364,22 @@ void sample_pass_avx512(const T* value_n, float* grad_value_n, Corners<float>& c
 // set_up: how many entries of `c` hold this query's corners (for the prefetch).
 template <class T, int DC, bool kOut>
 void sample_pass(int64_t D, const T* value_n, Acc<T>* grad_value_n, Corners<Acc<T>>& c,
-                 int64_t first, int64_t count, int64_t set_up, const Acc<T>* g,
+                 int64_t first, int64_t count, int64_t set_up, const T* go, Acc<T>* g,
                  Acc<T>* fwd) {
 #ifdef DDETR_MSDA_AVX512
   if constexpr (!std::is_same_v<T, double> && DC % 16 == 0 && DC > 0) {
-    sample_pass_avx512<T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up, g, fwd);
+    sample_pass_avx512<T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up, go, fwd);
     return;
   }
 #endif
-  sample_pass_generic<T, DC, kOut>(D, value_n, grad_value_n, c, first, count, g, fwd);
+  sample_pass_generic<T, DC, kOut>(D, value_n, grad_value_n, c, first, count, go, g, fwd);
 }
 
 // Per-thread buffers of the backward.
 template <class T> struct BackwardScratch {
   std::vector<T> zero_row;    // read for corners off the map
   std::vector<Acc<T>> dummy;  // 4 rows, written for corners off the map
-  std::vector<Acc<T>> g;      // grad_out row in the accumulation type
+  std::vector<Acc<T>> g;      // grad_out row in the accumulation type (generic pass)
   std::vector<Acc<T>> fwd;    // the forward's output row (when asked for)
   Corners<Acc<T>> corners;
   BackwardScratch(int64_t D, int64_t samples)
@@ -388,12 +390,12 @@ template <class T> struct BackwardScratch {
 // first the dots and the scatter, sample by sample over the channels (and, when `out`
 // is not null, the forward's output row from the same corners); then, in one
 // vectorised pass over the samples, their location and attention gradients.
-// attn/grad_loc/grad_attn point at this (n, q, m)'s first sample.
+// go/attn/grad_loc/grad_attn point at this (n, q, m)'s row or first sample.
 template <class T, int DC, bool kOut>
 void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first,
                    const T* value_n, Acc<T>* grad_value_n, BackwardScratch<T>& buf,
-                   int64_t first, int64_t set_up, const Acc<T>* attn, Acc<T>* grad_loc,
-                   Acc<T>* grad_attn, T* out) {
+                   int64_t first, int64_t set_up, const T* go, const Acc<T>* attn,
+                   Acc<T>* grad_loc, Acc<T>* grad_attn, T* out) {
   using A = Acc<T>;
   const int64_t D = DC ? DC : s.D;
   const int64_t lp = s.L * s.P;
@@ -402,7 +404,8 @@ void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first
   // across the samples; the scratch row for other sizes)
   A fwd_local[DC ? DC : 1];
   A* fwd = DC ? fwd_local : buf.fwd.data();
-  sample_pass<T, DC, kOut>(D, value_n, grad_value_n, c, first, lp, set_up, buf.g.data(), fwd);
+  sample_pass<T, DC, kOut>(D, value_n, grad_value_n, c, first, lp, set_up, go, buf.g.data(),
+                           fwd);
   if constexpr (kOut)
     for (int64_t ch = 0; ch < D; ++ch) out[ch] = from_acc<T>(fwd[ch]);
   const int32_t *h = t.h.data() + table_first, *w = t.w.data() + table_first;
@@ -477,12 +480,10 @@ void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T
                             buf.corners);
         for (int64_t m = m0; m < m1; ++m) {
           const int64_t nqm = (n * s.Lq + q) * s.M + m;
-          const T* go = grad_out + nqm * s.D;
-          for (int64_t ch = 0; ch < s.D; ++ch) buf.g[ch] = to_acc(go[ch]);
           backward_head<T, DC, kOut>(s, table, m * lp, value_n, grad_value_n, buf,
-                                     (m - m0) * lp, (m1 - m0) * lp, attn + nqm * lp,
-                                     grad_loc + 2 * nqm * lp, grad_attn + nqm * lp,
-                                     kOut ? out + nqm * s.D : nullptr);
+                                     (m - m0) * lp, (m1 - m0) * lp, grad_out + nqm * s.D,
+                                     attn + nqm * lp, grad_loc + 2 * nqm * lp,
+                                     grad_attn + nqm * lp, kOut ? out + nqm * s.D : nullptr);
         }
       }
     }
