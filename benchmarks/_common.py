@@ -329,7 +329,8 @@ def blas_note() -> str:
     speed of every GEMM, so a result means little without it."""
     core = ddetr.build_info().get("blas") or "none (torch's matmul)"
     forced = os.environ.get("OPENBLAS_CORETYPE")
-    return f"OpenBLAS kernels: {core} ({'OPENBLAS_CORETYPE=' + forced if forced else 'chosen by OpenBLAS'})"
+    chooser = f"OPENBLAS_CORETYPE={forced}" if forced else "chosen by OpenBLAS"
+    return f"OpenBLAS kernels: {core} ({chooser})"
 
 
 def git(*cmd: str) -> str | None:

@@ -375,7 +375,8 @@ def main(argv=None) -> None:
         "device": device_name(args.device), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "threads": torch.get_num_threads(), "build_info": ddetr.build_info(),
-        "blas": blas_note(), "extension_built": extension_built(), "git_commit": git("rev-parse", "HEAD"),
+        "blas": blas_note(), "extension_built": extension_built(),
+        "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain")),
         "args": {k: v for k, v in vars(args).items() if k != "out"}, **result}
     os.makedirs(args.out, exist_ok=True)
