@@ -107,7 +107,7 @@ template <class A> struct Corners {
 // reads loc, attn and grad_out a block of heads at a time, with gaps between queries,
 // which the hardware prefetcher follows late: the rows of the query kQueriesAhead on
 // are prefetched too.
-constexpr int64_t kCornersAhead = 8, kCornersAheadForward = 32;
+constexpr int64_t kCornersAhead = 16, kCornersAheadForward = 32;
 constexpr int64_t kQueriesAhead = 4;
 
 #if defined(__GNUC__) || defined(__clang__)
