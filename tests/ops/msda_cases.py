@@ -39,6 +39,10 @@ CASES = [
     Case(((7, 5), (3, 3)), n=2, m=3, d=16, lq=10, p=3),
 ]
 
+# 1024 queries or more: the CPU backward visits them in strips of its largest level (here
+# the second), not in the given order
+MANY_QUERIES = Case(((6, 20), (16, 40), (2, 3)), n=2, m=2, d=32, lq=1100, p=2)
+
 
 def level_start(shapes) -> torch.Tensor:
     sizes = torch.tensor([h * w for h, w in shapes])
