@@ -467,7 +467,8 @@ std::vector<int64_t> visit_order(const MsdaShape& s, const A* loc, int64_t n) {
   const int64_t H = s.level_h[big], W = s.level_w[big];
   const int64_t strips = (W + kStripPixels - 1) / kStripPixels;
   const int64_t keys = strips * H;
-  if (s.Lq < kReorderMinQueries || keys > 4 * s.Lq) return {};
+  // (no points: loc is empty, and there is nothing to order by)
+  if (s.P == 0 || s.Lq < kReorderMinQueries || keys > 4 * s.Lq) return {};
   std::vector<int64_t> order(s.Lq), key(s.Lq), count(keys + 1, 0);
   const int64_t stride = s.M * s.L * s.P * 2;  // between queries' first samples
   for (int64_t q = 0; q < s.Lq; ++q) {
