@@ -333,13 +333,13 @@ def run(args) -> dict:
                     step()
                 row["peak_mb"][impl] = mem.peak_bytes / 2**20
                 row["memory_method"] = mem.method
-    return {"rows": rows, "parity": parity}
+    return {"rows": rows, "parity": parity, "blas": blas_note()}
 
 
 def print_tables(result: dict) -> None:
     rows = result["rows"]
     print()
-    print(f"# ddetr's linear layers: {blas_note()}")
+    print(f"# ddetr's linear layers: {result['blas']}")
     impls = [i for i in IMPLS if i in rows[0]["median_ms"]]
     print("(speed-up: transformers / that ddetr; mem ratio: that ddetr / transformers; "
           "ddetr-pytorch-layers: native layers off)")
@@ -375,7 +375,7 @@ def main(argv=None) -> None:
         "device": device_name(args.device), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "threads": torch.get_num_threads(), "build_info": ddetr.build_info(),
-        "blas": blas_note(), "extension_built": extension_built(),
+        "extension_built": extension_built(),
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain")),
         "args": {k: v for k, v in vars(args).items() if k != "out"}, **result}
