@@ -191,10 +191,10 @@ void setup_corners(const SampleTable& t, int64_t first, int64_t count, const A* 
     off1[j] = b.pixel[1] >= 0 ? at1 : zero;
     off2[j] = b.pixel[2] >= 0 ? at2 : zero;
     off3[j] = b.pixel[3] >= 0 ? at3 : zero;
-    w0[j] = a * b.weight[0];
-    w1[j] = a * b.weight[1];
-    w2[j] = a * b.weight[2];
-    w3[j] = a * b.weight[3];
+    w0[j] = fold_weight(a, b.weight[0]);
+    w1[j] = fold_weight(a, b.weight[1]);
+    w2[j] = fold_weight(a, b.weight[2]);
+    w3[j] = fold_weight(a, b.weight[3]);
     if constexpr (kGrad) {
       goff0[j] = b.pixel[0] >= 0 ? at0 * scale : dummy0;
       goff1[j] = b.pixel[1] >= 0 ? at1 * scale : dummy1;
@@ -436,12 +436,16 @@ void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first
 // Work items of the backward: image n with heads [m0, m1). Heads are split into as
 // few contiguous blocks as give every thread an item, so the corner setup of a
 // query runs over a block's (m1 - m0) * L * P samples at once.
+// `size` heads per block and `per_image` blocks, every block non-empty: with 8 heads and
+// 6 wanted blocks the size is 2, so there are 4 blocks, not 6 (blocks starting past M
+// would give m1 - m0 < 0).
 struct HeadBlocks {
   int64_t per_image, size;
   HeadBlocks(const MsdaShape& s, int threads) {
     const int64_t want = (threads + s.N - 1) / s.N;
-    per_image = want < s.M ? want : s.M;
-    size = (s.M + per_image - 1) / per_image;
+    const int64_t blocks = want < s.M ? (want > 0 ? want : 1) : s.M;
+    size = (s.M + blocks - 1) / blocks;
+    per_image = (s.M + size - 1) / size;
   }
 };
 

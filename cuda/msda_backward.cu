@@ -101,7 +101,7 @@ __global__ void msda_backward_kernel(const MsdaShape s, const T* __restrict__ va
                 if (b.pixel[k] < 0) continue;
                 const int64_t idx = level_offset + b.pixel[k] * pixel_stride + c;
                 dot[k] += gc * to_acc(value[idx]);
-                if constexpr (kScatter) atomicAdd(grad_value + idx, (a * b.weight[k]) * gc);
+                if constexpr (kScatter) atomicAdd(grad_value + idx, fold_weight(a, b.weight[k]) * gc);
               }
             }
           }

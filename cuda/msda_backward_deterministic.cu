@@ -193,7 +193,7 @@ __global__ void row_reduce_kernel(const MsdaShape s, const Acc<T>* __restrict__ 
 #pragma unroll
             for (int kk = 1; kk < 4; ++kk)
               if (k == kk) w = b.weight[kk];
-            coef = attn[i] * w;
+            coef = fold_weight(attn[i], w);
           }
           go_row = i / per_row;
         }

@@ -67,7 +67,7 @@ __global__ void msda_forward_kernel(const MsdaShape s, const T* __restrict__ val
           for (int k = 0; k < 4; ++k) {
             if (b.pixel[k] < 0) continue;
             // attn folded into the corner weight once, so each channel costs one FMA.
-            const A wk = a * b.weight[k];
+            const A wk = fold_weight(a, b.weight[k]);
             const T* v = value_l + b.pixel[k] * pixel_stride;
 #pragma unroll
             for (int j = 0; j < CPL; ++j)

@@ -75,6 +75,14 @@ DDETR_HD bool bilinear_setup(A x, A y, int32_t H, int32_t W, Bilinear<A>& b) {
   return inside;
 }
 
+// The attention weight folded into a corner's bilinear weight: `attn * weight`, or 0
+// for a corner of weight 0 (off the map, or a fractional part of exactly 0), so an
+// infinite or NaN attention weight adds nothing through corners that take no part in
+// the sample (inf * 0 would be NaN). With finite weights this is `attn * weight`.
+template <class A> DDETR_HD A fold_weight(A attn, A weight) {
+  return weight != A(0) ? attn * weight : A(0);
+}
+
 // Gradients of one weighted sample `attn * v(x, y)` given dot[k] = <g, v_k>
 // (0 for corners off the map): d/d attn, d/dx and d/dy.
 template <class A> struct SampleGrad {

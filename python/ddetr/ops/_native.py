@@ -31,15 +31,32 @@ def _fail(name: str, expected: str, got: object) -> None:
     raise ValueError(f"{name}: expected {expected}, got {got}")
 
 
+def _int_table(name: str, items, device) -> Tensor:
+    """A Python list of sizes as an int64 tensor; floats (4.9) are refused, not truncated."""
+    try:
+        t = torch.as_tensor(items, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{name}: expected integers, got {items!r} ({e})") from None
+    _check_int_table(name, t, device)
+    return t
+
+
+def _check_int_table(name: str, t: Tensor, device) -> None:
+    """An integer tensor on the CPU or on the value's device (it is read on the host)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        _fail(name, "an integer tensor (int64)", t.dtype)
+    if t.device.type != "cpu" and t.device != torch.device(device):
+        _fail(name, f"a tensor on the CPU or on {device} like value", t.device)
+
+
 def as_level_tensors(spatial_shapes, level_start_index, device) -> tuple[Tensor, Tensor]:
     """Normalise the level table: (L, 2) and (L,) int64 tensors (start computed if None)."""
     if not isinstance(spatial_shapes, Tensor):
         if not isinstance(spatial_shapes, Sequence):
             _fail("spatial_shapes", "a (L, 2) int64 tensor or a list of (H, W) pairs",
                   type(spatial_shapes).__name__)
-        spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.int64, device=device)
-    if spatial_shapes.dtype.is_floating_point or spatial_shapes.dtype == torch.bool:
-        _fail("spatial_shapes", "an integer tensor", spatial_shapes.dtype)
+        spatial_shapes = _int_table("spatial_shapes", spatial_shapes, device)
+    _check_int_table("spatial_shapes", spatial_shapes, device)
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.shape[0] < 1:
         _fail("spatial_shapes", "shape (L, 2) with L >= 1", tuple(spatial_shapes.shape))
     spatial_shapes = spatial_shapes.to(torch.int64)
@@ -47,10 +64,9 @@ def as_level_tensors(spatial_shapes, level_start_index, device) -> tuple[Tensor,
         sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
         level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     elif not isinstance(level_start_index, Tensor):
-        level_start_index = torch.as_tensor(level_start_index, dtype=torch.int64,
-                                            device=spatial_shapes.device)
-    if level_start_index.dtype.is_floating_point or level_start_index.dtype == torch.bool:
-        _fail("level_start_index", "an integer tensor", level_start_index.dtype)
+        level_start_index = _int_table("level_start_index", level_start_index,
+                                       spatial_shapes.device)
+    _check_int_table("level_start_index", level_start_index, device)
     if tuple(level_start_index.shape) != (spatial_shapes.shape[0],):
         _fail("level_start_index", f"shape ({spatial_shapes.shape[0]},) to match spatial_shapes",
               tuple(level_start_index.shape))

@@ -75,6 +75,10 @@ def _prepare(value, spatial_shapes, level_start_index, sampling_locations, atten
             sampling_locations.to(acc).contiguous(), attention_weights.to(acc).contiguous())
 
 
+def _cpu_half(value: Tensor) -> bool:
+    return value.device.type == "cpu" and value.dtype == torch.float16
+
+
 def ms_deform_attn(value: Tensor, spatial_shapes, level_start_index: Tensor | None,
                    sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Multi-scale deformable attention (see the module docstring for the semantics).
@@ -95,7 +99,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes, level_start_index: Tensor | No
     if not _ext.available():
         _ext.warn_fallback("ms_deform_attn")
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, loc, attn)
-    if value.device.type == "cpu" and value.dtype == torch.float16:
+    if _cpu_half(value):
         # The CPU kernels have no float16 path; float32 gives the same numbers.
         return _msda_op(value.float(), spatial_shapes, level_start_index, loc, attn).half()
     return _msda_op(value, spatial_shapes, level_start_index, loc, attn)
@@ -119,9 +123,12 @@ class MSDeformAttnFunction(torch.autograd.Function):
         if not _ext.available():
             _ext.warn_fallback("MSDeformAttnFunction")
             return ms_deform_attn_reference(*inputs)
+        if _cpu_half(inputs[0]):  # (no float16 CPU kernel: float32 gives the same numbers)
+            return _native.forward(inputs[0].float(), *inputs[1:]).half()
         return _native.forward(*inputs)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         value, spatial_shapes, level_start_index, loc, attn = ctx.saved_tensors
         if not _ext.available():
@@ -130,6 +137,9 @@ class MSDeformAttnFunction(torch.autograd.Function):
                 out = ms_deform_attn_reference(leaves[0], spatial_shapes, level_start_index,
                                                leaves[1], leaves[2])
                 grads = torch.autograd.grad(out, leaves, grad_output)
+        elif _cpu_half(value):
+            grads = _native.backward(grad_output.float(), value.float(), spatial_shapes,
+                                     level_start_index, loc, attn)
         else:
             grads = _native.backward(grad_output, value, spatial_shapes, level_start_index,
                                      loc, attn)
