@@ -21,9 +21,20 @@ namespace {
 // Below this many multiply-adds a GEMM stays on the calling thread.
 constexpr int64_t kSerialBelowFlops = int64_t(1) << 22;
 
-// Rows of C per GEMM call inside a thread's block: small enough that the bias / ReLU
-// epilogue reads them from cache, large enough for OpenBLAS's own blocking.
+// Rows of C per GEMM call: at most kEpilogueRows (so the bias / ReLU epilogue reads them
+// from cache, and enough for OpenBLAS's own blocking), fewer for small M so that up to
+// kChunksWanted threads find work, but at least kMinChunkRows (each call packs op(B)
+// again); whole multiples of 16 rows. The chunks depend on M
+// alone, never on the thread count: OpenBLAS computes a row through different kernels
+// depending on where it falls in a call (edge tiles, small-matrix paths), so rows split
+// differently at another thread count gave other roundings.
 constexpr int64_t kEpilogueRows = 256;
+constexpr int64_t kChunksWanted = 8, kMinChunkRows = 64;
+
+int64_t chunk_rows(int64_t M) {
+  const int64_t rows = ((M + kChunksWanted - 1) / kChunksWanted + 15) / 16 * 16;
+  return std::min(std::max(rows, kMinChunkRows), kEpilogueRows);
+}
 
 // CBLAS enums (cblas.h): row-major order, no transpose, transpose.
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
@@ -130,35 +141,32 @@ void gemm(DType dtype, const GemmArgs& g, int num_threads) {
   const int lda = int(g.lda), ldb = int(g.ldb), ldc = int(g.ldc);
   // OpenBLAS itself runs on one thread: its own pool spin-waits between calls and
   // fights the OpenMP teams of torch and of ddetr's kernels for the cores. Threads
-  // here are an OpenMP team, each computing a contiguous block of C's rows (rows of
-  // op(A)), which needs no reduction.
+  // here are an OpenMP team sharing fixed chunks of C's rows (rows of op(A)), which
+  // needs no reduction.
   if (g_blas.get_threads() != 1) g_blas.set_threads(1);
   const int threads = resolve_threads(num_threads, int64_t(M) * N * K, kSerialBelowFlops);
   const int64_t elem = dtype == DType::f32 ? 4 : 8;
   const int ta = g.trans_a ? kTrans : kNoTrans, tb = g.trans_b ? kTrans : kNoTrans;
-#pragma omp parallel num_threads(threads)
-  {
-    // rows [m0, m1) of C, in multiples of 16 rows, done kEpilogueRows at a time so the
-    // epilogue finds them in cache
-    const auto [m0, m1] = thread_slice(M, 16);
-    for (int64_t r0 = m0; r0 < m1; r0 += kEpilogueRows) {
-      const int rows = int(std::min<int64_t>(m1 - r0, kEpilogueRows));
-      // row m of op(A): row m of A, or column m of A when transposed
-      const auto* a = static_cast<const char*>(g.A) + (g.trans_a ? r0 : r0 * lda) * elem;
-      auto* c = static_cast<char*>(g.C) + r0 * ldc * elem;
-      if (dtype == DType::f32) {
-        g_blas.sgemm(kRowMajor, ta, tb, rows, N, K, 1.0f, reinterpret_cast<const float*>(a),
-                     lda, static_cast<const float*>(g.B), ldb, float(g.beta),
-                     reinterpret_cast<float*>(c), ldc);
-        epilogue(reinterpret_cast<float*>(c), rows, N, ldc,
-                 static_cast<const float*>(g.bias), g.relu);
-      } else {
-        g_blas.dgemm(kRowMajor, ta, tb, rows, N, K, 1.0, reinterpret_cast<const double*>(a),
-                     lda, static_cast<const double*>(g.B), ldb, g.beta,
-                     reinterpret_cast<double*>(c), ldc);
-        epilogue(reinterpret_cast<double*>(c), rows, N, ldc,
-                 static_cast<const double*>(g.bias), g.relu);
-      }
+  const int64_t chunk = chunk_rows(M), chunks = (M + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int64_t r0 = i * chunk;
+    const int rows = int(std::min<int64_t>(M - r0, chunk));
+    // row m of op(A): row m of A, or column m of A when transposed
+    const auto* a = static_cast<const char*>(g.A) + (g.trans_a ? r0 : r0 * lda) * elem;
+    auto* c = static_cast<char*>(g.C) + r0 * ldc * elem;
+    if (dtype == DType::f32) {
+      g_blas.sgemm(kRowMajor, ta, tb, rows, N, K, 1.0f, reinterpret_cast<const float*>(a),
+                   lda, static_cast<const float*>(g.B), ldb, float(g.beta),
+                   reinterpret_cast<float*>(c), ldc);
+      epilogue(reinterpret_cast<float*>(c), rows, N, ldc,
+               static_cast<const float*>(g.bias), g.relu);
+    } else {
+      g_blas.dgemm(kRowMajor, ta, tb, rows, N, K, 1.0, reinterpret_cast<const double*>(a),
+                   lda, static_cast<const double*>(g.B), ldb, g.beta,
+                   reinterpret_cast<double*>(c), ldc);
+      epilogue(reinterpret_cast<double*>(c), rows, N, ldc,
+               static_cast<const double*>(g.bias), g.relu);
     }
   }
 }
