@@ -1,7 +1,8 @@
-"""The ``ddetr`` command: ``train``, ``eval`` and ``predict``.
+"""The ``ddetr`` command: ``train``, ``eval``, ``predict`` and ``plot``.
 
 ``ddetr train`` with no dataset generates the synthetic shapes dataset in a cache
-directory and trains the small CPU configuration on it (see ``engine/config.py``).
+directory and trains the small CPU configuration on it (see ``engine/config.py``);
+``--preset`` and ``--config`` set many flags at once.
 """
 
 from __future__ import annotations
@@ -11,22 +12,14 @@ import logging
 import os
 import sys
 import time
-import types
-import typing
 
 from tqdm import tqdm
 
-from ddetr.engine.config import SYNTHETIC_PRESET, config_fields, make_config
+from ddetr.engine.config import (PRESET_HELP, PRESETS, SYNTHETIC_PRESET, config_fields,
+                                 make_config, read_config_file, value_type)
 from ddetr.engine.evaluate import STAT_NAMES
 
 HEADLINE = ("AP", "AP50", "AP_small")
-
-
-def _value_type(annotation):
-    """The scalar type of a field annotation such as ``int``, ``float | None``."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
 
 
 # the first field of each group of TrainConfig fields, and the group's --help title
@@ -48,7 +41,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for name, annotation, default, help_text in config_fields():
         if name in FLAG_GROUPS:
             group = parser.add_argument_group(FLAG_GROUPS[name])
-        kind = _value_type(annotation)
+        kind = value_type(annotation)
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         text = help_text + _default_text(name, default)
         if kind is bool:
@@ -57,6 +50,21 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS,
                                metavar=name.upper(), help=text)
+
+
+def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "recipes", "settings come from the defaults (the paper's recipe), overridden by "
+                   "--preset, overridden by --config, overridden by the flags given")
+    presets = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
+    group.add_argument("--preset", choices=list(PRESETS), default=None, metavar="PRESET",
+                       help=f"a named recipe. {presets}. Without a preset and without a "
+                            f"dataset: cpu-small with --output_dir output-synthetic")
+    group.add_argument("--config", default=None, metavar="FILE",
+                       help="a .json (or, with PyYAML installed, .yaml) file of settings, "
+                            "each flag's name as a key (and optionally \"preset\"); every "
+                            "run writes its resolved settings to OUTPUT_DIR/config.json, "
+                            "so --config OUTPUT_DIR/config.json repeats it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Deformable DETR on a COCO-format dataset. With no dataset flag, "
                     "generate the synthetic shapes dataset and train a small configuration "
                     "on it. Launch with torchrun for several processes.")
+    _add_recipe_flags(train)
     _add_config_flags(train)
     ev = sub.add_parser("eval", help="COCO AP of a checkpoint on a dataset")
     ev.add_argument("--checkpoint", required=True, help="a ddetr train checkpoint.pth")
@@ -94,11 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--top_queries", "--top-queries", dest="top_queries", type=int, default=3,
                       help="queries shown with --show-sampling-points (default 3)")
     _add_run_flags(pred, for_eval=False)
+    _add_plot_parser(sub)
     return parser
+
+
+def _add_plot_parser(sub) -> None:
+    plot = sub.add_parser("plot", help="draw the loss and AP curves of a training log",
+                          description="Draw the training loss and the COCO AP, AP50 and "
+                                      "AP_small per epoch of a ddetr train log as a PNG.")
+    plot.add_argument("log", help="a training log (OUTPUT_DIR/log.jsonl)")
+    plot.add_argument("--output", default="curves.png", help="the PNG (default curves.png)")
+    plot.add_argument("--width", type=int, default=960, help="pixels (default 960)")
+    plot.add_argument("--height", type=int, default=400, help="pixels (default 400)")
 
 
 def _add_run_flags(parser, for_eval: bool = True) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--trust_pickle", "--trust-pickle", dest="trust_pickle",
+                        action="store_true",
+                        help="also load a checkpoint holding pickled Python objects (an "
+                             "older ddetr's): this runs any code in the file, so only for "
+                             "files you trust (default: tensors and plain data only)")
     if for_eval:
         parser.add_argument("--amp", default="off",
                             help="mixed precision: off (default), bf16 (autocast; the native "
@@ -112,7 +137,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    command = {"train": run_train, "eval": run_eval, "predict": run_predict}[args.command]
+    command = {"train": run_train, "eval": run_eval, "predict": run_predict,
+               "plot": run_plot}[args.command]
     try:
         return command(args)
     except (ValueError, FileNotFoundError) as e:
@@ -126,11 +152,18 @@ def _headline(stats) -> str:
     return ", ".join(f"{n} {stats[STAT_NAMES.index(n)]:.3f}" for n in HEADLINE)
 
 
+def train_config(args):
+    """The run's ``TrainConfig``: defaults < ``--preset`` < ``--config`` < the flags given."""
+    explicit = {k: v for k, v in vars(args).items()
+                if k not in ("command", "verbose", "preset", "config")}
+    from_file = read_config_file(args.config) if args.config else None
+    return make_config(explicit, args.preset, from_file)
+
+
 def run_train(args) -> int:
     from ddetr.engine import distributed
     from ddetr.engine.train import fit
-    explicit = {k: v for k, v in vars(args).items() if k not in ("command", "verbose")}
-    config = make_config(explicit)
+    config = train_config(args)
     start = time.perf_counter()
 
     def report(record: dict) -> None:
@@ -145,8 +178,8 @@ def run_train(args) -> int:
         print("no dataset given: training the synthetic demo configuration")
     record = fit(config, on_epoch=report)
     if distributed.is_main():
-        print(f"done in {time.perf_counter() - start:.0f} s; checkpoint and log.jsonl in "
-              f"{os.path.abspath(config.output_dir)}")
+        print(f"done in {time.perf_counter() - start:.0f} s; checkpoint, config.json and "
+              f"log.jsonl in {os.path.abspath(config.output_dir)}")
         if "coco_eval_bbox" in record:
             print("final " + _headline(record["coco_eval_bbox"]))
     distributed.cleanup()
@@ -159,22 +192,32 @@ def run_eval(args) -> int:
                                  val_images=args.val_images, val_annotations=args.val_annotations,
                                  cache_dir=args.cache_dir, batch_size=args.batch_size,
                                  num_workers=args.num_workers, device=args.device,
-                                 amp=args.amp, progress=args.progress)
+                                 amp=args.amp, progress=args.progress,
+                                 trust_pickle=args.trust_pickle)
     print(result["summary"].rstrip())
     for name, value in zip(STAT_NAMES, result["stats"]):
         print(f"{name:10s} {value:.4f}")
     if result["bad_images"]:
         print(f"{result['bad_images']} image(s) could not be read and were left out")
+    if result["non_finite_detections"]:
+        print(f"{result['non_finite_detections']} detection(s) with a non-finite score or box "
+              f"were left out")
     return 0
 
 
 def run_predict(args) -> int:
     from ddetr.engine.predict import detect, load_detector, read_image, save_drawings
     from ddetr.engine.train import pick_device
-    detector = load_detector(args.checkpoint, pick_device(args.device))
+    detector = load_detector(args.checkpoint, pick_device(args.device), args.trust_pickle)
     os.makedirs(args.output_dir, exist_ok=True)
+    unreadable = 0
     for path in args.images:
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except ValueError as e:  # undecodable, or too large to decode: go on with the rest
+            print(f"ddetr predict: warning: {e} (skipped)", file=sys.stderr)
+            unreadable += 1
+            continue
         result = detect(detector, image, args.threshold, args.show_sampling_points)
         print(f"{path}: {len(result['scores'])} detections")
         for score, label, box in zip(result["scores"], result["labels"], result["boxes"]):
@@ -186,6 +229,12 @@ def run_predict(args) -> int:
                                      os.path.join(args.output_dir, f"{stem}_pred.png"),
                                      args.top_queries):
             print(f"  wrote {written}")
+    return 2 if unreadable else 0
+
+
+def run_plot(args) -> int:
+    from ddetr.engine.plot import plot_log
+    print(f"wrote {plot_log(args.log, args.output, args.width, args.height)}")
     return 0
 
 

@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
-
-import torch
 
 from ddetr import _hf_mapping
 from ddetr.models.backbone import RESNET_SPECS
 from ddetr.models.deformable_detr import DeformableDetr
-from ddetr.models.weights import load_weights
+from ddetr.models.weights import load_torch_file, load_weights
 
 __all__ = ["from_official", "to_official", "from_hf", "infer_official_config"]
 
@@ -118,13 +115,12 @@ def _read_official(source) -> tuple[dict, dict | None]:
 
 
 def _load_pth(path: str) -> dict:
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"path_or_state_dict: {path} holds Python objects beyond tensors and "
-                         f"the official 'args'; if you trust the file, load it with "
-                         f"torch.load(path, weights_only=False) and pass the dict ({err})") from None
+    """Tensors, plain data and the official ``args`` namespace only: nothing in the file
+    runs (a ValueError naming the file otherwise, or when it is not a torch file)."""
+    return load_torch_file(path, "path_or_state_dict", allowed=(argparse.Namespace,),
+                           opt_in="Only if you trust the file, load it yourself with "
+                                  "torch.load(path, weights_only=False), which runs any code "
+                                  "it holds, and pass the dict.")
 
 
 def infer_official_config(state: dict, args: dict | None = None, num_heads=None) -> dict:

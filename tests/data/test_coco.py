@@ -1,11 +1,13 @@
 import json
 import logging
+import struct
+import zlib
 
 import pytest
 import torch
 from PIL import Image
 
-from ddetr.data.coco import CocoDetection
+from ddetr.data.coco import MAX_CATEGORY_ID, CocoDetection
 
 
 def write_dataset(tmp_path, annotations=None, categories=None, n_images=2):
@@ -88,3 +90,73 @@ def test_undecodable_image_is_skipped_and_counted(tmp_path, caplog):
     strict = CocoDetection(folder, ann_file, on_bad_image="raise")
     with pytest.raises(ValueError, match=r"0\.png \(image id 1"):
         strict[0]
+
+
+def bomb_png(path) -> None:
+    """A PNG whose header claims 30000 x 30000 pixels (Pillow refuses to open it as a
+    decompression bomb) and that holds no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_skipped_as_undecodable(tmp_path, caplog):
+    folder, ann_file = write_dataset(tmp_path)
+    bomb_png(tmp_path / "images" / "0.png")
+    ds = CocoDetection(folder, ann_file)
+    with caplog.at_level(logging.WARNING):
+        _, target = ds[0]
+    assert int(target["image_id"]) == 2 and ds.bad_images == {1}
+    assert "0.png" in caplog.text
+    with pytest.raises(ValueError, match=r"0\.png \(image id 1"):
+        CocoDetection(folder, ann_file, on_bad_image="raise")[0]
+
+
+def _edited(tmp_path, edit):
+    """The paths of ``write_dataset`` after ``edit(data)`` changed its annotation file."""
+    folder, ann_file = write_dataset(tmp_path)
+    data = json.loads(open(ann_file).read())
+    edit(data)
+    with open(ann_file, "w") as f:
+        json.dump(data, f)
+    return folder, ann_file
+
+
+def _set(key, index, field, value):
+    def edit(data):
+        data[key][index][field] = value
+    return edit
+
+
+def _category_3_as(value):
+    def edit(data):
+        data["categories"][2]["id"] = data["annotations"][0]["category_id"] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("images", 1, "id", "b"), r"images\[1\] has id 'b'; ids must be integers"),
+    (_set("images", 1, "id", 1), r"images\[1\] repeats id 1"),
+    (_category_3_as(2**40), r"categories\[2\] has id 1099511627776, outside \[0, 100000\]"),
+    (_category_3_as(-1), r"categories\[2\] has id -1, outside"),
+    (_set("categories", 0, "id", True), r"categories\[0\] has id True; ids must be integers"),
+    (_set("annotations", 0, "area", "big"), r"annotations\[0\] \(id 1\): area must be a "
+                                            r"finite number >= 0, got 'big'"),
+    (_set("annotations", 1, "bbox", [1, 2, float("nan"), 4]), r"annotations\[1\] \(id 2\): "
+                                                               r"bbox must be"),
+    (_set("annotations", 0, "bbox", [1, 2, True, 4]), r"annotations\[0\] \(id 1\): bbox must be"),
+    (_set("annotations", 0, "iscrowd", "no"), r"annotations\[0\] \(id 1\): iscrowd must be"),
+    (_set("annotations", 0, "image_id", [1]), r"annotations\[0\] \(id 1\): image_id \[1\] is "
+                                              r"not in 'images'"),
+    (_set("annotations", 0, "category_id", "3"), r"annotations\[0\] \(id 1\): category_id '3' "
+                                                 r"is not in 'categories'"),
+])
+def test_annotation_errors_name_the_file_and_the_record(tmp_path, edit, message):
+    with pytest.raises(ValueError, match=r"ann\.json: " + message):
+        CocoDetection(*_edited(tmp_path, edit))
+
+
+def test_category_ids_up_to_the_bound_are_accepted(tmp_path):
+    ds = CocoDetection(*_edited(tmp_path, _category_3_as(MAX_CATEGORY_ID)))
+    assert ds[0][1]["labels"].tolist() == [MAX_CATEGORY_ID, 2]

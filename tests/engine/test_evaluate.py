@@ -1,8 +1,12 @@
+import logging
+
 import pytest
 import torch
+from torch import nn
 
 from ddetr.data.coco import CocoDetection
-from ddetr.engine.evaluate import coco_stats, to_coco_results
+from ddetr.data.transforms import val_transforms
+from ddetr.engine.evaluate import coco_stats, evaluate, to_coco_results
 from tests.data.test_coco import write_dataset
 
 
@@ -29,3 +33,32 @@ def test_no_detections(tmp_path):
     ds = CocoDetection(*write_dataset(tmp_path))
     stats, _ = coco_stats(ds.coco, [], ds.ids)
     assert stats == [0.0] * 12
+
+
+def test_nan_boxes_do_not_score(tmp_path, caplog):
+    ds = CocoDetection(*write_dataset(tmp_path))
+    nan = float("nan")
+    records = [{"image_id": 1, "category_id": c, "bbox": [nan] * 4, "score": 0.9} for c in (2, 3)]
+    records.append({"image_id": 1, "category_id": 3, "bbox": [5, 5, 10, 10], "score": nan})
+    with caplog.at_level(logging.WARNING):
+        stats, summary = coco_stats(ds.coco, records, ds.ids)
+    assert stats == [0.0] * 12 and summary == "no detections"
+    assert "dropped 3 of 3 detections with a non-finite score or box" in caplog.text
+
+
+class NanModel(nn.Module):
+    """A detector whose every output is NaN."""
+
+    def forward(self, images, mask):
+        n = images.shape[0]
+        return {"pred_logits": torch.full((n, 5, 4), float("nan")),
+                "pred_boxes": torch.full((n, 5, 4), float("nan"))}
+
+
+def test_evaluate_drops_non_finite_detections(tmp_path, caplog):
+    ds = CocoDetection(*write_dataset(tmp_path), val_transforms(32, 48))
+    with caplog.at_level(logging.WARNING):
+        result = evaluate(NanModel(), ds, torch.device("cpu"), batch_size=2, progress=False)
+    assert result["stats"] == [0.0] * 12
+    assert result["non_finite_detections"] == 2 * 5 * 4  # 2 images, every (query, class)
+    assert "dropped 40 of 40 detections" in caplog.text

@@ -9,11 +9,15 @@ Crowd boxes are dropped (COCO evaluation reads them from the annotation file its
 boxes with no area after clipping are dropped; images without objects are kept.
 
 Bad input raises ``ValueError`` naming the file and the record: a missing or malformed
-annotation file, a box with negative width or height, a category id that is not
-declared or not below ``num_classes``. An image that will not decode is skipped with a
-warning (the next image is returned instead, its target listing the skipped ids in
-``skipped_image_ids``) and counted in ``bad_images``, or raises with
-``on_bad_image="raise"``.
+annotation file; an image or category id that is not an integer or is repeated; a
+category id outside [0, ``MAX_CATEGORY_ID``] (category ids are the labels, so the
+classifier has largest id + 1 outputs: a huge id would allocate a huge layer); a bbox
+that is not four finite numbers or has a negative width or height; an ``area`` that is
+not a finite number >= 0; an ``iscrowd`` other than 0 or 1; a category id that is not
+declared or not below ``num_classes``. An image that will not decode (including one
+Pillow refuses as a decompression bomb) is skipped with a warning (the next image is
+returned instead, its target listing the skipped ids in ``skipped_image_ids``) and
+counted in ``bad_images``, or raises with ``on_bad_image="raise"``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 
 import torch
@@ -29,6 +34,15 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
 logger = logging.getLogger(__name__)
+
+# Largest accepted category id: ids are the labels (num_classes = largest id + 1), and
+# COCO (90), LVIS (1203) or Objects365 (365) stay far below it; remap larger ids.
+MAX_CATEGORY_ID = 100_000
+
+# What Pillow raises for a file that cannot be decoded (DecompressionBombError is none
+# of the others: it derives from Exception directly).
+UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError,
+                           Image.DecompressionBombError)
 
 
 def load_coco(ann_file: str, num_classes: int | None = None) -> COCO:
@@ -53,41 +67,74 @@ def _validate(data, ann_file: str, num_classes: int | None) -> None:
                                              for k in ("images", "annotations", "categories")):
         raise ValueError(f"ann_file: {ann_file} needs lists 'images', 'annotations' and "
                          f"'categories' (a COCO detection file)")
-    category_ids = set()
+    category_ids = _unique_ids(data["categories"], "categories", ann_file, ())
     for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
-            raise ValueError(f"ann_file: {ann_file}: categories[{i}] has no integer 'id'")
-        category_ids.add(cat["id"])
-    image_ids = set()
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not {"id", "file_name"} <= set(img):
-            raise ValueError(f"ann_file: {ann_file}: images[{i}] needs 'id' and 'file_name'")
-        image_ids.add(img["id"])
+        if not 0 <= cat["id"] <= MAX_CATEGORY_ID:
+            raise ValueError(f"ann_file: {ann_file}: categories[{i}] has id {cat['id']}, "
+                             f"outside [0, {MAX_CATEGORY_ID}] (the ids are the labels: "
+                             f"remap them to small numbers)")
+    image_ids = _unique_ids(data["images"], "images", ann_file, ("file_name",))
     for i, ann in enumerate(data["annotations"]):
         _validate_annotation(ann, i, ann_file, category_ids, image_ids, num_classes)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _unique_ids(records: list, key: str, ann_file: str, needs: tuple) -> set:
+    """The integer ``id`` of every record of ``data[key]``, each once."""
+    ids = set()
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not {"id", *needs} <= set(record):
+            raise ValueError(f"ann_file: {ann_file}: {key}[{i}] needs "
+                             f"{' and '.join(repr(k) for k in ('id', *needs))}")
+        if not _is_int(record["id"]):
+            raise ValueError(f"ann_file: {ann_file}: {key}[{i}] has id {record['id']!r}; "
+                             f"ids must be integers")
+        if record["id"] in ids:
+            raise ValueError(f"ann_file: {ann_file}: {key}[{i}] repeats id {record['id']}")
+        ids.add(record["id"])
+    return ids
 
 
 def _validate_annotation(ann, i: int, ann_file: str, category_ids: set, image_ids: set,
                          num_classes: int | None) -> None:
     where = f"{ann_file}: annotations[{i}]"
     if isinstance(ann, dict) and "id" in ann:
-        where += f" (id {ann['id']})"
+        where += f" (id {ann['id']!r})"
     if not isinstance(ann, dict) or not {"image_id", "category_id", "bbox"} <= set(ann):
         raise ValueError(f"ann_file: {where} needs 'image_id', 'category_id' and 'bbox'")
-    bbox = ann["bbox"]
-    if not isinstance(bbox, list) or len(bbox) != 4 \
-            or not all(isinstance(v, (int, float)) for v in bbox):
-        raise ValueError(f"ann_file: {where}: bbox must be [x, y, width, height], got {bbox!r}")
-    if bbox[2] < 0 or bbox[3] < 0:
-        raise ValueError(f"ann_file: {where}: bbox {bbox} has a negative width or height")
-    if ann["image_id"] not in image_ids:
-        raise ValueError(f"ann_file: {where}: image_id {ann['image_id']} is not in 'images'")
+    _validate_geometry(ann, where)
+    if not _is_int(ann["image_id"]) or ann["image_id"] not in image_ids:
+        raise ValueError(f"ann_file: {where}: image_id {ann['image_id']!r} is not in 'images'")
     cat = ann["category_id"]
-    if cat not in category_ids:
+    if not _is_int(cat) or cat not in category_ids:
         raise ValueError(f"ann_file: {where}: category_id {cat!r} is not in 'categories'")
     if num_classes is not None and not 0 <= cat < num_classes:
         raise ValueError(f"ann_file: {where}: category_id {cat} is outside [0, num_classes="
                          f"{num_classes}); raise num_classes or remap the categories")
+
+
+def _validate_geometry(ann: dict, where: str) -> None:
+    """``bbox``: four finite numbers, width and height >= 0; ``area`` (optional): a
+    finite number >= 0; ``iscrowd`` (optional): 0 or 1."""
+    bbox = ann["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        raise ValueError(f"ann_file: {where}: bbox must be [x, y, width, height] (finite "
+                         f"numbers), got {bbox!r}")
+    if bbox[2] < 0 or bbox[3] < 0:
+        raise ValueError(f"ann_file: {where}: bbox {bbox} has a negative width or height")
+    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        raise ValueError(f"ann_file: {where}: area must be a finite number >= 0, "
+                         f"got {ann['area']!r}")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        raise ValueError(f"ann_file: {where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -137,7 +184,7 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except UNREADABLE_IMAGE_ERRORS as e:
             if self.on_bad_image == "raise":
                 raise ValueError(f"img_folder: image {path} (image id {image_id} in "
                                  f"{self.ann_file}) cannot be read: {e}") from None

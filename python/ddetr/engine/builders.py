@@ -103,6 +103,7 @@ def build_model(config, num_classes: int) -> DeformableDetr:
         num_classes=num_classes, num_queries=config.num_queries,
         num_feature_levels=config.num_feature_levels, with_box_refine=config.with_box_refine,
         two_stage=config.two_stage, backbone=backbone, backbone_weights=config.backbone_weights,
+        dilation=config.dilation,
         d_model=config.d_model, num_heads=config.num_heads, num_encoder_layers=config.enc_layers,
         num_decoder_layers=config.dec_layers, dim_feedforward=config.dim_feedforward,
         dropout=config.dropout, enc_num_points=config.enc_n_points,

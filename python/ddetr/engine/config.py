@@ -1,6 +1,8 @@
 """``TrainConfig``: every setting of a training run, with the paper's recipe as
-defaults, and ``SYNTHETIC_PRESET``: the small configuration that ``ddetr train`` uses
-on the built-in synthetic dataset (when no dataset is given).
+defaults; ``PRESETS``: named recipes (``cpu-small``, the synthetic demo's, and the
+paper's configurations); config files (JSON, or YAML when PyYAML is installed) holding
+fields by name; ``SYNTHETIC_PRESET``: what ``ddetr train`` uses on the built-in
+synthetic dataset (when no dataset and no preset is given).
 
 Each field's ``metadata["help"]`` is its ``--help`` text; the command line has one flag
 per field, spelled like the field (``--lr_backbone``, also ``--lr-backbone``).
@@ -8,6 +10,11 @@ per field, spelled like the field (``--lr_backbone``, also ``--lr-backbone``).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import json
+import os
+import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
@@ -44,6 +51,8 @@ class TrainConfig:
     backbone_weights: str | None = _f(None, "torchvision ImageNet ResNet weights file")
     backbone_norm: str = _f("frozen", "backbone batch norm: frozen (official, for pretrained "
                                       "weights) or batch (trained; for training from scratch)")
+    dilation: bool = _f(False, "dilated last backbone stage (DC5: stride 16 instead of 32; "
+                               "needs a bottleneck ResNet: resnet50 or resnet101)")
     num_feature_levels: int = _f(4, "feature levels (1 = single scale)")
     num_queries: int = _f(300, "object queries")
     d_model: int = _f(256, "transformer width (multiple of 32)")
@@ -88,6 +97,9 @@ class TrainConfig:
     seed: int = _f(42, "random seed (each process adds its rank)")
     resume: str | None = _f(None, "checkpoint to resume from (model, optimiser, lr scheduler, "
                                   "epoch, random generators)")
+    trust_pickle: bool = _f(False, "let --resume load a checkpoint holding pickled Python "
+                                   "objects (an older ddetr's): this runs any code in the "
+                                   "file, so only for files you trust")
     eval_every: int = _f(1, "evaluate every this many epochs (and after the last)")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
     progress: bool = _f(True, "tqdm progress bars (--no-progress to disable)")
@@ -99,14 +111,44 @@ class TrainConfig:
         return asdict(self)
 
 
-# The demo configuration on the synthetic shapes (used when no dataset is given); any
-# flag given explicitly overrides it.
-SYNTHETIC_PRESET = dict(
+# The synthetic demo's recipe (used when no dataset is given), and ``--preset
+# cpu-small``: the same recipe for one's own small dataset on a CPU.
+CPU_SMALL = dict(
     backbone="resnet18-tiny", backbone_norm="batch", num_feature_levels=4, two_stage=True,
     with_box_refine=True, num_queries=60, d_model=64, num_heads=4, enc_layers=2, dec_layers=3,
     dim_feedforward=256, dropout=0.0, base_size=128, max_size=256, lr=1e-3, lr_backbone=1e-3,
     lr_linear_proj_mult=0.1, weight_decay=1e-4, batch_size=8, epochs=10, lr_drop=8,
-    clip_max_norm=0.1, num_workers=1, threads=1, output_dir="output-synthetic")
+    clip_max_norm=0.1, num_workers=1, threads=1)
+SYNTHETIC_PRESET = dict(CPU_SMALL, output_dir="output-synthetic")
+
+# The paper's configurations (the official configs/r50_deformable_detr*.sh): the
+# defaults plus these fields.
+_PAPER = dict(backbone="resnet50", num_feature_levels=4, num_queries=300)
+PRESETS = {
+    "cpu-small": CPU_SMALL,
+    "deformable-detr": _PAPER,
+    "+refine": dict(_PAPER, with_box_refine=True),
+    "++two-stage": dict(_PAPER, with_box_refine=True, two_stage=True),
+    "single-scale": dict(_PAPER, num_feature_levels=1),
+    "dc5": dict(_PAPER, num_feature_levels=1, dilation=True),
+}
+PRESET_HELP = {
+    "cpu-small": "the synthetic demo's recipe (resnet18-tiny trained from scratch, two-stage "
+                 "with refinement, d_model 64, 128-pixel images, batch 8, 10 epochs)",
+    "deformable-detr": "the paper's Deformable DETR: ResNet-50, 4 levels, 300 queries, the "
+                       "official defaults",
+    "+refine": "deformable-detr with iterative box refinement",
+    "++two-stage": "deformable-detr with box refinement and two stages",
+    "single-scale": "deformable-detr on ResNet C5 only (1 level)",
+    "dc5": "single-scale with a dilated last stage (stride 16)",
+}
+
+
+def value_type(annotation):
+    """The scalar type of a field annotation such as ``int``, ``float | None``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
 
 
 def config_fields():
@@ -117,12 +159,97 @@ def config_fields():
         yield f.name, hints[f.name], default, f.metadata["help"]
 
 
-def make_config(explicit: dict) -> TrainConfig:
-    """The official defaults, overridden by ``SYNTHETIC_PRESET`` when no dataset is
-    given, overridden by ``explicit`` (what the user set)."""
-    base = TrainConfig(**explicit)
-    if base.uses_synthetic():
-        base = TrainConfig(**{**SYNTHETIC_PRESET, **explicit})
-    if base.two_stage:
-        base.with_box_refine = True
-    return base
+def preset_values(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def make_config(explicit: dict, preset: str | None = None,
+                from_file: dict | None = None) -> TrainConfig:
+    """The official defaults, overridden by the preset, overridden by ``from_file`` (a
+    ``read_config_file`` result), overridden by ``explicit`` (the flags the user set).
+    The preset is ``preset``, else the file's ``"preset"``, else ``SYNTHETIC_PRESET``
+    when no dataset is given."""
+    from_file = dict(from_file or {})
+    file_preset = from_file.pop("preset", None)
+    preset = preset or file_preset
+    chosen = {**from_file, **explicit}
+    if preset is not None:
+        base = preset_values(preset)
+    else:
+        base = SYNTHETIC_PRESET if TrainConfig(**chosen).uses_synthetic() else {}
+    config = TrainConfig(**{**base, **chosen})
+    if config.two_stage:
+        config.with_box_refine = True
+    return config
+
+
+def read_config_file(path: str) -> dict:
+    """The settings of a ``.json`` or ``.yaml``/``.yml`` file (an object of field names,
+    plus optionally ``"preset"``), checked against the fields' types. YAML needs PyYAML."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config: {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config: {path} is not valid JSON ({e})") from None
+    elif ext in (".yaml", ".yml"):
+        data = _parse_yaml(text, path)
+    else:
+        raise ValueError(f"config: {path}: expected a .json, .yaml or .yml file")
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path} must hold an object of settings by name")
+    annotations = {name: annotation for name, annotation, *_ in config_fields()}
+    return {key: _checked(key, value, annotations, path) for key, value in data.items()}
+
+
+def _parse_yaml(text: str, path: str):
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError(f"config: {path} is YAML, which needs PyYAML (pip install pyyaml); "
+                         f"or write the settings as JSON") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"config: {path} is not valid YAML ({e})") from None
+
+
+def _checked(key: str, value, annotations: dict, path: str):
+    """``value`` for field ``key`` (an int where a float is expected becomes a float;
+    so does a string such as ``1e-3``, which YAML reads as a string)."""
+    if key == "preset":
+        if not isinstance(value, str) or value not in PRESETS:
+            raise ValueError(f"config: {path}: preset {value!r} is not one of "
+                             f"{', '.join(PRESETS)}")
+        return value
+    if key not in annotations:
+        close = difflib.get_close_matches(key, [*annotations, "preset"], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"config: {path}: unknown key {key!r}{hint}")
+    kind = value_type(annotations[key])
+    if value is None and type(None) in typing.get_args(annotations[key]):
+        return None
+    if kind is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise ValueError(f"config: {path}: {key} must be {kind.__name__}, got {value!r}")
+
+
+def write_config(config: TrainConfig, output_dir: str) -> str:
+    """Writes ``output_dir/config.json``: every field, so that ``--config`` on it repeats
+    the run."""
+    path = os.path.join(output_dir, "config.json")
+    with open(path, "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+        f.write("\n")
+    return path

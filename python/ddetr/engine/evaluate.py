@@ -8,6 +8,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 
 import numpy as np
 import torch
@@ -62,8 +63,21 @@ def predict_dataset(model, loader, device, amp: str = "off",
     return records, seen
 
 
+def finite_records(records: list[dict]) -> list[dict]:
+    """``records`` without those whose score or box is not finite (pycocotools would
+    match a NaN box to anything), with a warning giving how many were dropped."""
+    kept = [r for r in records
+            if math.isfinite(r["score"]) and all(math.isfinite(v) for v in r["bbox"])]
+    if len(kept) < len(records):
+        logger.warning("dropped %d of %d detections with a non-finite score or box",
+                       len(records) - len(kept), len(records))
+    return kept
+
+
 def coco_stats(coco_gt, records: list[dict], image_ids) -> tuple[list[float], str]:
-    """``(12 COCOeval bbox numbers, the printed summary)`` for ``records`` on ``image_ids``."""
+    """``(12 COCOeval bbox numbers, the printed summary)`` for ``records`` on ``image_ids``;
+    detections with a non-finite score or box are left out (``finite_records``)."""
+    records = finite_records(records)
     if not records:
         return [0.0] * 12, "no detections"
     out = io.StringIO()
@@ -81,8 +95,9 @@ def evaluate(model, dataset, device, batch_size: int = 2, num_workers: int = 0,
              amp: str = "off", progress: bool = True) -> dict:
     """Evaluates ``model`` on every image of ``dataset`` (a ``CocoDetection``), sharded
     across processes. Returns ``{"stats": 12 floats (STAT_NAMES order), "summary": the
-    COCOeval table, "bad_images": images skipped as undecodable}``; images that could not
-    be read are left out of the evaluation."""
+    COCOeval table, "bad_images": images skipped as undecodable, "non_finite_detections":
+    detections left out for a non-finite score or box}``; images that could not be read
+    are left out of the evaluation."""
     loader = builders.eval_loader(dataset, batch_size, num_workers, distributed.rank(),
                                   distributed.world_size())
     records, seen = predict_dataset(model, loader, device, amp, progress)
@@ -90,25 +105,29 @@ def evaluate(model, dataset, device, batch_size: int = 2, num_workers: int = 0,
     result = None
     if distributed.is_main():
         all_records = [r for part, _ in gathered for r in part]
+        kept = finite_records(all_records)
         image_ids = sorted({i for _, part in gathered for i in part})
-        stats, summary = coco_stats(dataset.coco, all_records, image_ids)
+        stats, summary = coco_stats(dataset.coco, kept, image_ids)
         result = {"stats": stats, "summary": summary,
-                  "bad_images": len(dataset.ids) - len(image_ids)}
+                  "bad_images": len(dataset.ids) - len(image_ids),
+                  "non_finite_detections": len(all_records) - len(kept)}
     return distributed.broadcast_object(result)
 
 
 def evaluate_checkpoint(path: str, coco_path: str | None = None, val_images: str | None = None,
                         val_annotations: str | None = None, cache_dir: str | None = None,
                         batch_size: int = 2, num_workers: int = 0, device: str = "auto",
-                        amp: str = "off", progress: bool = True) -> dict:
+                        amp: str = "off", progress: bool = True,
+                        trust_pickle: bool = False) -> dict:
     """``evaluate`` for a ``ddetr train`` checkpoint on a validation set: the given one
     (``val_images`` + ``val_annotations``, or ``coco_path``), or else the one the
-    checkpoint was trained with (the synthetic data is regenerated if its cache is gone)."""
+    checkpoint was trained with (the synthetic data is regenerated if its cache is gone).
+    ``trust_pickle``: see ``checkpoint.read_checkpoint``."""
     from ddetr.engine.config import TrainConfig
     from ddetr.engine.predict import load_detector
     from ddetr.engine.train import pick_device
     dev = pick_device(device)
-    detector = load_detector(path, dev)
+    detector = load_detector(path, dev, trust_pickle)
     if val_annotations:
         if not val_images:
             raise ValueError("val_images: required with val_annotations")

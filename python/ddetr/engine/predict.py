@@ -8,8 +8,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ddetr.data.coco import UNREADABLE_IMAGE_ERRORS
 from ddetr.data.transforms import val_transforms
 from ddetr.engine import checkpoint as ckpt
 from ddetr.engine.draw import draw_detections, draw_sampling_points
@@ -27,13 +28,14 @@ class Detector:
     train: dict          # the TrainConfig fields it was trained with ({} if unknown)
 
 
-def load_detector(path: str, device="cpu") -> Detector:
+def load_detector(path: str, device="cpu", trust_pickle: bool = False) -> Detector:
     """A ``ddetr train`` checkpoint file, or a ``save_pretrained`` directory (then the
-    official 800/1333 sizes and numeric class names)."""
+    official 800/1333 sizes and numeric class names). ``trust_pickle``: see
+    ``checkpoint.read_checkpoint``."""
     if os.path.isdir(path):
         model = DeformableDetr.from_pretrained(path)
         return Detector(model.to(device).eval(), {}, 800, 1333, {})
-    state = ckpt.read_checkpoint(path)
+    state = ckpt.read_checkpoint(path, trust_pickle)
     config = state.get("config") or {}
     if "model" not in config:
         raise ValueError(f"checkpoint: {path} has no model config (not written by ddetr train)")
@@ -46,10 +48,12 @@ def load_detector(path: str, device="cpu") -> Detector:
 
 
 def read_image(path: str) -> Image.Image:
+    """The image as RGB; ``ValueError`` naming ``path`` if it cannot be decoded
+    (including a decompression bomb)."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
+    except UNREADABLE_IMAGE_ERRORS as e:
         raise ValueError(f"image: {path} cannot be read: {e}") from None
 
 

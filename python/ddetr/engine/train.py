@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ddetr.engine import amp as amp_mode
 from ddetr.engine import builders, checkpoint, distributed
+from ddetr.engine.config import write_config
 from ddetr.engine.evaluate import evaluate
 from ddetr.engine.optim import build_optimizer
 
@@ -107,9 +108,23 @@ def pick_device(name: str) -> torch.device:
     return distributed.local_device(name)
 
 
+def check_enough_images(num_images: int, batch_size: int, world_size: int, source: str) -> None:
+    """Raises ``ValueError`` if no process would get one full batch: the training loader
+    drops the incomplete last batch, so an epoch would have no step."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
+    per_process = math.ceil(num_images / world_size)
+    if per_process < batch_size:
+        shared = f" shared by {world_size} processes" if world_size > 1 else ""
+        raise ValueError(f"batch_size: the training set ({source}) has {num_images} "
+                         f"image(s){shared}, fewer than --batch_size {batch_size} per process; "
+                         f"incomplete batches are dropped, so no training step would run: "
+                         f"lower --batch_size or add images")
+
+
 def setup(config) -> SimpleNamespace:
     """Process group, seeds, data, model, criterion, optimiser and the resumed state of a
-    run, as the attributes of a namespace."""
+    run, as the attributes of a namespace; writes ``output_dir/config.json``."""
     distributed.init_from_env(pick_device(config.device).type)
     device = pick_device(config.device)  # under torchrun: this process's GPU
     os.makedirs(config.output_dir, exist_ok=True)
@@ -120,6 +135,8 @@ def setup(config) -> SimpleNamespace:
     paths = distributed.broadcast_object(paths)  # rank 0 generates the synthetic data once
     train_set, val_set = builders.build_datasets(paths, config.num_classes, config.base_size,
                                                  config.max_size)
+    check_enough_images(len(train_set), config.batch_size, distributed.world_size(),
+                        paths["train_annotations"])
     num_classes = config.num_classes or builders.infer_num_classes(train_set)
     model = builders.build_model(config, num_classes).to(device)
     optimizer, scheduler = build_optimizer(model, config.lr, config.lr_backbone,
@@ -138,13 +155,15 @@ def setup(config) -> SimpleNamespace:
     run.train_loader = builders.train_loader(train_set, config.batch_size, config.seed,
                                              config.num_workers, distributed.rank(),
                                              distributed.world_size())
+    if distributed.is_main():
+        write_config(config, config.output_dir)  # --config on it repeats the run
     return run
 
 
 def _resume(run: SimpleNamespace) -> None:
     if not run.config.resume:
         return
-    state = checkpoint.read_checkpoint(run.config.resume)
+    state = checkpoint.read_checkpoint(run.config.resume, run.config.trust_pickle)
     run.start_epoch = checkpoint.resume(state, run.model, run.optimizer, run.scheduler,
                                         run.scaler, rank=distributed.rank())
     logger.info("resumed from %s at epoch %d", run.config.resume, run.start_epoch)

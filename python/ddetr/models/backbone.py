@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddetr.models import weights
+
 # name -> (block, blocks per stage); widths follow torchvision (64 stem channels).
 RESNET_SPECS = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -262,7 +264,6 @@ def load_backbone_weights(body: ResNet, path_or_state_dict) -> None:
 
 def _read_weights(path: str) -> dict:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return weights.load_safetensors(path, "backbone_weights")
+    state = weights.load_torch_file(path, "backbone_weights")
     return state.get("state_dict", state) if isinstance(state, dict) else state

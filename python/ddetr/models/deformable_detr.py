@@ -199,6 +199,10 @@ class DeformableDetr(nn.Module):
         """Builds the model saved by ``save_pretrained``; ``overrides`` replace config
         entries (e.g. ``dropout=0.0``)."""
         config, state = weights.read_pretrained(directory)
+        unknown = sorted(set(config) - set(CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"directory: {directory}/{weights.CONFIG_NAME} has unknown "
+                             f"config entries {unknown}")
         config.update(overrides)
         model = cls(**config)
         weights.load_weights(model, state, strict=strict, source=str(directory))

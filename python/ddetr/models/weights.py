@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 from typing import NamedTuple
 
 import torch
@@ -49,17 +51,20 @@ def unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_weights(model: nn.Module, state: dict, strict: bool = True,
-                 source: str = "state_dict") -> LoadResult:
+                 source: str = "state_dict", unexpected_ok: bool = False) -> LoadResult:
     """Loads ``state`` into ``model`` after checking every shape.
 
     Raises ValueError naming the tensor on a shape mismatch, naming the keys when a
     shared tensor is given differing copies, and, with ``strict``, listing missing and
     unexpected keys. Without ``strict`` those are logged as a warning and returned.
-    ``num_batches_tracked`` entries (batch-norm counters) are ignored.
+    ``unexpected_ok`` (with ``strict``): only missing keys raise; unexpected ones are
+    logged and ignored. ``num_batches_tracked`` entries (batch-norm counters) are ignored.
     """
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     own = model.state_dict()
     for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{source}: {key!r} is a {type(value).__name__}, not a tensor")
         if key in own and tuple(value.shape) != tuple(own[key].shape):
             raise ValueError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, "
                              f"the model expects {tuple(own[key].shape)}")
@@ -76,19 +81,22 @@ def load_weights(model: nn.Module, state: dict, strict: bool = True,
                                  f"checkpoint needs with_box_refine=True)")
         to_load[first] = state[given[0]]
     unexpected = sorted(set(state) - set(own))
-    _report(missing, unexpected, strict, source)
+    _report(missing, unexpected, strict, source, unexpected_ok)
     model.load_state_dict(to_load, strict=False)
     return LoadResult(missing, unexpected)
 
 
-def _report(missing: list[str], unexpected: list[str], strict: bool, source: str) -> None:
+def _report(missing: list[str], unexpected: list[str], strict: bool, source: str,
+            unexpected_ok: bool = False) -> None:
     if not missing and not unexpected:
         return
     text = (f"{source}: {len(missing)} missing keys {_short(missing)}, "
             f"{len(unexpected)} unexpected keys {_short(unexpected)}")
-    if strict:
+    if strict and unexpected_ok and missing:
+        raise ValueError(text + " (the model needs every missing tensor)")
+    if strict and not unexpected_ok:
         raise ValueError(text + " (pass strict=False to load the rest)")
-    logger.warning(text)
+    logger.warning(text + (" (ignored)" if unexpected_ok else ""))
 
 
 def _short(keys: list[str], limit: int = 10) -> str:
@@ -111,21 +119,75 @@ def save_pretrained(model: nn.Module, directory, safe_serialization: bool = True
 
 def read_pretrained(directory) -> tuple[dict, dict]:
     """Returns ``(config, state_dict)`` from a ``save_pretrained`` directory."""
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"directory: no {CONFIG_NAME} in {directory!r}")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"directory: {path} is not a ddetr DeformableDetr config")
+    config = _read_config(os.path.join(directory, CONFIG_NAME), directory)
     safe = os.path.join(directory, SAFETENSORS_NAME)
     if os.path.isfile(safe):
-        from safetensors.torch import load_file
-        return meta["config"], load_file(safe)
+        return config, load_safetensors(safe, "directory")
     pt = os.path.join(directory, TORCH_NAME)
     if not os.path.isfile(pt):
         raise ValueError(f"directory: neither {SAFETENSORS_NAME} nor {TORCH_NAME} in {directory!r}")
-    return meta["config"], torch.load(pt, map_location="cpu", weights_only=True)
+    state = load_torch_file(pt, "directory")
+    if not isinstance(state, dict):
+        raise ValueError(f"directory: {pt} holds a {type(state).__name__}, not a state dict")
+    return config, state
+
+
+def _read_config(path: str, directory) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"directory: no {CONFIG_NAME} in {directory!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"directory: {path} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"directory: {path} is not a ddetr DeformableDetr config")
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"directory: {path} has no 'config' object")
+    return meta["config"]
+
+
+def load_safetensors(path: str, source: str) -> dict:
+    """A safetensors file's tensors; ValueError naming ``path`` if it cannot be read."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise ValueError(f"{source}: {path!r} does not exist")
+    try:
+        return load_file(path)
+    except Exception as err:  # SafetensorError, OSError, ... for a corrupt or missing file
+        raise ValueError(f"{source}: {path} is not a readable safetensors file "
+                         f"({type(err).__name__}: {err})") from None
+
+
+def load_torch_file(path: str, source: str, allowed: tuple = (), opt_in: str = "") -> object:
+    """``torch.load`` of ``path`` on the CPU with ``weights_only``: tensors and plain data
+    (and the classes in ``allowed``), so no code from the file runs. ValueError naming
+    ``path`` when it is missing, truncated or not a torch file, or holds other Python
+    objects (then ``opt_in`` says how a user who trusts the file can load it anyway)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{source}: {path!r} does not exist")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"GLOBAL (\S+) (was not an allowed|whose module)", str(err))
+        if refused is None:
+            raise ValueError(f"{source}: {path} cannot be read: truncated or not a torch file "
+                             f"({_unpickler_reason(err)})") from None
+        raise ValueError(f"{source}: {path} was refused: it holds the Python object "
+                         f"{refused.group(1)}, and loading objects beyond tensors and plain "
+                         f"data can run code from the file. {opt_in or 'Re-save it as tensors.'}"
+                         ) from None
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise ValueError(f"{source}: {path} cannot be read: truncated or not a torch file "
+                         f"({type(err).__name__}: {str(err) or 'unexpected end of file'})") from None
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The unpickler's own words, without torch's advice to load unsafely."""
+    text = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _has_safetensors() -> bool:
