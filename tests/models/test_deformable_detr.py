@@ -160,3 +160,31 @@ def test_bad_inputs_named():
         model([x[0], x[1]], mask)
     with pytest.raises(ValueError, match="two_stage_num_proposals"):
         tiny_model("two_stage", two_stage_num_proposals=500)(x, mask)
+
+
+@pytest.mark.parametrize("bad", [
+    "one-channel list", "uint8 list", "four-channel tensor", "empty batch", "empty list",
+    "mixed dtypes"])
+def test_bad_images_named(bad):
+    model = tiny_model().eval()
+    x, _ = images()
+    given = {"one-channel list": [x[0, :1], x[1]],
+             "uint8 list": [x[0].to(torch.uint8)],
+             "four-channel tensor": torch.cat([x, x[:, :1]], 1),
+             "empty batch": x[:0],
+             "empty list": [],
+             "mixed dtypes": [x[0], x[1].double()]}[bad]
+    with pytest.raises(ValueError, match="images"):
+        model(given)
+
+
+def test_d_model_32_at_batch_1_on_a_tiny_image():
+    # GroupNorm(32, 32) of a 1x1 level holds one value per group: torch refuses it at
+    # batch 1; it normalises to 0, so the level is the GroupNorm's bias.
+    model = tiny_model(d_model=32).eval()
+    x, _ = images()
+    with torch.no_grad():
+        alone = model(x[:1, :, :48, :48])
+        pair = model(torch.cat([x[:1, :, :48, :48]] * 2))
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(alone[key][0], pair[key][0], rtol=1e-5, atol=1e-5)

@@ -224,15 +224,27 @@ def _check_config(cfg: dict) -> None:
             raise ValueError(f"{name}: expected a positive int, got {cfg[name]!r}")
 
 
+class _GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also takes groups of a single value (d_model 32 on a 1x1 map
+    at batch 1, which torch refuses with "Expected more than 1 value per channel"): such a
+    value normalises to 0, so the output is the bias. Same parameters and state dict."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() >= 2 and x.shape[1] // self.num_groups * x[0, 0].numel() == 1:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return torch.zeros_like(x) * self.weight.view(shape) + self.bias.view(shape)
+        return super().forward(x)
+
+
 def _input_proj(num_channels: list[int], d_model: int, num_levels: int) -> nn.ModuleList:
     """1x1 conv + GroupNorm(32) per backbone level, then 3x3 stride-2 conv + GroupNorm
     per extra level (the first on the last backbone level, the next on the previous)."""
-    projs = [nn.Sequential(nn.Conv2d(c, d_model, 1), nn.GroupNorm(32, d_model))
+    projs = [nn.Sequential(nn.Conv2d(c, d_model, 1), _GroupNorm(32, d_model))
              for c in num_channels]
     in_ch = num_channels[-1]
     for _ in range(num_levels - len(num_channels)):
         projs.append(nn.Sequential(nn.Conv2d(in_ch, d_model, 3, stride=2, padding=1),
-                                   nn.GroupNorm(32, d_model)))
+                                   _GroupNorm(32, d_model)))
         in_ch = d_model
     for proj in projs:
         nn.init.xavier_uniform_(proj[0].weight, gain=1)
@@ -248,9 +260,10 @@ def batch_images(images, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if mask is not None:
             raise ValueError("mask: not accepted with a list of images (built from their sizes)")
         return _pad(images)
-    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"images: expected a floating (N, 3, H, W) tensor or a list of "
-                         f"(3, H, W) tensors, got {_describe(images)}")
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point() \
+            or images.shape[1] != 3 or images.numel() == 0:
+        raise ValueError(f"images: expected a non-empty floating (N, 3, H, W) tensor or a "
+                         f"list of (3, H, W) tensors, got {_describe(images)}")
     n, _, h, w = images.shape
     if mask is None:
         return images, torch.zeros(n, h, w, dtype=torch.bool, device=images.device)
@@ -261,8 +274,16 @@ def batch_images(images, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
 
 
 def _pad(images) -> tuple[Tensor, Tensor]:
-    if not images or any(not isinstance(im, Tensor) or im.dim() != 3 for im in images):
-        raise ValueError("images: a list must hold at least one (3, H, W) tensor, and only those")
+    for i, im in enumerate(images):
+        if not isinstance(im, Tensor) or im.dim() != 3 or im.shape[0] != 3 \
+                or not im.is_floating_point() or im.numel() == 0:
+            raise ValueError(f"images[{i}]: expected a non-empty floating (3, H, W) tensor "
+                             f"(normalised RGB), got {_describe(im)}")
+        if im.dtype != images[0].dtype or im.device != images[0].device:
+            raise ValueError(f"images[{i}]: expected {images[0].dtype} on {images[0].device} "
+                             f"like images[0], got {im.dtype} on {im.device}")
+    if not images:
+        raise ValueError("images: an empty list (expected at least one (3, H, W) tensor)")
     h = max(im.shape[1] for im in images)
     w = max(im.shape[2] for im in images)
     batch = images[0].new_zeros(len(images), images[0].shape[0], h, w)

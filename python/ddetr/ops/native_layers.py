@@ -132,45 +132,65 @@ def supports(layer: nn.Module, x: Tensor, *others: Tensor | None) -> bool:
     other tensor inputs ``others`` can run natively with the same result as its PyTorch
     path: all of one dtype and device, or, under bfloat16 autocast, float32 / bfloat16
     tensors and parameters (the layer then runs in bfloat16, like autocast's matmuls)."""
-    from ddetr.models.ms_deform_attn import MSDeformAttn
-    from ddetr.models.transformer_layers import _relu
-
     if torch.compiler.is_compiling() or x.numel() == 0:
         return False  # (empty batches: the PyTorch path handles them)
-    tensors = [x, *(t for t in others if t is not None)]
+    return unsupported(layer, x, *others) is None
+
+
+def _dtype_problem(layer: nn.Module, x: Tensor, tensors: list[Tensor]) -> str | None:
     params = list(layer.parameters())
     if _autocast(x.device.type):
         castable = (torch.float32, torch.bfloat16)
-        if (torch.get_autocast_dtype(x.device.type) != torch.bfloat16
-                or not _library_ready(x, torch.bfloat16)
-                or any(t.dtype not in castable for t in tensors + params)):
-            return False
-    elif not _library_ready(x) or any(t.dtype not in _companion_dtypes(x) for t in tensors):
-        return False
-    if any(t.device != x.device for t in tensors):
-        return False
+        if torch.get_autocast_dtype(x.device.type) != torch.bfloat16:
+            return "autocast to a dtype other than bfloat16"
+        if not _library_ready(x, torch.bfloat16):
+            return f"no native bfloat16 layers on {x.device.type}"
+        if any(t.dtype not in castable for t in tensors + params):
+            return "under bfloat16 autocast, tensors and parameters must be float32 or bfloat16"
+    elif not _library_ready(x):
+        return (f"no native layers for {x.dtype} on {x.device.type} (float32, float64 or "
+                "bfloat16 with the native library and OpenBLAS / cuBLAS)")
+    elif any(t.dtype not in _companion_dtypes(x) for t in tensors):
+        return f"the inputs must all be {x.dtype} like x"
+    elif any(p.dtype != x.dtype for p in params):
+        return f"the layer's parameters must be {x.dtype} like x (got {params[0].dtype} ...)"
+    if any(t.device != x.device for t in tensors + params):
+        return f"the inputs and the layer's parameters must all be on {x.device}"
+    return None
+
+
+def _module_problem(layer: nn.Module) -> str | None:
+    from ddetr.models.ms_deform_attn import MSDeformAttn
+    from ddetr.models.transformer_layers import _relu
+
     if getattr(layer, "activation", None) is not _relu:
-        return False
+        return "the activation must be ReLU"
     if len(set(_dropouts(layer))) > 1:
-        return False
+        return "all the layer's dropouts must have one probability"
     attn = layer.cross_attn if hasattr(layer, "cross_attn") else layer.self_attn
     if not _plain(attn, MSDeformAttn) or not all(
             _plain(m, nn.Linear) for m in (attn.value_proj, attn.sampling_offsets,
                                            attn.attention_weights, attn.output_proj,
                                            layer.linear1, layer.linear2)):
-        return False
+        return "the attention and linear sub-modules must be plain MSDeformAttn / nn.Linear"
     norms = [m for m in layer.children() if isinstance(m, nn.LayerNorm)]
     if not all(_plain(n, nn.LayerNorm) and n.eps == 1e-5 and n.weight is not None
                and n.bias is not None for n in norms):
-        return False
+        return "the LayerNorms must be plain, affine, with eps 1e-5"
     if hasattr(layer, "cross_attn"):
         sa = layer.self_attn
         if not (_plain(sa, nn.MultiheadAttention) and sa.batch_first and sa._qkv_same_embed_dim
                 and sa.in_proj_bias is not None and sa.bias_k is None and not sa.add_zero_attn
                 and _plain(sa.out_proj, type(sa.out_proj)) and sa.out_proj.bias is not None):
-            return False
-    return all(p.device == x.device and (p.dtype == x.dtype or _autocast(x.device.type))
-               for p in params)
+            return "the self-attention must be a plain batch-first nn.MultiheadAttention"
+    return None
+
+
+def unsupported(layer: nn.Module, x: Tensor, *others: Tensor | None) -> str | None:
+    """Why ``layer`` cannot run natively on these inputs, or None when it can (see
+    ``supports``, which also leaves empty inputs and ``torch.compile`` to PyTorch)."""
+    tensors = [x, *(t for t in others if t is not None)]
+    return _dtype_problem(layer, x, tensors) or _module_problem(layer)
 
 
 @dataclass(frozen=True)
@@ -289,15 +309,44 @@ def _check(attn: nn.Module, x: Tensor, pos: Tensor | None, ref: Tensor, value_in
                            "OpenBLAS on the CPU, cuBLAS on CUDA) is not available")
 
 
+def _expected_shapes(layer: nn.Module, decoder: bool) -> list[tuple[int, ...] | None]:
+    """The shape of each entry of the native parameter list (see encoder_layer)."""
+    attn = layer.cross_attn if decoder else layer.self_attn
+    c, f = attn.d_model, layer.linear1.out_features
+    oa = attn.n_heads * attn.n_levels * attn.n_points * 3  # offsets (x, y) and logits
+    self_attn = [(3 * c, c), (3 * c,), (c, c), (c,), (c,), (c,)] if decoder else [None] * 6
+    return self_attn + [(c, c), (c,), (oa, c), (oa,), (c, c), (c,), (c,), (c,),
+                        (f, c), (f,), (c, f), (c,), (c,), (c,)]
+
+
+def _check_params(layer: nn.Module, decoder: bool, x: Tensor, params: list) -> None:
+    """Every parameter of the layer has the shape its sizes imply (the native side reads
+    them by those sizes), and x's dtype and device."""
+    for i, (p, shape) in enumerate(zip(params, _expected_shapes(layer, decoder))):
+        if shape is None:
+            continue
+        if tuple(p.shape) != shape or p.dtype != x.dtype or p.device != x.device:
+            raise ValueError(f"layer parameter {i} of the native list: expected {x.dtype} "
+                             f"{shape} on {x.device}, got {p.dtype} {tuple(p.shape)} on "
+                             f"{p.device} (a sub-module of another size than the layer's)")
+
+
 def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Tensor,
          memory: Tensor | None, spatial_shapes, level_start_index, mask: Tensor | None,
          params: list, recompute: bool) -> Tensor:
     attn = layer.cross_attn if decoder else layer.self_attn
+    if not isinstance(x, Tensor) or x.dtype not in _LAYER_DTYPES:
+        raise ValueError(f"x: expected a float32, float64 or bfloat16 tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
     if _autocast(x.device.type):  # bfloat16 autocast (supports() says which): run in bf16
         x, pos, memory = (None if t is None else t.to(torch.bfloat16) for t in (x, pos, memory))
         params = [None if t is None else t.to(torch.bfloat16) for t in params]
     value_in = memory if decoder else x
     _check(attn, x, pos, ref, value_in, spatial_shapes, mask)
+    problem = unsupported(layer, x, pos, memory)
+    if problem is not None:
+        raise ValueError(f"this layer cannot run natively: {problem}")
+    _check_params(layer, decoder, x, params)
     n, lq, c = x.shape
     shapes, starts = as_level_tensors(spatial_shapes, level_start_index, x.device)
     levels = _levels(shapes, starts)
