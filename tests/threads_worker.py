@@ -16,7 +16,9 @@ import torch
 from ddetr.models.transformer_layers import (DeformableTransformerDecoderLayer,
                                              DeformableTransformerEncoderLayer)
 from ddetr.ops import (dropout, encoder_reference_points, flatten_multiscale, linear,
-                       ms_deform_attn, native_layers, relu_dropout)
+                       ms_deform_attn, relu_dropout)
+from ddetr.models import native_layers
+from ddetr.ops.native_layers import library_ready
 
 THREADS = (2, 3, 5, 6, 7, 8, 12, 16)  # compared with 1 thread
 HEADS = (1, 3, 5, 8)
@@ -153,7 +155,7 @@ FAMILIES = {"msda": msda_cases, "flatten": flatten_cases, "layers": layer_cases,
 
 
 def main(family: str) -> int:
-    if not native_layers._library_ready(torch.zeros(1)):
+    if not library_ready(torch.zeros(1)):
         print("native extension or OpenBLAS missing")
         return 2
     failures = [f for name, run in FAMILIES[family]() for f in compare(name, run)]

@@ -207,7 +207,7 @@ def run_eval(args) -> int:
 
 def run_predict(args) -> int:
     from ddetr.engine.predict import detect, load_detector, read_image, save_drawings
-    from ddetr.engine.train import pick_device
+    from ddetr.engine.distributed import pick_device
     detector = load_detector(args.checkpoint, pick_device(args.device), args.trust_pickle)
     os.makedirs(args.output_dir, exist_ok=True)
     unreadable = 0

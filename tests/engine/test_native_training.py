@@ -6,10 +6,10 @@ import torch
 from ddetr.engine.builders import build_criterion, build_model
 from ddetr.engine.optim import build_optimizer
 from ddetr.engine.train import train_step
-from ddetr.ops import native_layers
+from ddetr.ops.native_layers import library_ready
 from tests.engine.tiny import tiny_config
 
-pytestmark = pytest.mark.skipif(not native_layers._library_ready(torch.zeros(1)),
+pytestmark = pytest.mark.skipif(not library_ready(torch.zeros(1)),
                                 reason="native extension or OpenBLAS missing")
 
 

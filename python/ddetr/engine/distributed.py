@@ -92,3 +92,13 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for buffer in module.buffers():
         dist.broadcast(buffer.data, src=src)
+
+
+def pick_device(name: str) -> torch.device:
+    """The device a ``--device`` name means: "auto" is CUDA when available; under torchrun
+    "cuda" is this process's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but CUDA is not available")
+    return local_device(name)

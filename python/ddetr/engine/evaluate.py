@@ -125,7 +125,7 @@ def evaluate_checkpoint(path: str, coco_path: str | None = None, val_images: str
     ``trust_pickle``: see ``checkpoint.read_checkpoint``."""
     from ddetr.engine.config import TrainConfig
     from ddetr.engine.predict import load_detector
-    from ddetr.engine.train import pick_device
+    from ddetr.engine.distributed import pick_device
     dev = pick_device(device)
     detector = load_detector(path, dev, trust_pickle)
     if val_annotations:

@@ -100,14 +100,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} requested but CUDA is not available")
-    return distributed.local_device(name)
-
-
 def check_enough_images(num_images: int, batch_size: int, world_size: int, source: str) -> None:
     """Raises ``ValueError`` if no process would get one full batch: the training loader
     drops the incomplete last batch, so an epoch would have no step."""
@@ -125,8 +117,8 @@ def check_enough_images(num_images: int, batch_size: int, world_size: int, sourc
 def setup(config) -> SimpleNamespace:
     """Process group, seeds, data, model, criterion, optimiser and the resumed state of a
     run, as the attributes of a namespace; writes ``output_dir/config.json``."""
-    distributed.init_from_env(pick_device(config.device).type)
-    device = pick_device(config.device)  # under torchrun: this process's GPU
+    distributed.init_from_env(distributed.pick_device(config.device).type)
+    device = distributed.pick_device(config.device)  # under torchrun: this process's GPU
     os.makedirs(config.output_dir, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -85,17 +85,19 @@ class DeformableTransformer(nn.Module):
         # without padding anywhere (one image, or equal sizes) the values need no masking:
         # skipped on the CPU, where asking costs no device sync
         value_mask = flat.mask if flat.mask.is_cuda or bool(flat.mask.any()) else None
-        memory = self.encoder(flat.src, flat.pos, enc_refs, flat.spatial_shapes,
+        # flat.levels (a LevelTable) stands for spatial_shapes from here down: the native
+        # calls read its Python ints instead of copying the tensor to the host each time
+        memory = self.encoder(flat.src, flat.pos, enc_refs, flat.levels,
                               flat.level_start_index, value_mask)
         enc_class = enc_coord = None
         if self.two_stage:
             query_pos, tgt, reference_points, enc_class, enc_coord = self._proposal_queries(
-                memory, flat.mask, flat.spatial_shapes)
+                memory, flat.mask, flat.levels.sizes)
         else:
             if query_embed is None:
                 raise ValueError("query_embed: required unless two_stage")
             query_pos, tgt, reference_points = self._learned_queries(query_embed, memory.shape[0])
-        hs, refs = self.decoder(tgt, reference_points, memory, flat.spatial_shapes,
+        hs, refs = self.decoder(tgt, reference_points, memory, flat.levels,
                                 flat.level_start_index, flat.valid_ratios, query_pos, value_mask)
         return TransformerOutput(torch.stack(hs), reference_points, torch.stack(refs),
                                  enc_class, enc_coord)
@@ -107,14 +109,14 @@ class DeformableTransformer(nn.Module):
         tgt = tgt[None].expand(n, -1, -1)
         return query_pos, tgt, self.reference_points(query_pos).sigmoid()
 
-    def _proposal_queries(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor):
+    def _proposal_queries(self, memory: Tensor, padding_mask: Tensor, sizes: list):
         """Scores one proposal per encoder token with the extra (last) heads, keeps the
         top ``two_stage_num_proposals`` and embeds their (detached) boxes as queries."""
         k = self.two_stage_num_proposals
         if k > memory.shape[1]:
             raise ValueError(f"two_stage_num_proposals ({k}) exceeds the {memory.shape[1]} "
                              f"encoder tokens of these images")
-        logits, keep = encoder_proposals(padding_mask, spatial_shapes, memory.dtype)
+        logits, keep = encoder_proposals(padding_mask, sizes, memory.dtype)
         features = self.enc_output_norm(self.enc_output(memory.masked_fill(~keep, 0.0)))
         head = self.decoder.num_layers
         enc_class = self.decoder.class_embed[head](features)

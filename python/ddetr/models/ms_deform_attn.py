@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddetr.ops import module_linear, ms_deform_attn
+from ddetr.ops.levels import as_level_table
 
 
 class MSDeformAttn(nn.Module):
@@ -71,14 +72,15 @@ class MSDeformAttn(nn.Module):
             reference_points: (N, Lq, L, 2) normalised (x, y) centres, or (N, Lq, L, 4)
                 (cx, cy, w, h) boxes; offsets are then scaled by half the box size.
             input_flatten: (N, S, d_model) flattened multi-scale features.
-            input_spatial_shapes: (L, 2) (H_l, W_l).
+            input_spatial_shapes: (L, 2) (H_l, W_l), a list of pairs, or a
+                ``LevelTable`` (``Flattened.levels``; the start index is then not read).
             input_level_start_index: (L,) or None.
             input_padding_mask: (N, S) bool, True on padding (those values are zeroed).
 
         Returns:
             (N, Lq, d_model).
         """
-        self._check(query, reference_points, input_flatten, input_spatial_shapes,
+        self.check_inputs(query, reference_points, input_flatten, input_spatial_shapes,
                     input_padding_mask)
         value = self.project_value(input_flatten, input_padding_mask)
         return self.attend(query, reference_points, value, input_spatial_shapes,
@@ -106,7 +108,8 @@ class MSDeformAttn(nn.Module):
         weights = F.softmax(logits.view(n, lq, m, lv * p), -1)
         ref = reference_points[:, :, None, :, None, :]
         if reference_points.shape[-1] == 2:
-            shapes = torch.as_tensor(input_spatial_shapes, device=query.device)
+            table = as_level_table(input_spatial_shapes, None, query.device)
+            shapes = table.spatial_shapes.to(query.device)
             # offsets are in pixels of each level: divided by (W, H), as (1, 1, 1, L, 1, 2);
             # addcdiv is ref + offsets / normalizer in one pass, with the same rounding
             normalizer = shapes.flip(-1).to(offsets.dtype)[None, None, None, :, None, :]
@@ -119,12 +122,13 @@ class MSDeformAttn(nn.Module):
     def attend(self, query: Tensor, reference_points: Tensor, value: Tensor,
                input_spatial_shapes, input_level_start_index: Tensor | None = None) -> Tensor:
         """The attention of ``forward`` over already projected ``value`` (N, S, M, D)."""
-        shapes = torch.as_tensor(input_spatial_shapes, device=query.device)
-        locations, weights = self.sampling_locations(query, reference_points, shapes)
-        out = ms_deform_attn(value, shapes, input_level_start_index, locations, weights)
+        table = as_level_table(input_spatial_shapes, input_level_start_index, query.device)
+        locations, weights = self.sampling_locations(query, reference_points, table)
+        out = ms_deform_attn(value, table, None, locations, weights)
         return module_linear(self.output_proj, out)
 
-    def _check(self, query, reference_points, input_flatten, shapes, padding_mask) -> None:
+    def check_inputs(self, query, reference_points, input_flatten, shapes, padding_mask) -> None:
+        """ValueError naming the argument whose shape does not fit this module."""
         if query.dim() != 3 or query.shape[-1] != self.d_model:
             raise ValueError(f"query: expected (N, Lq, {self.d_model}), got {tuple(query.shape)}")
         n, lq = query.shape[:2]

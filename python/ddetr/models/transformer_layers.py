@@ -8,7 +8,7 @@ layers hold ``self_attn`` (dense ``nn.MultiheadAttention`` among the queries),
 
 Each layer has two attributes the detector sets (``DeformableDetr(native_layers=...)``):
 ``native_layers`` runs the whole layer in one native call per pass when
-``ddetr.ops.native_layers.supports`` allows it (the same parameters and result; off by
+``ddetr.models.native_layers.supports`` allows it (the same parameters and result; off by
 default on a bare layer, so the code below is the reference), and
 ``recompute_activations`` lets that native backward recompute the FFN activations and
 attention probabilities instead of storing them.
@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddetr.models.box_ops import inverse_sigmoid
+from ddetr.models import native_layers
 from ddetr.models.ms_deform_attn import MSDeformAttn
-from ddetr.ops import dropout, module_linear, native_layers, relu_dropout
+from ddetr.ops import dropout, module_linear, relu_dropout
 
 
 # In inference (no autograd) the encoder runs the per-token part of a layer over blocks
@@ -89,7 +90,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
             return native_layers.encoder_layer(self, src, pos, reference_points, spatial_shapes,
                                                level_start_index, padding_mask,
                                                self.recompute_activations)
-        self.self_attn._check(src, reference_points, src, spatial_shapes, padding_mask)
+        self.self_attn.check_inputs(src, reference_points, src, spatial_shapes, padding_mask)
         value = self.self_attn.project_value(src, padding_mask)
         if torch.is_grad_enabled():
             return self._tokens(src, pos, reference_points, value, spatial_shapes,

@@ -16,13 +16,16 @@ import torch
 from torch import Tensor
 
 
-def proposal_boxes(padding_mask: Tensor, spatial_shapes: Tensor, dtype=torch.float32) -> Tensor:
-    """(N, S) padding mask and (L, 2) level shapes -> (N, S, 4) boxes_cxcywh, normalised
-    by each image's valid extent on each level (padding pixels get boxes past 1)."""
+def proposal_boxes(padding_mask: Tensor, spatial_shapes, dtype=torch.float32) -> Tensor:
+    """(N, S) padding mask and the (H, W) of each level ((L, 2) tensor or pairs) -> (N, S, 4)
+    boxes_cxcywh, normalised by each image's valid extent on each level (padding pixels
+    get boxes past 1)."""
     n = padding_mask.shape[0]
     device = padding_mask.device
     boxes, start = [], 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    if isinstance(spatial_shapes, Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    for lvl, (h, w) in enumerate(spatial_shapes):
         # (N, H*W) -> (N, H, W)
         level_mask = padding_mask[:, start:start + h * w].view(n, h, w)
         valid_h = torch.sum(~level_mask[:, :, 0], 1)
@@ -41,7 +44,7 @@ def proposal_boxes(padding_mask: Tensor, spatial_shapes: Tensor, dtype=torch.flo
     return torch.cat(boxes, 1)
 
 
-def encoder_proposals(padding_mask: Tensor, spatial_shapes: Tensor,
+def encoder_proposals(padding_mask: Tensor, spatial_shapes,
                       dtype=torch.float32) -> tuple[Tensor, Tensor]:
     """Returns ``(logits (N, S, 4), keep (N, S, 1) bool)``: the proposals as
     inverse-sigmoid box coordinates (+inf where invalid) and which ones are valid."""

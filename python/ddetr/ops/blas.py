@@ -19,75 +19,15 @@ still runs its own forward.
 
 from __future__ import annotations
 
-import glob
-import logging
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 
-from ddetr import _ext
-from ddetr.ops._native import _DTYPE_NAMES
+from ddetr._native import gemm as native
 
-logger = logging.getLogger(__name__)
-
-_blas_state: bool | None = None  # None: not tried yet
-
-
-def blas_available() -> bool:
-    """True once OpenBLAS from scipy-openblas32 is loaded into the extension."""
-    global _blas_state
-    if _blas_state is None:
-        _blas_state = _load_blas()
-    return _blas_state
-
-
-def blas_core() -> str:
-    """OpenBLAS's name for the kernels it runs ("SkylakeX", "Haswell", ...), or "" when
-    OpenBLAS is not available. OpenBLAS picks them from the CPU unless the environment
-    variable OPENBLAS_CORETYPE names a core: an AVX2 core such as "Haswell" on an
-    AVX-512 machine runs the linear layers at about half the speed (245 against 420-450
-    GFLOP/s on two Zen 5 cores, measured at the transformer's shapes)."""
-    return _ext._C.blas_core() if blas_available() else ""
-
-
-def _load_blas() -> bool:
-    if not _ext.available():
-        return False
-    if _ext._C.blas_loaded():
-        return True
-    try:
-        import scipy_openblas32
-    except ImportError:
-        logger.info("scipy-openblas32 is not installed: linear layers use torch's matmul")
-        return False
-    libs = sorted(glob.glob(os.path.join(scipy_openblas32.get_lib_dir(),
-                                         f"lib{scipy_openblas32.get_library()}.*")))
-    return load_first(_ext._C.load_blas, libs, "linear layers use torch's matmul")
-
-
-def load_first(load, paths, fallback: str) -> bool:
-    """Calls ``load(path)`` on each path until one does not raise RuntimeError; logs each
-    failure with what happens instead (``fallback``). False when none loads."""
-    for path in paths:
-        try:
-            load(path)
-            return True
-        except RuntimeError as exc:
-            logger.info("could not load %s (%s): %s", path, exc, fallback)
-    return False
-
-
-def _gemm(a: Tensor, b: Tensor, trans_a: bool, trans_b: bool, out: Tensor,
-          bias: Tensor | None = None, relu: bool = False) -> None:
-    """out (M, N) = act(op(a) op(b) + bias), all contiguous and of one dtype."""
-    m, n = out.shape
-    k = a.shape[0] if trans_a else a.shape[1]
-    _ext._C.gemm(_DTYPE_NAMES[a.dtype], trans_a, trans_b, m, n, k, a.data_ptr(), a.shape[1],
-                 b.data_ptr(), b.shape[1], 0.0, out.data_ptr(), n,
-                 0 if bias is None else bias.data_ptr(), relu, torch.get_num_threads())
+blas_available = native.blas_available
+blas_core = native.blas_core
 
 
 @torch.library.custom_op("ddetr::linear", mutates_args=())
@@ -95,7 +35,7 @@ def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Te
     # x (M, K), weight (N, K), bias (N,) or None: out (M, N); bias and ReLU applied to
     # blocks of rows right after their GEMM
     out = x.new_empty(x.shape[0], weight.shape[0])
-    _gemm(x, weight, False, True, out, None if bias is None else bias.contiguous(), relu)
+    native.gemm(x, weight, False, True, out, None if bias is None else bias.contiguous(), relu)
     return out
 
 
@@ -109,7 +49,7 @@ def _mm_op(a: Tensor, b: Tensor, trans_a: bool, trans_b: bool) -> Tensor:
     m = a.shape[1] if trans_a else a.shape[0]
     n = b.shape[0] if trans_b else b.shape[1]
     out = a.new_empty(m, n)
-    _gemm(a, b, trans_a, trans_b, out)
+    native.gemm(a, b, trans_a, trans_b, out)
     return out
 
 

@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 
 from ddetr import _ext
-from ddetr.ops import _native_flatten
-from ddetr.ops._native import _fail
+from ddetr._native import flatten as native
+from ddetr.ops import flatten_checks
 from ddetr.ops.flatten_reference import (Flattened, common_dtype, flatten_multiscale_reference,
-                                         level_table, ratio_dtype, reference_points_of_sizes)
+                                         ratio_dtype, reference_points_of_sizes)
+from ddetr.ops.levels import LevelTable, fail
 
 # ---------------------------------------------------------------- flatten_multiscale
 
@@ -29,7 +30,7 @@ from ddetr.ops.flatten_reference import (Flattened, common_dtype, flatten_multis
 @torch.library.custom_op("ddetr::flatten_multiscale", mutates_args=())
 def _flatten_op(features: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                 level_embed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _native_flatten.forward(features, masks, pos_embeds, level_embed)
+    return native.forward(features, masks, pos_embeds, level_embed, ratio_dtype(features[0].dtype))
 
 
 @_flatten_op.register_fake
@@ -47,8 +48,8 @@ def _flatten_backward_op(grad_src: Tensor, grad_pos: Tensor, level_sizes: list[i
                          want_features: bool, want_pos_embeds: bool,
                          want_level_embed: bool) -> tuple[list[Tensor], list[Tensor], Tensor]:
     sizes = list(zip(level_sizes[::2], level_sizes[1::2]))
-    return _native_flatten.backward(grad_src, grad_pos, sizes,
-                                    (want_features, want_pos_embeds, want_level_embed))
+    return native.backward(grad_src, grad_pos, sizes,
+                           (want_features, want_pos_embeds, want_level_embed))
 
 
 @_flatten_backward_op.register_fake
@@ -98,7 +99,8 @@ def flatten_multiscale(features: Sequence[Tensor], masks: Sequence[Tensor] | Non
         level_embed: (L, C) learned per-level embedding added to pos, or None.
 
     Returns:
-        ``Flattened(src, mask, pos, spatial_shapes, level_start_index, valid_ratios)``
+        ``Flattened(src, mask, pos, spatial_shapes, level_start_index, valid_ratios,
+        levels)``
         (see ``Flattened``). src and pos are in the promoted dtype of features,
         pos_embeds and level_embed; valid_ratios in float32 (float64 for float64).
         Differentiable in features, pos_embeds and level_embed; the gradients are
@@ -108,7 +110,7 @@ def flatten_multiscale(features: Sequence[Tensor], masks: Sequence[Tensor] | Non
         for lists of different lengths, mismatched N or C, a mask that does not match
         its map, non-bool masks or a level_embed that is not (L, C).
     """
-    _native_flatten.check_pyramid(features, masks, pos_embeds, level_embed)
+    flatten_checks.check_pyramid(features, masks, pos_embeds, level_embed)
     dtype = common_dtype(features, pos_embeds, level_embed)
     if not _ext.available():
         _ext.warn_fallback("flatten_multiscale")
@@ -121,8 +123,9 @@ def flatten_multiscale(features: Sequence[Tensor], masks: Sequence[Tensor] | Non
         [m.contiguous() for m in masks] if masks else [],
         [p.to(run).contiguous() for p in pos_embeds],
         None if level_embed is None else level_embed.to(run).contiguous())
-    shapes, starts = level_table([f.shape[2:] for f in features], device)
-    return Flattened(src.to(dtype), mask, pos.to(dtype), shapes, starts, ratios)
+    table = LevelTable.from_sizes([f.shape[2:] for f in features], device)
+    return Flattened(src.to(dtype), mask, pos.to(dtype), table.spatial_shapes,
+                     table.level_start_index, ratios, table)
 
 
 # ---------------------------------------------------------------- encoder_reference_points
@@ -130,8 +133,8 @@ def flatten_multiscale(features: Sequence[Tensor], masks: Sequence[Tensor] | Non
 
 @torch.library.custom_op("ddetr::encoder_reference_points", mutates_args=())
 def _reference_points_op(valid_ratios: Tensor, level_sizes: list[int]) -> Tensor:
-    return _native_flatten.reference_points(list(zip(level_sizes[::2], level_sizes[1::2])),
-                                            valid_ratios)
+    return native.reference_points(list(zip(level_sizes[::2], level_sizes[1::2])),
+                                   valid_ratios)
 
 
 @_reference_points_op.register_fake
@@ -163,12 +166,14 @@ _reference_points_op.register_autograd(_reference_points_backward,
 
 
 def _level_sizes(spatial_shapes) -> list[tuple[int, int]]:
-    """(H, W) pairs of a (L, 2) integer tensor or a sequence of pairs."""
+    """(H, W) pairs of a LevelTable, a (L, 2) integer tensor or a sequence of pairs."""
+    if isinstance(spatial_shapes, LevelTable):
+        return spatial_shapes.sizes
     if isinstance(spatial_shapes, Tensor):
         if spatial_shapes.dtype.is_floating_point or spatial_shapes.dtype == torch.bool:
-            _fail("spatial_shapes", "an integer tensor", spatial_shapes.dtype)
+            fail("spatial_shapes", "an integer tensor", spatial_shapes.dtype)
         if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-            _fail("spatial_shapes", "shape (L, 2)", tuple(spatial_shapes.shape))
+            fail("spatial_shapes", "shape (L, 2)", tuple(spatial_shapes.shape))
         if torch.compiler.is_compiling():
             # The output length is the sum of H * W: a traced tensor's values are unknown.
             raise ValueError(
@@ -176,14 +181,14 @@ def _level_sizes(spatial_shapes) -> list[tuple[int, int]]:
                 "e.g. [f.shape[-2:] for f in features], not a tensor")
         spatial_shapes = spatial_shapes.tolist()
     elif not isinstance(spatial_shapes, Sequence):
-        _fail("spatial_shapes", "a (L, 2) int64 tensor or a list of (H, W) pairs",
+        fail("spatial_shapes", "a (L, 2) int64 tensor or a list of (H, W) pairs",
               type(spatial_shapes).__name__)
     if len(spatial_shapes) < 1 or any(
             not isinstance(hw, Sequence) or len(hw) != 2 for hw in spatial_shapes):
-        _fail("spatial_shapes", "L >= 1 pairs (H, W)", spatial_shapes)
+        fail("spatial_shapes", "L >= 1 pairs (H, W)", spatial_shapes)
     sizes = [(h, w) for h, w in spatial_shapes]
     if any(h < 1 or w < 1 for h, w in sizes):
-        _fail("spatial_shapes", "every H and W >= 1", sizes)
+        fail("spatial_shapes", "every H and W >= 1", sizes)
     return sizes
 
 
@@ -207,7 +212,7 @@ def encoder_reference_points(spatial_shapes, valid_ratios: Tensor) -> Tensor:
         (N, S, L, 2) in valid_ratios' dtype (computed in float32, or float64).
     """
     sizes = _level_sizes(spatial_shapes)
-    _native_flatten.check_reference_points(sizes, valid_ratios)
+    flatten_checks.check_reference_points(sizes, valid_ratios)
     if not _ext.available():
         _ext.warn_fallback("encoder_reference_points")
         return reference_points_of_sizes(sizes, valid_ratios)

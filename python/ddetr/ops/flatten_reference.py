@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ddetr.ops.levels import LevelTable
+
 
 class Flattened(NamedTuple):
     """The encoder's input sequence built from an L-level pyramid (S = sum of H_l * W_l).
@@ -27,6 +29,9 @@ class Flattened(NamedTuple):
     level_start_index: (L,) int64 first token of each level.
     valid_ratios: (N, L, 2) (width ratio, height ratio): the unpadded fraction of each
         level per image; float32 (float64 for float64 inputs).
+    levels: the same level table as a ``LevelTable`` (Python ints beside those two
+        tensors): pass it where the official code passes spatial_shapes, and the native
+        calls read the levels without a device-to-host copy.
     """
 
     src: Tensor
@@ -35,6 +40,7 @@ class Flattened(NamedTuple):
     spatial_shapes: Tensor
     level_start_index: Tensor
     valid_ratios: Tensor
+    levels: LevelTable
 
 
 def common_dtype(features, pos_embeds, level_embed) -> torch.dtype:
@@ -47,16 +53,6 @@ def common_dtype(features, pos_embeds, level_embed) -> torch.dtype:
 def ratio_dtype(dtype: torch.dtype) -> torch.dtype:
     """valid_ratios (and reference points) dtype: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def level_table(sizes, device) -> tuple[Tensor, Tensor]:
-    """spatial_shapes (L, 2) and level_start_index (L,) of a list of (H, W) pairs."""
-    starts, total = [], 0
-    for h, w in sizes:
-        starts.append(total)
-        total += h * w
-    return (torch.tensor([[h, w] for h, w in sizes], dtype=torch.int64, device=device),
-            torch.tensor(starts, dtype=torch.int64, device=device))
 
 
 def valid_ratio_reference(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -84,14 +80,16 @@ def flatten_multiscale_reference(features, masks, pos_embeds, level_embed=None) 
             p = p + level_embed[lvl].to(dtype).view(1, 1, -1)
         pos.append(p)
     ratios = torch.stack([valid_ratio_reference(m, ratio_dtype(dtype)) for m in masks], 1)
-    shapes, starts = level_table(sizes, features[0].device)
-    return Flattened(torch.cat(src, 1), torch.cat(mask, 1), torch.cat(pos, 1), shapes, starts,
-                     ratios)
+    table = LevelTable.from_sizes(sizes, features[0].device)
+    return Flattened(torch.cat(src, 1), torch.cat(mask, 1), torch.cat(pos, 1),
+                     table.spatial_shapes, table.level_start_index, ratios, table)
 
 
 def encoder_reference_points_reference(spatial_shapes, valid_ratios: Tensor) -> Tensor:
     """Same arguments and result as ``ddetr.ops.encoder_reference_points``: (N, S, L, 2)."""
-    if isinstance(spatial_shapes, Tensor):
+    if isinstance(spatial_shapes, LevelTable):
+        spatial_shapes = spatial_shapes.sizes
+    elif isinstance(spatial_shapes, Tensor):
         spatial_shapes = spatial_shapes.tolist()
     return reference_points_of_sizes([(h, w) for h, w in spatial_shapes], valid_ratios)
 

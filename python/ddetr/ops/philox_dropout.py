@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ddetr import _ext
-from ddetr.ops._native import _DTYPE_NAMES, _device, _fail
+from ddetr._native import dropout as native
+from ddetr.ops.levels import fail as _fail
 
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
@@ -34,11 +35,7 @@ _U32 = 0xFFFFFFFF
 
 @torch.library.custom_op("ddetr::dropout", mutates_args=())
 def _dropout_op(x: Tensor, p: float, seed: int, relu: bool) -> Tensor:
-    out = torch.empty_like(x)
-    device, index, stream = _device(x)
-    _ext._C.dropout(_DTYPE_NAMES[x.dtype], device, index, x.numel(), p, seed, 0, relu,
-                    x.data_ptr(), out.data_ptr(), torch.get_num_threads(), stream)
-    return out
+    return native.dropout(x, p, seed, relu)
 
 
 @_dropout_op.register_fake
@@ -48,12 +45,7 @@ def _(x, p, seed, relu):
 
 @torch.library.custom_op("ddetr::relu_dropout_backward", mutates_args=())
 def _relu_dropout_backward_op(out: Tensor, grad_out: Tensor, p: float) -> Tensor:
-    grad_x = torch.empty_like(out)
-    device, index, stream = _device(out)
-    _ext._C.relu_dropout_backward(_DTYPE_NAMES[out.dtype], device, index, out.numel(), p,
-                                  out.data_ptr(), grad_out.data_ptr(), grad_x.data_ptr(),
-                                  torch.get_num_threads(), stream)
-    return grad_x
+    return native.relu_dropout_backward(out, grad_out, p)
 
 
 @_relu_dropout_backward_op.register_fake
@@ -94,7 +86,8 @@ def _check(x: Tensor, p: float) -> None:
         _fail("p", "a probability in [0, 1]", p)
 
 
-def _seed() -> int:
+def seed_from_torch() -> int:
+    """A dropout seed drawn from torch's default CPU generator."""
     # from torch's default CPU generator, so torch.manual_seed fixes every mask
     return int(torch.empty((), dtype=torch.int64).random_())
 
@@ -107,7 +100,7 @@ def dropout(x: Tensor, p: float = 0.1, training: bool = True) -> Tensor:
         return x
     if not _native_ok(x):
         return F.dropout(x, p, True)
-    return _dropout_op(x.contiguous(), float(p), _seed(), False)
+    return _dropout_op(x.contiguous(), float(p), seed_from_torch(), False)
 
 
 def relu_dropout(x: Tensor, p: float = 0.1, training: bool = True) -> Tensor:
@@ -118,7 +111,7 @@ def relu_dropout(x: Tensor, p: float = 0.1, training: bool = True) -> Tensor:
         return F.relu(x)
     if not _native_ok(x):
         return F.dropout(F.relu(x), p, True)
-    return _dropout_op(x.contiguous(), float(p), _seed(), True)
+    return _dropout_op(x.contiguous(), float(p), seed_from_torch(), True)
 
 
 # ---------------------------------------------------------------- reference

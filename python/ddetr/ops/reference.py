@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ddetr.ops.levels import LevelTable
+
 
 def ms_deform_attn_reference(value: Tensor, spatial_shapes, level_start_index,
                              sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
@@ -23,6 +25,8 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes, level_start_index,
     """
     n, _, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
+    if isinstance(spatial_shapes, LevelTable):
+        spatial_shapes = spatial_shapes.spatial_shapes
     shapes = [(int(h), int(w)) for h, w in torch.as_tensor(spatial_shapes).tolist()]
     loc = sampling_locations.to(value.dtype)
     finite = torch.isfinite(loc).all(dim=-1, keepdim=True)

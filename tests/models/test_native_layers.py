@@ -1,4 +1,4 @@
-"""Native encoder / decoder layers (ddetr.ops.native_layers) against the layers' PyTorch
+"""Native encoder / decoder layers (ddetr.models.native_layers) against the layers' PyTorch
 path, which is the reference: outputs and every gradient, dropout masks, gradcheck,
 store vs recompute, determinism, fallbacks and bad input."""
 
@@ -8,10 +8,12 @@ import torch.nn.functional as F
 
 from ddetr.models.transformer_layers import (DeformableTransformerDecoderLayer,
                                              DeformableTransformerEncoderLayer)
-from ddetr.ops import native_layers, philox_keep_mask
-from ddetr.ops.native_layers import decoder_layer, encoder_layer
+from ddetr.models import native_layers
+from ddetr.models.native_layers import decoder_layer, encoder_layer
+from ddetr.ops import philox_keep_mask
+from ddetr.ops.native_layers import library_ready
 
-pytestmark = pytest.mark.skipif(not native_layers._library_ready(torch.zeros(1)),
+pytestmark = pytest.mark.skipif(not library_ready(torch.zeros(1)),
                                 reason="native extension or OpenBLAS missing")
 
 SHAPES = {"three": [(5, 7), (3, 4), (1, 1)], "one": [(4, 6)],
@@ -522,7 +524,7 @@ def test_detector_bfloat16_native_runs_and_agrees(monkeypatch):
 @pytest.mark.parametrize("kind,ref_dim", [("encoder", 2), ("decoder", 4)])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_cuda_matches_cpu(kind, ref_dim, deterministic):
-    if not native_layers._library_ready(torch.zeros(1, device="cuda")):
+    if not library_ready(torch.zeros(1, device="cuda")):
         pytest.skip("cuBLAS could not be loaded")
     lv = SHAPES["three"]
     layer = make_layer(kind, lv, torch.float64)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from ddetr.ops import native_layers
-from tests.ops.test_native_layers import call, make_inputs, make_layer
+from ddetr.ops.native_layers import library_ready
+from tests.models.test_native_layers import call, make_inputs, make_layer
 
-pytestmark = pytest.mark.skipif(not native_layers._library_ready(torch.zeros(1)),
+pytestmark = pytest.mark.skipif(not library_ready(torch.zeros(1)),
                                 reason="native extension or OpenBLAS missing")
 LEVELS = [(5, 7), (3, 4), (1, 1)]
 
