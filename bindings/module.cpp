@@ -19,6 +19,10 @@
 #include "ddetr/msda.h"
 #include "common.h"
 
+#ifdef DDETR_WITH_CUDA
+#include "../cuda/runtime_status.h"
+#endif
+
 namespace py = pybind11;
 
 namespace ddetr {
@@ -361,12 +365,43 @@ py::dict build_info() {
   return info;
 }
 
+// Whether ddetr's own CUDA runtime (the toolkit's, linked statically) can run on this
+// machine's driver: python/ddetr/_ext.py decides from it whether CUDA tensors may take
+// the CUDA kernels. A build without CUDA answers too, with built = False.
+py::dict runtime_status() {
+  py::dict info;
+#ifdef DDETR_WITH_CUDA
+  CudaRuntimeStatus s;
+  {
+    py::gil_scoped_release unlocked;  // the first query initialises the driver
+    s = cuda_runtime_status();
+  }
+  info["built"] = true;
+  info["driver_version"] = s.driver_version;
+  info["runtime_version"] = s.runtime_version;
+  info["device_count"] = s.device_count;
+  info["error"] = std::string(s.error_name);
+  info["insufficient_driver"] = s.insufficient_driver;
+  info["usable"] = s.error == 0 && s.device_count > 0;
+#else
+  info["built"] = false;
+  info["driver_version"] = 0;
+  info["runtime_version"] = 0;
+  info["device_count"] = 0;
+  info["error"] = std::string("ddetr was built without CUDA");
+  info["insufficient_driver"] = false;
+  info["usable"] = false;
+#endif
+  return info;
+}
+
 }  // namespace
 }  // namespace ddetr
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ddetr native core (CPU kernels, CUDA kernels when built with CUDA)";
   m.def("build_info", &ddetr::build_info);
+  m.def("cuda_runtime_status", &ddetr::runtime_status);
   m.def("dropout", &ddetr::dropout);
   m.def("load_blas", &ddetr::load_blas);
   m.def("blas_loaded", &ddetr::blas_loaded);

@@ -90,12 +90,25 @@ template <class T, class U> struct GemmCall {
   bool strided;  // the strided-batched cuBLAS call rather than the plain one
 };
 
-// On `stream` with the handle of `device` (the current device); K >= 1, M, N >= 1.
-// bf16 throws std::runtime_error when the loaded cuBLAS lacks cublasGemmEx.
-void cublas_gemm(int device, cudaStream_t stream, const GemmCall<float, float>& g);
-void cublas_gemm(int device, cudaStream_t stream, const GemmCall<double, double>& g);
-void cublas_gemm(int device, cudaStream_t stream, const GemmCall<bf16, bf16>& g);
-void cublas_gemm(int device, cudaStream_t stream, const GemmCall<bf16, float>& g);
+// cuBLAS's workspace for the GEMMs of one layer pass: a 256-byte aligned piece of the
+// pass's workspace (layers.cu explains why each pass brings its own). Null: the
+// handle's default pool.
+struct BlasWorkspace {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+};
+
+// On `stream` with the handle of `device` (the current device) and workspace `ws`;
+// K >= 1, M, N >= 1. bf16 throws std::runtime_error when the loaded cuBLAS lacks
+// cublasGemmEx.
+void cublas_gemm(int device, cudaStream_t stream, const BlasWorkspace& ws,
+                 const GemmCall<float, float>& g);
+void cublas_gemm(int device, cudaStream_t stream, const BlasWorkspace& ws,
+                 const GemmCall<double, double>& g);
+void cublas_gemm(int device, cudaStream_t stream, const BlasWorkspace& ws,
+                 const GemmCall<bf16, bf16>& g);
+void cublas_gemm(int device, cudaStream_t stream, const BlasWorkspace& ws,
+                 const GemmCall<bf16, float>& g);
 
 // ------------------------------------------------------------------ host helpers
 
@@ -103,10 +116,6 @@ template <class T> constexpr DType dtype_of();
 template <> constexpr DType dtype_of<float>() { return DType::f32; }
 template <> constexpr DType dtype_of<double>() { return DType::f64; }
 template <> constexpr DType dtype_of<bf16>() { return DType::bf16; }
-
-inline size_t align_bytes(size_t bytes, size_t align) {
-  return (bytes + align - 1) / align * align;
-}
 
 // Launches `kernel` for `work` items at `per_block` items a block of `threads` threads
 // (nothing when there is no work); the kernels' grid-stride loops cover the rest.
@@ -145,6 +154,7 @@ template <class T> struct CudaOps {
   int device = 0;
   cudaStream_t stream = nullptr;
   bool deterministic = false;
+  cuda_detail::BlasWorkspace blas;  // the pass's cuBLAS workspace (layers.cu)
   static constexpr size_t kAlign = 256;
 
   // C in U: T, or Acc<T> (the parameter-gradient accumulators, bf16's attention scores)
@@ -283,47 +293,33 @@ template <class T> struct CudaOps {
                       reinterpret_cast<uintptr_t>(stream));
   }
 
-  // Deterministic: the launcher overwrites every row of grad_value, so it writes into a
-  // scratch grad_value carved from here, which is then added into the caller's. Layout:
-  // up to kAlign - 1 bytes to align the base, the scratch grad_value (N*S*M*D of Acc<T>,
-  // rounded up to kAlign), then the launcher's own workspace.
+  // The deterministic launcher's sort and row offsets (its corner entries, not the value
+  // map: both paths add straight into grad_value, see msda_backward).
   size_t msda_backward_workspace_bytes(const MsdaShape& s) const {
-    if (!deterministic) return 0;
-    const size_t launcher = msda_backward_workspace_bytes_cuda(s, true, device);
-    return (kAlign - 1) + scratch_grad_value_bytes(s) +
-           cuda_detail::align_bytes(launcher, kAlign);
+    return deterministic ? msda_backward_workspace_bytes_cuda(s, true, device) : 0;
   }
 
-  // `out` (when not null) gets the forward's output: here a separate forward launch
+  // grad_value (+)= this call's share, as msda.h's contract says (the caller zeroes it
+  // once; the driver calls this once per block of query rows). `out` (when not null)
+  // gets the forward's output: here a separate forward launch.
+  // Fast path: float atomics add into grad_value. Deterministic path: every element
+  // gets grad_value + (this block's contributions summed from 0 in increasing corner
+  // entry id), one read-add-write by the one lane that owns it
+  // (msda_backward_deterministic.cu); the driver runs the blocks in a fixed order, so
+  // an element's final value is ((0 + block_0) + block_1) + ... in that order: the same
+  // bits on every run, and the same bits as adding a per-block scratch copy would give,
+  // without writing and re-reading a whole value map per block.
   void msda_backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>* attn,
                      const T* grad_out, Acc<T>* grad_value, Acc<T>* grad_loc,
                      Acc<T>* grad_attn, void* workspace, size_t workspace_bytes,
                      T* out) const {
-    const uintptr_t st = reinterpret_cast<uintptr_t>(stream);
-    constexpr DType dt = cuda_detail::dtype_of<T>();
     if (out) msda_forward(s, value, loc, attn, out);
-    // No sample: grad_loc / grad_attn are empty and grad_value gets nothing (the
-    // deterministic launcher would leave the scratch unwritten).
+    // No sample: grad_loc / grad_attn are empty and grad_value gets nothing.
     if (s.N * s.Lq * s.M * s.L * s.P == 0) return;
-    if (!deterministic) {  // atomics add straight into grad_value
-      msda_backward_cuda(dt, s, value, loc, attn, grad_out, grad_value, grad_loc, grad_attn,
-                         nullptr, 0, false, device, st);
-      return;
-    }
-    const size_t need = msda_backward_workspace_bytes(s);
-    if (workspace == nullptr || workspace_bytes < need)
-      throw std::invalid_argument("CudaOps::msda_backward: the workspace has " +
-                                  std::to_string(workspace ? workspace_bytes : 0) +
-                                  " bytes, the deterministic backward needs " +
-                                  std::to_string(need));
-    const uintptr_t raw = reinterpret_cast<uintptr_t>(workspace);
-    const uintptr_t aligned = (raw + kAlign - 1) / kAlign * kAlign;
-    Acc<T>* scratch = reinterpret_cast<Acc<T>*>(aligned);
-    const size_t used = size_t(aligned - raw) + scratch_grad_value_bytes(s);
-    msda_backward_cuda(dt, s, value, loc, attn, grad_out, scratch, grad_loc, grad_attn,
-                       reinterpret_cast<char*>(workspace) + used, workspace_bytes - used, true,
-                       device, st);
-    add(s.N * s.S * s.M * s.D, grad_value, scratch, grad_value);
+    msda_backward_cuda(cuda_detail::dtype_of<T>(), s, value, loc, attn, grad_out, grad_value,
+                       grad_loc, grad_attn, deterministic ? workspace : nullptr,
+                       deterministic ? workspace_bytes : 0, deterministic, device,
+                       reinterpret_cast<uintptr_t>(stream));
   }
 
   // x, g in U (T or Acc<T>); out may alias x (g) when U is T
@@ -352,10 +348,6 @@ template <class T> struct CudaOps {
   // A bf16 C gets its bias before cuBLAS (see the top of the file).
   template <class U> static constexpr bool kBiasFirst = !std::is_same<U, Acc<T>>::value;
 
-  static size_t scratch_grad_value_bytes(const MsdaShape& s) {
-    return cuda_detail::align_bytes(size_t(s.N * s.S * s.M * s.D) * sizeof(Acc<T>), kAlign);
-  }
-
   // Row-major leading dimensions must cover a stored row: lda >= (ta ? M : K),
   // ldb >= (tb ? K : N), ldc >= N (what cuBLAS checks on the transposed problem).
   template <class U>
@@ -376,7 +368,7 @@ template <class T> struct CudaOps {
       g.beta = Acc<T>(1);
       bias = nullptr;
     }
-    if (g.K > 0) cublas_gemm(device, stream, g);
+    if (g.K > 0) cublas_gemm(device, stream, blas, g);
     if (g.K == 0 || bias != nullptr || relu)
       launch(stream, n, kBlock, gemm_epilogue_kernel<T, U>, g.M, g.N, g.batch, g.C, g.ldc, g.sc,
              g.K == 0, g.beta, bias, relu);

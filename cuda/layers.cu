@@ -17,7 +17,20 @@
 // driver may already be gone. cuBLAS handles are not safe to re-target from two threads
 // at once, so each call sets the stream and enqueues the GEMM under the handle's mutex
 // (both are asynchronous: the lock is held for microseconds).
-// Math mode: cuBLAS's default (no TF32), so float32 results match a float32 reference.
+//
+// Workspace: one per layer pass, hence one per stream. The handle's own (default)
+// workspace pool is shared by every stream the handle is set to, and cuBLAS promises the
+// same bits on every run only when a handle's streams do not share one: the algorithm a
+// GEMM gets may depend on what the shared pool holds at the time. So every pass reserves
+// a cuBLAS workspace at the front of the workspace Python allocates for it (torch's
+// caching allocator, on the pass's stream, so it is free again only after the pass's
+// work has run) and each GEMM sets it after its stream (cublasSetStream puts the handle
+// back on the default pool). Size: cuBLAS's recommendation, 32 MiB from Hopper on,
+// 4 MiB before.
+//
+// Math mode: cuBLAS's default (no TF32), so float32 results match a float32 reference,
+// and no reduced-precision reductions: a bf16 GEMM that splits K must add its partial
+// sums in float (the compute type), not round each to bf16 (the output type) first.
 //
 // Types: float and double go through cublas{S,D}gemm(StridedBatched); bfloat16 through
 // cublasGemm(StridedBatched)Ex with bf16 A and B, a bf16 or float C and float
@@ -50,6 +63,11 @@ constexpr int kOpN = 0, kOpT = 1;
 using CreateFn = int (*)(CublasHandle*);
 using DestroyFn = int (*)(CublasHandle);
 using SetStreamFn = int (*)(CublasHandle, cudaStream_t);
+using SetWorkspaceFn = int (*)(CublasHandle, void*, size_t);
+using SetMathModeFn = int (*)(CublasHandle, int);  // cublasMath_t: an int-sized enum (flags)
+constexpr int kMathDefault = 0;  // CUBLAS_DEFAULT_MATH
+// CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION, a flag or-ed into the mode
+constexpr int kMathNoReducedPrecisionReduction = 16;
 template <class T>
 using GemmFn = int (*)(CublasHandle, int, int, int, int, int, const T*, const T*, int, const T*,
                        int, const T*, T*, int);
@@ -77,6 +95,8 @@ struct CublasApi {
   CreateFn create = nullptr;
   DestroyFn destroy = nullptr;  // resolved to check the library; handles are kept
   SetStreamFn set_stream = nullptr;
+  SetWorkspaceFn set_workspace = nullptr;
+  SetMathModeFn set_math_mode = nullptr;
   GemmFn<float> sgemm = nullptr;
   GemmFn<double> dgemm = nullptr;
   GemmStridedFn<float> sgemm_strided = nullptr;
@@ -135,6 +155,9 @@ HandleSlot& handle_for(const CublasApi& api, int device) {
     DeviceGuard guard(device);  // the handle belongs to the device current at creation
     auto fresh = std::make_unique<HandleSlot>();
     check_status(api.create(&fresh->handle), "cublasCreate_v2");
+    // (a handle whose math mode cannot be set is left unused, not destroyed: see above)
+    check_status(api.set_math_mode(fresh->handle, kMathDefault | kMathNoReducedPrecisionReduction),
+                 "cublasSetMathMode");
     slot = std::move(fresh);
   }
   return *slot;
@@ -160,14 +183,17 @@ template <class T, class U> CublasDims cublas_dims(const GemmCall<T, U>& g) {
           as_int(g.batch, "batch")};
 }
 
-// Runs call(handle) with `device` current and its handle bound to `stream`, under the
-// handle's mutex.
+// Runs call(handle) with `device` current and its handle bound to `stream` and to the
+// pass's workspace (when it has one), under the handle's mutex.
 template <class F>
-void on_handle(const CublasApi& api, int device, cudaStream_t stream, F&& call) {
+void on_handle(const CublasApi& api, int device, cudaStream_t stream, const BlasWorkspace& ws,
+               F&& call) {
   DeviceGuard guard(device);
   HandleSlot& slot = handle_for(api, device);
   std::lock_guard<std::mutex> lock(slot.call_mutex);
   check_status(api.set_stream(slot.handle, stream), "cublasSetStream_v2");
+  if (ws.ptr != nullptr)  // after the stream, which resets it
+    check_status(api.set_workspace(slot.handle, ws.ptr, ws.bytes), "cublasSetWorkspace_v2");
   call(slot.handle);
 }
 
@@ -177,11 +203,12 @@ GemmStridedFn<float> strided_gemm(const CublasApi& api, float) { return api.sgem
 GemmStridedFn<double> strided_gemm(const CublasApi& api, double) { return api.dgemm_strided; }
 
 // float and double
-template <class T> void run_cublas(int device, cudaStream_t stream, const GemmCall<T, T>& g) {
+template <class T>
+void run_cublas(int device, cudaStream_t stream, const BlasWorkspace& ws, const GemmCall<T, T>& g) {
   const CublasApi api = loaded_api();
   const CublasDims d = cublas_dims(g);
   const T one = T(1), beta = g.beta;
-  on_handle(api, device, stream, [&](CublasHandle h) {
+  on_handle(api, device, stream, ws, [&](CublasHandle h) {
     if (!g.strided) {
       check_status(plain_gemm(api, T())(h, d.op_b, d.op_a, d.m, d.n, d.k, &one, g.B, d.ldb, g.A,
                                         d.lda, &beta, g.C, d.ldc),
@@ -197,13 +224,14 @@ template <class T> void run_cublas(int device, cudaStream_t stream, const GemmCa
 
 // bf16 A and B; C in U = bf16 or float
 template <class U>
-void run_cublas_bf16(int device, cudaStream_t stream, const GemmCall<bf16, U>& g) {
+void run_cublas_bf16(int device, cudaStream_t stream, const BlasWorkspace& ws,
+                     const GemmCall<bf16, U>& g) {
   const CublasApi api = loaded_api();
   if (!api.has_bf16()) throw std::runtime_error(kNoBf16Gemm);
   const CublasDims d = cublas_dims(g);
   const float one = 1.f, beta = g.beta;
   const int t = kDataBf16, tc = std::is_same<U, bf16>::value ? kDataBf16 : kDataF32;
-  on_handle(api, device, stream, [&](CublasHandle h) {
+  on_handle(api, device, stream, ws, [&](CublasHandle h) {
     if (!g.strided) {
       check_status(api.gemm_ex(h, d.op_b, d.op_a, d.m, d.n, d.k, &one, g.B, t, d.ldb, g.A, t,
                                d.lda, &beta, g.C, tc, d.ldc, kCompute32F, kGemmDefault),
@@ -236,31 +264,64 @@ void require_cublas(DType dtype) {
   if (dtype == DType::bf16 && !loaded_api().has_bf16()) throw std::runtime_error(kNoBf16Gemm);
 }
 
-// Runs fn(ops, Tag<T>) on the CudaOps of `dtype` for `device` and `stream`, with cuBLAS
-// loaded and the device current: what every layer pass needs first.
+// cuBLAS's recommended workspace for `device`: 32 MiB from Hopper (sm_90) on, 4 MiB before.
+size_t blas_workspace_bytes(int device) {
+  int major = 0;
+  DDETR_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return size_t(major >= 9 ? 32 : 4) << 20;
+}
+
+// What a pass reserves at the front of its workspace for cuBLAS: the workspace and room
+// to align it (cuBLAS wants 256 bytes). A multiple of kAlign, so the driver's part
+// starts as aligned as the caller's buffer.
+constexpr size_t kBlasAlign = 256;
+static_assert(kBlasAlign % CudaOps<float>::kAlign == 0,
+              "the cuBLAS reserve must keep the driver's part aligned");
+size_t blas_reserve_bytes(int device) { return blas_workspace_bytes(device) + kBlasAlign; }
+
+// Runs fn(ops, Tag<T>, driver_workspace, driver_bytes) on the CudaOps of `dtype` for
+// `device` and `stream`, with cuBLAS loaded, the device current and the pass's workspace
+// split into cuBLAS's part (the front) and the driver's (the rest): what every layer pass
+// needs first.
 template <class F>
-void with_cuda_ops(DType dtype, bool deterministic, int device, uintptr_t stream, F&& fn) {
+void with_cuda_ops(DType dtype, bool deterministic, int device, uintptr_t stream,
+                   void* workspace, size_t workspace_bytes, F&& fn) {
   require_cublas(dtype);
   DeviceGuard guard(device);
+  const size_t reserve = blas_reserve_bytes(device);
+  if (workspace == nullptr || workspace_bytes < reserve)
+    throw std::invalid_argument(
+        "layer: the workspace has " + std::to_string(workspace ? workspace_bytes : 0) +
+        " bytes, a CUDA pass needs at least " + std::to_string(reserve) +
+        " for cuBLAS alone (size it with layer_workspace_bytes)");
+  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace);
+  const uintptr_t aligned = (base + kBlasAlign - 1) / kBlasAlign * kBlasAlign;
+  const BlasWorkspace blas{reinterpret_cast<void*>(aligned), blas_workspace_bytes(device)};
+  void* rest = static_cast<char*>(workspace) + reserve;
   dispatch_layer(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    fn(CudaOps<T>{device, as_stream(stream), deterministic}, tag);
+    fn(CudaOps<T>{device, as_stream(stream), deterministic, blas}, tag, rest,
+       workspace_bytes - reserve);
   });
 }
 
 }  // namespace
 
-void cublas_gemm(int device, cudaStream_t stream, const GemmCall<float, float>& g) {
-  run_cublas(device, stream, g);
+void cublas_gemm(int device, cudaStream_t stream, const BlasWorkspace& ws,
+                 const GemmCall<float, float>& g) {
+  run_cublas(device, stream, ws, g);
 }
-void cublas_gemm(int device, cudaStream_t stream, const GemmCall<double, double>& g) {
-  run_cublas(device, stream, g);
+void cublas_gemm(int device, cudaStream_t stream, const BlasWorkspace& ws,
+                 const GemmCall<double, double>& g) {
+  run_cublas(device, stream, ws, g);
 }
-void cublas_gemm(int device, cudaStream_t stream, const GemmCall<bf16, bf16>& g) {
-  run_cublas_bf16(device, stream, g);
+void cublas_gemm(int device, cudaStream_t stream, const BlasWorkspace& ws,
+                 const GemmCall<bf16, bf16>& g) {
+  run_cublas_bf16(device, stream, ws, g);
 }
-void cublas_gemm(int device, cudaStream_t stream, const GemmCall<bf16, float>& g) {
-  run_cublas_bf16(device, stream, g);
+void cublas_gemm(int device, cudaStream_t stream, const BlasWorkspace& ws,
+                 const GemmCall<bf16, float>& g) {
+  run_cublas_bf16(device, stream, ws, g);
 }
 
 }  // namespace cuda_detail
@@ -281,6 +342,8 @@ void load_cublas(const char* path) {
     api.create = resolve<CreateFn>(lib, "cublasCreate_v2");
     api.destroy = resolve<DestroyFn>(lib, "cublasDestroy_v2");
     api.set_stream = resolve<SetStreamFn>(lib, "cublasSetStream_v2");
+    api.set_workspace = resolve<SetWorkspaceFn>(lib, "cublasSetWorkspace_v2");
+    api.set_math_mode = resolve<SetMathModeFn>(lib, "cublasSetMathMode");
     api.sgemm = resolve<GemmFn<float>>(lib, "cublasSgemm_v2");
     api.dgemm = resolve<GemmFn<double>>(lib, "cublasDgemm_v2");
     api.sgemm_strided = resolve<GemmStridedFn<float>>(lib, "cublasSgemmStridedBatched");
@@ -300,18 +363,20 @@ bool cublas_loaded() {
   return cuda_detail::g_api_loaded;
 }
 
+// cuBLAS's reserve (see the top of the file), then the driver's workspace.
 size_t layer_workspace_bytes_cuda(const LayerShape& s, const LayerOptions& o, bool backward,
                                   int elem_bytes, bool deterministic, int device) {
   cuda_detail::DeviceGuard guard(device);  // the MSDA backward sizes CUB's scratch here
+  const size_t blas = cuda_detail::blas_reserve_bytes(device);
   if (elem_bytes == 2)
-    return layer_workspace_bytes(CudaOps<bf16>{device, nullptr, deterministic}, s, o, backward,
-                                 elem_bytes);
+    return blas + layer_workspace_bytes(CudaOps<bf16>{device, nullptr, deterministic}, s, o,
+                                        backward, elem_bytes);
   if (elem_bytes == 4)
-    return layer_workspace_bytes(CudaOps<float>{device, nullptr, deterministic}, s, o, backward,
-                                 elem_bytes);
+    return blas + layer_workspace_bytes(CudaOps<float>{device, nullptr, deterministic}, s, o,
+                                        backward, elem_bytes);
   if (elem_bytes == 8)
-    return layer_workspace_bytes(CudaOps<double>{device, nullptr, deterministic}, s, o,
-                                 backward, elem_bytes);
+    return blas + layer_workspace_bytes(CudaOps<double>{device, nullptr, deterministic}, s, o,
+                                        backward, elem_bytes);
   throw std::invalid_argument("native layers on CUDA take bfloat16, float32 or float64");
 }
 
@@ -320,11 +385,13 @@ void layer_forward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o,
                         const LayerSaved<void>& saved, void* workspace,
                         size_t workspace_bytes, bool deterministic, int device,
                         uintptr_t stream) {
-  cuda_detail::with_cuda_ops(dtype, deterministic, device, stream, [&](const auto& ops, auto tag) {
-    using T = typename decltype(tag)::type;
-    layer_forward<T>(ops, s, o, typed<T>(w), typed<T>(in), static_cast<T*>(out),
-                     typed<T>(saved), workspace, workspace_bytes);
-  });
+  cuda_detail::with_cuda_ops(
+      dtype, deterministic, device, stream, workspace, workspace_bytes,
+      [&](const auto& ops, auto tag, void* ws, size_t ws_bytes) {
+        using T = typename decltype(tag)::type;
+        layer_forward<T>(ops, s, o, typed<T>(w), typed<T>(in), static_cast<T*>(out),
+                         typed<T>(saved), ws, ws_bytes);
+      });
 }
 
 void layer_backward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o,
@@ -334,12 +401,14 @@ void layer_backward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o
                          const LayerParamGrads<void>& grad_w, void* workspace,
                          size_t workspace_bytes, bool deterministic, int device,
                          uintptr_t stream) {
-  cuda_detail::with_cuda_ops(dtype, deterministic, device, stream, [&](const auto& ops, auto tag) {
-    using T = typename decltype(tag)::type;
-    layer_backward<T>(ops, s, o, typed<T>(w), typed<T>(in), typed<T>(saved),
-                      static_cast<const T*>(grad_out), typed<T>(grad_in), typed<T>(grad_w),
-                      workspace, workspace_bytes);
-  });
+  cuda_detail::with_cuda_ops(
+      dtype, deterministic, device, stream, workspace, workspace_bytes,
+      [&](const auto& ops, auto tag, void* ws, size_t ws_bytes) {
+        using T = typename decltype(tag)::type;
+        layer_backward<T>(ops, s, o, typed<T>(w), typed<T>(in), typed<T>(saved),
+                          static_cast<const T*>(grad_out), typed<T>(grad_in), typed<T>(grad_w),
+                          ws, ws_bytes);
+      });
 }
 
 }  // namespace ddetr

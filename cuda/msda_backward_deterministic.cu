@@ -2,9 +2,11 @@
 // because every element is summed in one fixed order and no floating-point
 // atomic is used.
 //
-// Math: grad_value[n, start_l + pixel_k, m, c] = sum over the corner entries
+// Math: grad_value[n, start_l + pixel_k, m, c] += sum over the corner entries
 // (sample s, corner k) that land on that pixel of attn[s] * weight_k(s) * g[s's row, c],
-// with weight_k / pixel_k from bilinear_setup (ddetr/bilinear.h).
+// with weight_k / pixel_k from bilinear_setup (ddetr/bilinear.h). It adds into
+// grad_value, as the fast path's atomics do (msda.h: the caller zeroes it), so a caller
+// that runs the backward block by block (the layer driver) accumulates in place.
 //
 // Layout: grad_value (N, S, M, D) viewed as R = N * S * M rows of D channels; row
 // r = (n * S + start_l + pixel) * M + m. Entries are e = 4 * s + k with s the flat
@@ -26,9 +28,9 @@
 //     lane t decodes entry t of the batch (id -> loc, attn, bilinear_setup) so
 //     the decoding runs in parallel, then the batch is broadcast with shuffles
 //     in entry order and every lane adds coef * g_c for its channels. Each
-//     lane owns its channels, so each element is a sequential sum in entry
-//     order. Every row is written, with 0 when nothing lands on it: grad_value
-//     is overwritten, not accumulated.
+//     lane owns its channels, so each element's share is a sequential sum from
+//     0 in entry order, which the lane then adds to the element once:
+//     grad_value = grad_value + share. A row nothing lands on is not touched.
 //
 // Workspace (msda_backward_workspace_bytes_cuda(shape, true)), T4 = 4 * N * Lq * M * L * P,
 // each part rounded up to 256 bytes, plus 255 bytes to align the base pointer:
@@ -168,6 +170,7 @@ __global__ void row_reduce_kernel(const MsdaShape s, const Acc<T>* __restrict__ 
   for (int64_t r = int64_t(blockIdx.x) * groups_per_block + threadIdx.x / group; r < rows;
        r += grid_stride) {
     const uint32_t begin = offsets[r], end = offsets[r + 1];
+    if (begin == end) continue;  // the same for the whole group: nothing to add
     Acc<T>* out_row = grad_value + r * s.D + lane;
 
     for (int64_t c0 = 0; c0 < s.D; c0 += chunk) {
@@ -214,7 +217,8 @@ __global__ void row_reduce_kernel(const MsdaShape s, const Acc<T>* __restrict__ 
 
 #pragma unroll
       for (int j = 0; j < CPL; ++j)
-        if (c0 + lane + int64_t(j) * group < s.D) out_row[c0 + j * group] = acc[j];
+        if (c0 + lane + int64_t(j) * group < s.D)
+          out_row[c0 + j * group] = out_row[c0 + j * group] + acc[j];
     }
   }
 }

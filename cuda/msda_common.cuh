@@ -62,21 +62,60 @@ namespace cuda_detail {
 namespace ddetr {
 namespace cuda_detail {
 
-// Makes `device` current for the duration of one launcher call, so the caller's
-// current device is left as it was even when the launcher throws.
+// The driver's cuCtxGetCurrent (CUresult (CUcontext*)), looked up through the runtime
+// so the extension keeps no link-time dependency on libcuda; null where the runtime
+// cannot provide it (then DeviceGuard falls back to always restoring).
+using CtxGetCurrentFn = int (*)(void**);
+
+inline CtxGetCurrentFn driver_ctx_get_current() {
+  static const CtxGetCurrentFn fn = [] {
+    void* f = nullptr;
+    bool ok = false;
+#if CUDART_VERSION >= 12050
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    ok = cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &f, CUDART_VERSION,
+                                          cudaEnableDefault, &found) == cudaSuccess &&
+         found == cudaDriverEntryPointSuccess;
+#elif CUDART_VERSION >= 12000
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    ok = cudaGetDriverEntryPoint("cuCtxGetCurrent", &f, cudaEnableDefault, &found) ==
+             cudaSuccess &&
+         found == cudaDriverEntryPointSuccess;
+#elif CUDART_VERSION >= 11030
+    ok = cudaGetDriverEntryPoint("cuCtxGetCurrent", &f, cudaEnableDefault) == cudaSuccess;
+#endif
+    (void)cudaGetLastError();  // a failed lookup must not surface at the next launch check
+    return ok ? reinterpret_cast<CtxGetCurrentFn>(f) : nullptr;
+  }();
+  return fn;
+}
+
+// Makes `device` current for the duration of one launcher call, and puts the caller's
+// device back afterwards, even when the launcher throws. It touches no other GPU:
+// cudaGetDevice only reads the thread's current device, cudaSetDevice runs only when
+// that differs from `device`, and the way back only when the guard switched.
+// The way back also needs the caller to have had a context: since CUDA 12
+// cudaSetDevice creates the device's primary context, and a thread that never used a
+// GPU reports device 0 without having one, so "restoring" device 0 there would put a
+// context (hundreds of MB) on GPU 0 of a process that only runs on, say, GPU 1. Such a
+// thread keeps `device` current instead (torch's own guard likewise switches back only
+// to a device that already has a primary context).
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     DDETR_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) {
-      DDETR_CUDA_CHECK(cudaSetDevice(device));
-      switched_ = true;
-    }
+    if (previous_ == device) return;
+    const CtxGetCurrentFn ctx_get_current = driver_ctx_get_current();
+    void* context = nullptr;
+    // Unknown (no driver entry point, or the query failed): restore, as before.
+    restore_ = ctx_get_current == nullptr || ctx_get_current(&context) != 0 || context != nullptr;
+    DDETR_CUDA_CHECK(cudaSetDevice(device));
+    switched_ = true;
   }
   ~DeviceGuard() {
     // A destructor must not throw; a failure to switch back cannot be reported
     // without masking the exception that may already be in flight.
-    if (switched_) (void)cudaSetDevice(previous_);
+    if (switched_ && restore_) (void)cudaSetDevice(previous_);
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
@@ -84,6 +123,7 @@ class DeviceGuard {
  private:
   int previous_ = 0;
   bool switched_ = false;
+  bool restore_ = false;
 };
 
 inline cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
@@ -178,8 +218,8 @@ __device__ __forceinline__ bool setup_or_clear(bool active, A x, A y, int64_t H,
   return false;
 }
 
-// grad_value of the deterministic path (cuda/msda_backward_deterministic.cu):
-// overwrites every element of grad_value without floating-point atomics.
+// grad_value of the deterministic path (cuda/msda_backward_deterministic.cu): adds
+// each element's share into grad_value in a fixed order, without floating-point atomics.
 // Explicitly instantiated there for float, double, __half and bf16.
 template <class T>
 void deterministic_grad_value(const MsdaShape& shape, const Acc<T>* loc, const Acc<T>* attn,

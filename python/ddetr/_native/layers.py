@@ -66,7 +66,7 @@ def cublas_available() -> bool:
 
 
 def _load_cublas() -> bool:
-    if not (_ext.cuda_built() and torch.cuda.is_available()):
+    if not _ext.cuda_usable():
         return False
     if _C.cublas_loaded():
         return True

@@ -116,8 +116,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes, level_start_index: Tensor | No
     """
     value, table, loc, attn = _prepare(value, spatial_shapes, level_start_index,
                                        sampling_locations, attention_weights)
-    if not _ext.available():
-        _ext.warn_fallback("ms_deform_attn")
+    if not _ext.runs_natively(value, "ms_deform_attn"):
         return ms_deform_attn_reference(value, table.spatial_shapes, None, loc, attn)
     flat = [size for row in table.rows for size in row]
     if _cpu_half(value):
@@ -143,8 +142,8 @@ class MSDeformAttnFunction(torch.autograd.Function):
         ctx.save_for_backward(value, loc, attn)
         ctx.table = table
         ctx.dtypes = (value.dtype, sampling_locations.dtype, attention_weights.dtype)
-        if not _ext.available():
-            _ext.warn_fallback("MSDeformAttnFunction")
+        ctx.native = _ext.runs_natively(value, "MSDeformAttnFunction")
+        if not ctx.native:
             return ms_deform_attn_reference(value, table.spatial_shapes, None, loc, attn)
         if _cpu_half(value):  # (no float16 CPU kernel: float32 gives the same numbers)
             return native.forward(value.float(), list(table.rows), loc, attn).half()
@@ -155,7 +154,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         value, loc, attn = ctx.saved_tensors
         table = ctx.table
-        if not _ext.available():
+        if not ctx.native:
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_() for t in (value, loc, attn)]
                 out = ms_deform_attn_reference(leaves[0], table.spatial_shapes, None,

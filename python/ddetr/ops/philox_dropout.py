@@ -76,7 +76,7 @@ def _native_ok(x: Tensor) -> bool:
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.float64, torch.bfloat16)
-    return x.device.type == "cuda" and _ext.cuda_built()
+    return x.device.type == "cuda" and _ext.cuda_usable()
 
 
 def _check(x: Tensor, p: float) -> None:
