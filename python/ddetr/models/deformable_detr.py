@@ -139,6 +139,8 @@ class DeformableDetr(nn.Module):
             have boxes of 1).
         """
         images, mask = batch_images(images, mask)
+        # a converted model (model.to(torch.bfloat16)) takes float32 images as they come
+        images = images.to(self.input_proj[0][0].weight.dtype)
         srcs, masks, pos = self._pyramid(images, mask)
         query_embed = None if self.two_stage else self.query_embed.weight
         out = self.transformer(srcs, masks, pos, query_embed)

@@ -124,6 +124,8 @@ class DeformableTransformer(nn.Module):
         top = torch.topk(enc_class[..., 0], k, dim=1)[1]
         # (N, K) -> (N, K, 4) indices of the chosen proposals' box logits
         boxes = torch.gather(enc_coord, 1, top[..., None].expand(-1, -1, 4)).detach()
-        embed = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(boxes, self.d_model // 2)))
+        # (the sine embedding is computed in float32; a bfloat16 model takes it in bfloat16)
+        pos = proposal_pos_embed(boxes, self.d_model // 2).to(memory.dtype)
+        embed = self.pos_trans_norm(self.pos_trans(pos))
         query_pos, tgt = torch.split(embed, self.d_model, dim=2)
         return query_pos, tgt, boxes.sigmoid(), enc_class, enc_coord

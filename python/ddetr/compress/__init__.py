@@ -1,0 +1,19 @@
+"""Post-hoc compression of a trained ``DeformableDetr``: each technique is a plain
+function returning a new, ordinary ``DeformableDetr`` (its config says what it is, so
+``save_pretrained`` / ``from_pretrained`` round-trip it), and every technique at its
+identity setting returns a model with exactly the original outputs.
+
+- ``truncate_decoder(model, k)``: stop after decoder layer k, read out with its head.
+- ``reduce_queries(model, k, keep=None)``: fewer two-stage proposals, or a subset of the
+  learned one-stage queries (``keep``, e.g. from ``query_usage``).
+- ``prune_points(model, enc_points, dec_points, usage)``: keep the sampling points with
+  the largest mean attention weight per (layer, head, level) (``point_usage``); the
+  softmax then renormalises over the points kept.
+- ``to_bfloat16(model)``: every parameter and activation in bfloat16.
+"""
+
+from ddetr.compress.calibrate import point_usage, query_usage
+from ddetr.compress.techniques import prune_points, reduce_queries, to_bfloat16, truncate_decoder
+
+__all__ = ["point_usage", "prune_points", "query_usage", "reduce_queries", "to_bfloat16",
+           "truncate_decoder"]

@@ -1,0 +1,143 @@
+"""Structural and precision techniques of ``ddetr.compress``: each builds a new
+``DeformableDetr`` from the original's config with the technique's change and the
+original's weights, remapped (never re-initialised), and leaves the original alone."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from torch import Tensor
+
+from ddetr.models.deformable_detr import DeformableDetr
+
+_HEAD_KEY = re.compile(r"^(.*(?:class_embed|bbox_embed))\.(\d+)\.(.*)$")
+_DEC_LAYER_KEY = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.(.*)$")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, DeformableDetr):
+        raise ValueError(f"model: expected a ddetr DeformableDetr, got {type(model).__name__}")
+
+
+def _rebuild(model: DeformableDetr, state: dict, **changes) -> DeformableDetr:
+    """A DeformableDetr with ``model.config`` updated by ``changes``, holding ``state``,
+    on model's device and dtype, in model's train/eval mode and native-layer setting."""
+    config = {**model.config, **changes}
+    native = model.transformer.encoder.layers[0].native_layers
+    new = DeformableDetr(**config, native_layers=native)
+    first = next(model.parameters())
+    new.to(first.device, first.dtype)
+    new.load_state_dict(state, strict=True)
+    return new.train(model.training)
+
+
+def _state(model: DeformableDetr) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def truncate_decoder(model: DeformableDetr, k: int) -> DeformableDetr:
+    """The model stopped after decoder layer ``k`` (1 <= k <= num_decoder_layers), its
+    outputs read with layer k's heads (every layer has heads; with auxiliary losses
+    each was trained to predict). ``k = num_decoder_layers`` is the model itself."""
+    _check_model(model)
+    depth = model.config["num_decoder_layers"]
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= depth:
+        raise ValueError(f"k: expected an int in [1, {depth}] (the decoder's depth), got {k!r}")
+    two_stage = model.config["two_stage"]
+    state = {}
+    for key, value in _state(model).items():
+        layer = _DEC_LAYER_KEY.match(key)
+        head = _HEAD_KEY.match(key)
+        if layer and int(layer.group(1)) >= k:
+            continue
+        if head:
+            i = int(head.group(2))
+            if two_stage and i == depth:  # the encoder's proposal head comes last
+                key = f"{head.group(1)}.{k}.{head.group(3)}"
+            elif i >= k:
+                continue
+        state[key] = value
+    return _rebuild(model, state, num_decoder_layers=k)
+
+
+def reduce_queries(model: DeformableDetr, k: int, keep: list[int] | None = None
+                   ) -> DeformableDetr:
+    """``k`` decoder queries: in two-stage mode the top-k encoder proposals (``keep`` not
+    allowed); otherwise the learned queries ``keep`` (k indices, e.g. the most used by
+    ``query_usage``; default the first k)."""
+    _check_model(model)
+    total = model.num_queries
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= total:
+        raise ValueError(f"k: expected an int in [1, {total}] (the model's queries), got {k!r}")
+    state = _state(model)
+    if model.config["two_stage"]:
+        if keep is not None:
+            raise ValueError("keep: not used in two-stage mode (the top-k proposals are kept)")
+        return _rebuild(model, state, two_stage_num_proposals=k)
+    keep = list(range(k)) if keep is None else list(keep)
+    if len(keep) != k or len(set(keep)) != k or not all(0 <= i < total for i in keep):
+        raise ValueError(f"keep: expected {k} distinct query indices in [0, {total}), got {keep}")
+    state["query_embed.weight"] = state["query_embed.weight"][sorted(keep)]
+    return _rebuild(model, state, num_queries=k)
+
+
+def _attn_modules(model: DeformableDetr) -> dict[str, list[str]]:
+    """Module names of the encoder's and the decoder's MSDeformAttn, layer by layer."""
+    enc = [f"transformer.encoder.layers.{i}.self_attn"
+           for i in range(len(model.transformer.encoder.layers))]
+    dec = [f"transformer.decoder.layers.{i}.cross_attn"
+           for i in range(len(model.transformer.decoder.layers))]
+    return {"encoder": enc, "decoder": dec}
+
+
+def _keep_points(usage: Tensor, points: int) -> Tensor:
+    """(M, L, P) mean weights -> (M, L, points) indices of the largest, in order."""
+    return usage.topk(points, dim=-1).indices.sort(dim=-1).values
+
+
+def _slice_points(state: dict, name: str, keep: Tensor) -> None:
+    """Keeps points ``keep`` (M, L, P') of MSDeformAttn ``name`` in ``state``."""
+    m, lv, p_new = keep.shape
+    for part, per_point in (("sampling_offsets", 2), ("attention_weights", 1)):
+        for suffix in ("weight", "bias"):
+            key = f"{name}.{part}.{suffix}"
+            t = state[key]
+            # (M*L*P*k, ...) -> (M, L, P, k, ...): gather the kept points
+            view = t.view(m, lv, -1, per_point, *t.shape[1:])
+            index = keep.view(m, lv, p_new, *([1] * (view.dim() - 3))).expand(
+                m, lv, p_new, *view.shape[3:])
+            state[key] = view.gather(2, index.to(t.device)).reshape(-1, *t.shape[1:]).clone()
+
+
+def prune_points(model: DeformableDetr, enc_points: int | None = None,
+                 dec_points: int | None = None, usage: dict | None = None) -> DeformableDetr:
+    """``enc_points`` / ``dec_points`` sampling points per (head, level) in the encoder /
+    decoder (None: unchanged), keeping in each layer, head and level the points with the
+    largest mean attention weight in ``usage`` (``point_usage``; without it the first
+    points). The attention softmax then renormalises over the points kept."""
+    _check_model(model)
+    state = _state(model)
+    changes = {}
+    for part, points, key in (("encoder", enc_points, "enc_num_points"),
+                              ("decoder", dec_points, "dec_num_points")):
+        if points is None:
+            continue
+        total = model.config[key]
+        if not isinstance(points, int) or isinstance(points, bool) or not 1 <= points <= total:
+            raise ValueError(f"{part[:3]}_points: expected an int in [1, {total}], got {points!r}")
+        for name in _attn_modules(model)[part]:
+            attn = model.get_submodule(name)
+            shape = (attn.n_heads, attn.n_levels, attn.n_points)
+            mean = usage[name] if usage is not None else -torch.arange(shape[2]).expand(shape)
+            _slice_points(state, name, _keep_points(mean.float(), points))
+        changes[key] = points
+    return _rebuild(model, state, **changes)
+
+
+def to_bfloat16(model: DeformableDetr) -> DeformableDetr:
+    """A bfloat16 copy: every parameter and activation in bfloat16, float32 sums (the
+    native layers and MSDA accumulate in float32); inputs may stay float32."""
+    _check_model(model)
+    return copy.deepcopy(model).to(torch.bfloat16)
