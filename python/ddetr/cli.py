@@ -104,7 +104,39 @@ def build_parser() -> argparse.ArgumentParser:
                       help="queries shown with --show-sampling-points (default 3)")
     _add_run_flags(pred, for_eval=False)
     _add_plot_parser(sub)
+    _add_compress_parser(sub)
     return parser
+
+
+def _add_compress_parser(sub) -> None:
+    comp = sub.add_parser(
+        "compress", help="a faster detector at (nearly) the same AP, post hoc",
+        description="Measure every compression technique (decoder truncation, fewer queries, "
+                    "fewer sampling points, bfloat16) alone on the validation images, then "
+                    "combine them greedily by speed gained per AP lost while the AP drop "
+                    "stays within --max_ap_drop. Writes OUTPUT_DIR/checkpoint.pth (for ddetr "
+                    "eval / predict), OUTPUT_DIR/model/ (save_pretrained) and report.json / "
+                    "report.png (AP against batch-1 latency).")
+    comp.add_argument("--checkpoint", required=True, help="a ddetr train checkpoint.pth")
+    for name in ("coco_path", "val_images", "val_annotations", "cache_dir"):
+        comp.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=None,
+                          help="validation set (default: the one the checkpoint was trained "
+                               "with)")
+    comp.add_argument("--max_ap_drop", "--max-ap-drop", dest="max_ap_drop", type=float,
+                      default=0.01, help="largest COCO AP loss accepted (default 0.01)")
+    comp.add_argument("--output_dir", "--output-dir", dest="output_dir", default="compressed",
+                      help="where the model and the report go (default compressed/)")
+    comp.add_argument("--calib_images", "--calib-images", dest="calib_images", type=int,
+                      default=16, help="validation images for the attention and query "
+                                       "statistics (default 16)")
+    comp.add_argument("--latency_images", "--latency-images", dest="latency_images", type=int,
+                      default=20, help="validation images timed at batch 1 (default 20)")
+    comp.add_argument("--time_budget", "--time-budget", dest="time_budget", type=float,
+                      default=10.0, help="minutes after which the search stops trying "
+                                         "candidates (default 10)")
+    comp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                      help="a tqdm bar over the search (default on)")
+    _add_run_flags(comp, for_eval=False)
 
 
 def _add_plot_parser(sub) -> None:
@@ -138,7 +170,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     command = {"train": run_train, "eval": run_eval, "predict": run_predict,
-               "plot": run_plot}[args.command]
+               "plot": run_plot, "compress": run_compress}[args.command]
     try:
         return command(args)
     except (ValueError, FileNotFoundError) as e:
@@ -230,6 +262,23 @@ def run_predict(args) -> int:
                                      args.top_queries):
             print(f"  wrote {written}")
     return 2 if unreadable else 0
+
+
+def run_compress(args) -> int:
+    from ddetr.engine.compress import compress_checkpoint
+    report = compress_checkpoint(
+        args.checkpoint, args.output_dir, args.max_ap_drop, args.coco_path, args.val_images,
+        args.val_annotations, args.cache_dir, args.device, args.calib_images, args.time_budget,
+        args.latency_images, args.progress, args.trust_pickle)
+    o, c = report["original"], report["chosen"]
+    print(f"{'candidate':42s} {'AP':>6s} {'AP50':>6s} {'AP_s':>6s} {'ms':>8s}")
+    for r in report["rows"]:
+        print(f"{r['name'][:42]:42s} {r['AP']:6.3f} {r['AP50']:6.3f} {r['AP_small']:6.3f} "
+              f"{r['latency_ms']:8.2f}")
+    print(f"chosen: {c['name']}: {report['speedup']:.2f}x faster at batch 1 "
+          f"({o['latency_ms']:.1f} -> {c['latency_ms']:.1f} ms), AP {o['AP']:.3f} -> "
+          f"{c['AP']:.3f}; wrote {os.path.abspath(args.output_dir)}")
+    return 0
 
 
 def run_plot(args) -> int:

@@ -118,3 +118,15 @@ def test_two_stage_runs_in_bfloat16():
 def test_bad_arguments_named(call, name):
     with pytest.raises(ValueError, match=name):
         call(tiny_model("plain"))
+
+
+def test_what_was_applied_is_recorded_and_reloaded(tmp_path):
+    model = tiny_model("box_refine")
+    small = compress.to_bfloat16(compress.truncate_decoder(model, 1))
+    assert [r["technique"] for r in small.compression] == ["truncate_decoder", "to_bfloat16"]
+    small.save_pretrained(tmp_path)
+    again = DeformableDetr.from_pretrained(tmp_path).eval()
+    assert again.compression == small.compression
+    assert next(again.parameters()).dtype == torch.bfloat16
+    x, mask = images()
+    assert torch.equal(outputs(again, x, mask)["pred_boxes"], outputs(small, x, mask)["pred_boxes"])

@@ -21,15 +21,17 @@ def _check_model(model) -> None:
         raise ValueError(f"model: expected a ddetr DeformableDetr, got {type(model).__name__}")
 
 
-def _rebuild(model: DeformableDetr, state: dict, **changes) -> DeformableDetr:
+def _rebuild(model: DeformableDetr, state: dict, record: dict, **changes) -> DeformableDetr:
     """A DeformableDetr with ``model.config`` updated by ``changes``, holding ``state``,
-    on model's device and dtype, in model's train/eval mode and native-layer setting."""
+    on model's device and dtype, in model's train/eval mode and native-layer setting,
+    with ``record`` added to what was applied (``compression``)."""
     config = {**model.config, **changes}
     native = model.transformer.encoder.layers[0].native_layers
     new = DeformableDetr(**config, native_layers=native)
     first = next(model.parameters())
     new.to(first.device, first.dtype)
     new.load_state_dict(state, strict=True)
+    new.compression = [*model.compression, record]
     return new.train(model.training)
 
 
@@ -59,7 +61,8 @@ def truncate_decoder(model: DeformableDetr, k: int) -> DeformableDetr:
             elif i >= k:
                 continue
         state[key] = value
-    return _rebuild(model, state, num_decoder_layers=k)
+    return _rebuild(model, state, {"technique": "truncate_decoder", "k": k},
+                    num_decoder_layers=k)
 
 
 def reduce_queries(model: DeformableDetr, k: int, keep: list[int] | None = None
@@ -75,12 +78,14 @@ def reduce_queries(model: DeformableDetr, k: int, keep: list[int] | None = None
     if model.config["two_stage"]:
         if keep is not None:
             raise ValueError("keep: not used in two-stage mode (the top-k proposals are kept)")
-        return _rebuild(model, state, two_stage_num_proposals=k)
+        return _rebuild(model, state, {"technique": "reduce_queries", "k": k},
+                        two_stage_num_proposals=k)
     keep = list(range(k)) if keep is None else list(keep)
     if len(keep) != k or len(set(keep)) != k or not all(0 <= i < total for i in keep):
         raise ValueError(f"keep: expected {k} distinct query indices in [0, {total}), got {keep}")
     state["query_embed.weight"] = state["query_embed.weight"][sorted(keep)]
-    return _rebuild(model, state, num_queries=k)
+    return _rebuild(model, state, {"technique": "reduce_queries", "k": k, "keep": sorted(keep)},
+                    num_queries=k)
 
 
 def _attn_modules(model: DeformableDetr) -> dict[str, list[str]]:
@@ -133,11 +138,14 @@ def prune_points(model: DeformableDetr, enc_points: int | None = None,
             mean = usage[name] if usage is not None else -torch.arange(shape[2]).expand(shape)
             _slice_points(state, name, _keep_points(mean.float(), points))
         changes[key] = points
-    return _rebuild(model, state, **changes)
+    record = {"technique": "prune_points", "enc_points": enc_points, "dec_points": dec_points}
+    return _rebuild(model, state, record, **changes)
 
 
 def to_bfloat16(model: DeformableDetr) -> DeformableDetr:
     """A bfloat16 copy: every parameter and activation in bfloat16, float32 sums (the
     native layers and MSDA accumulate in float32); inputs may stay float32."""
     _check_model(model)
-    return copy.deepcopy(model).to(torch.bfloat16)
+    new = copy.deepcopy(model).to(torch.bfloat16)
+    new.compression = [*model.compression, {"technique": "to_bfloat16", "dtype": "bfloat16"}]
+    return new

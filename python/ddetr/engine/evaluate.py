@@ -123,11 +123,22 @@ def evaluate_checkpoint(path: str, coco_path: str | None = None, val_images: str
     (``val_images`` + ``val_annotations``, or ``coco_path``), or else the one the
     checkpoint was trained with (the synthetic data is regenerated if its cache is gone).
     ``trust_pickle``: see ``checkpoint.read_checkpoint``."""
-    from ddetr.engine.config import TrainConfig
     from ddetr.engine.predict import load_detector
     from ddetr.engine.distributed import pick_device
     dev = pick_device(device)
     detector = load_detector(path, dev, trust_pickle)
+    dataset = validation_dataset(detector, path, coco_path, val_images, val_annotations,
+                                 cache_dir)
+    return evaluate(detector.model, dataset, dev, batch_size, num_workers,
+                    amp_mode.resolve(amp, dev), progress)
+
+
+def validation_dataset(detector, path: str, coco_path: str | None = None,
+                       val_images: str | None = None, val_annotations: str | None = None,
+                       cache_dir: str | None = None) -> CocoDetection:
+    """The validation set for a loaded checkpoint (``predict.load_detector``): the given
+    one, or else the one it was trained with, at the sizes it was trained at."""
+    from ddetr.engine.config import TrainConfig
     if val_annotations:
         if not val_images:
             raise ValueError("val_images: required with val_annotations")
@@ -142,8 +153,6 @@ def evaluate_checkpoint(path: str, coco_path: str | None = None, val_images: str
                          f"or --val_images and --val_annotations")
     if not paths.get("val_annotations"):
         raise ValueError("val_annotations: the checkpoint's training run had no validation set")
-    dataset = CocoDetection(paths["val_images"], paths["val_annotations"],
-                            val_transforms(detector.base_size, detector.max_size),
-                            detector.model.config["num_classes"])
-    return evaluate(detector.model, dataset, dev, batch_size, num_workers,
-                    amp_mode.resolve(amp, dev), progress)
+    return CocoDetection(paths["val_images"], paths["val_annotations"],
+                         val_transforms(detector.base_size, detector.max_size),
+                         detector.model.config["num_classes"])

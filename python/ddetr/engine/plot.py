@@ -107,7 +107,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict) -> None
         draw.text((legend_x, box[1] + 8), name, fill=colour)
 
 
-def _ticks(lo: float, hi: float, count: int = 6) -> list[float]:
+def ticks(lo: float, hi: float, count: int = 6) -> list[float]:
     """Round values (multiples of 1, 2 or 5 x 10^k) in [lo, hi], about ``count``."""
     raw = (hi - lo) / count
     magnitude = 10 ** math.floor(math.log10(raw))
@@ -119,7 +119,7 @@ def _axes(draw, area, x_range, y_range, to_pixels) -> None:
     """Frame, grid lines and labels: round values on y, integer epochs on x."""
     left, top, right, bottom = area
     draw.rectangle(area, outline=INK)
-    for y in _ticks(*y_range):
+    for y in ticks(*y_range):
         py = to_pixels(x_range[0], y)[1]
         draw.line([(left, py), (right, py)], fill=GRID)
         draw.text((left - 6, py), f"{y:.3g}", fill=INK, anchor="rm")

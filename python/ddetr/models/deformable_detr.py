@@ -83,6 +83,8 @@ class DeformableDetr(nn.Module):
             load_backbone_weights(self.backbone[0].body, backbone_weights)
         self.set_native_layers(_ext.available() if native_layers is None else native_layers,
                                recompute_activations)
+        # what ddetr.compress applied, in order (save_pretrained records it)
+        self.compression: list[dict] = []
 
     def set_native_layers(self, enabled: bool, recompute_activations: bool = False) -> None:
         """Switch every transformer layer between the native and the PyTorch path."""
@@ -208,6 +210,9 @@ class DeformableDetr(nn.Module):
         config.update(overrides)
         model = cls(**config)
         weights.load_weights(model, state, strict=strict, source=str(directory))
+        model.compression = weights.read_compression(directory)
+        if any(r.get("dtype") == "bfloat16" for r in model.compression):
+            model.to(torch.bfloat16)
         return model
 
 

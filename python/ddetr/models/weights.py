@@ -108,7 +108,8 @@ def save_pretrained(model: nn.Module, directory, safe_serialization: bool = True
     safetensors is not installed or ``safe_serialization`` is False)."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump({"format": FORMAT, "config": model.config}, f, indent=2)
+        json.dump({"format": FORMAT, "config": model.config,
+                   "compression": list(getattr(model, "compression", []))}, f, indent=2)
     state = {k: v.detach().cpu() for k, v in unique_state_dict(model).items()}
     if safe_serialization and _has_safetensors():
         from safetensors.torch import save_file
@@ -130,6 +131,16 @@ def read_pretrained(directory) -> tuple[dict, dict]:
     if not isinstance(state, dict):
         raise ValueError(f"directory: {pt} holds a {type(state).__name__}, not a state dict")
     return config, state
+
+
+def read_compression(directory) -> list[dict]:
+    """What ``ddetr.compress`` applied to a ``save_pretrained`` model ([] for none)."""
+    with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+        records = json.load(f).get("compression", [])
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"directory: {directory}/{CONFIG_NAME} has a 'compression' entry "
+                         "that is not a list of objects")
+    return records
 
 
 def _read_config(path: str, directory) -> dict:

@@ -1,0 +1,110 @@
+"""``compress(model, val_dataset, max_ap_drop)``: the search over the techniques, and its
+report (JSON rows and a PNG of AP against latency)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import torch
+from PIL import Image, ImageDraw
+
+from ddetr.compress.search import Search, run_search
+from ddetr.engine.plot import GRID, INK, ticks
+from ddetr.models.deformable_detr import DeformableDetr
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _check(model, max_ap_drop, calib_images, time_budget, latency_images) -> None:
+    if not isinstance(model, DeformableDetr):
+        raise ValueError(f"model: expected a ddetr DeformableDetr, got {type(model).__name__}")
+    if not isinstance(max_ap_drop, (int, float)) or not 0 <= max_ap_drop <= 1:
+        raise ValueError(f"max_ap_drop: expected an AP difference in [0, 1], got {max_ap_drop!r}")
+    for name, v in (("calib_images", calib_images), ("latency_images", latency_images)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if not isinstance(time_budget, (int, float)) or time_budget <= 0:
+        raise ValueError(f"time_budget: expected minutes > 0, got {time_budget!r}")
+
+
+def compress(model: DeformableDetr, val_dataset, max_ap_drop: float = 0.01,
+             calib_images: int = 16, device=None, time_budget: float = 10.0,
+             latency_images: int = 20, progress: bool = True) -> tuple[DeformableDetr, dict]:
+    """The fastest combination of the techniques found whose COCO AP on ``val_dataset``
+    (a ``CocoDetection``) is at most ``max_ap_drop`` below the model's, and the report
+    ``{"rows": every candidate measured, "chosen": its row, "original": the model's row,
+    "speedup", "ap_drop", "cpu", "device", ...}``. ``calib_images``: the first images of
+    the set, for the point and query statistics; ``latency_images``: batch-1 timing;
+    ``time_budget``: minutes, after which the search stops trying candidates."""
+    _check(model, max_ap_drop, calib_images, time_budget, latency_images)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device).eval()
+    count = len(val_dataset)
+    calib = [(val_dataset[i][0][None].to(device), None) for i in range(min(calib_images, count))]
+    images = [val_dataset[i][0] for i in range(min(latency_images, count))]
+    search = Search(val_dataset, images, device, float(max_ap_drop),
+                    time.monotonic() + 60 * time_budget)
+    start = time.perf_counter()
+    chosen, row, rows = run_search(model, search, calib, progress)
+    original = rows[0]
+    report = {"cpu": _cpu_name(), "device": str(device), "threads": torch.get_num_threads(),
+              "max_ap_drop": max_ap_drop, "search_s": time.perf_counter() - start,
+              "original": original, "chosen": row, "rows": rows,
+              "speedup": original["latency_ms"] / row["latency_ms"],
+              "ap_drop": original["AP"] - row["AP"], "applied": chosen.compression}
+    return chosen, report
+
+
+def write_report(report: dict, out_dir: str) -> tuple[str, str]:
+    """``report.json`` and ``report.png`` (AP against batch-1 latency, one dot per
+    candidate, the original and the chosen one marked) in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, png_path = os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.png")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    _scatter(report, png_path)
+    return json_path, png_path
+
+
+def _scatter(report: dict, path: str, size=(800, 500)) -> None:
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 64, 36, size[0] - 20, size[1] - 48
+    xs = [r["latency_ms"] for r in report["rows"]]
+    ys = [r["AP"] for r in report["rows"]]
+    x_lo, x_hi = 0.0, max(xs) * 1.08
+    y_lo, y_hi = max(0.0, min(ys) - 0.05), max(ys) + 0.02
+
+    def px(x, y):
+        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
+                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+
+    draw.rectangle((left, top, right, bottom), outline=INK)
+    for y in ticks(y_lo, y_hi):
+        draw.line([(left, px(0, y)[1]), (right, px(0, y)[1])], fill=GRID)
+        draw.text((left - 6, px(0, y)[1]), f"{y:.3g}", fill=INK, anchor="rm")
+    for x in ticks(x_lo, x_hi):
+        draw.text((px(x, y_lo)[0], bottom + 6), f"{x:.3g}", fill=INK, anchor="mt")
+    draw.text(((left + right) / 2, bottom + 24), "batch-1 latency (ms)", fill=INK, anchor="mt")
+    draw.text((left, 10), f"COCO AP against latency ({report['cpu']}); "
+              f"max AP drop {report['max_ap_drop']}", fill=INK)
+    for r in report["rows"]:
+        x, y = px(r["latency_ms"], r["AP"])
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
+    for key, colour in (("original", (0, 0, 0)), ("chosen", (214, 39, 40))):
+        x, y = px(report[key]["latency_ms"], report[key]["AP"])
+        draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline=colour, width=2)
+        draw.text((x + 8, y - 14), key, fill=colour)
+    image.save(path, format="PNG")

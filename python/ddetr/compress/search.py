@@ -1,0 +1,121 @@
+"""The search of ``ddetr compress``: every technique alone at each of its settings, then
+a greedy combination by speed gained per AP lost while the AP drop stays within
+``max_ap_drop``. Everything is measured (pycocotools AP on the validation images,
+batch-1 latency), nothing assumed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ddetr.compress import calibrate, techniques
+from ddetr.compress.measure import accuracy, latency
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One technique at one setting; ``apply`` returns the new model."""
+    technique: str
+    setting: str
+    apply: Callable = field(compare=False, repr=False)
+
+
+def _steps(model, usage: dict, query_counts) -> list[Step]:
+    """Every technique at its settings, milder first within a technique."""
+    cfg, steps = model.config, []
+    for k in range(cfg["num_decoder_layers"] - 1, 0, -1):
+        steps.append(Step("decoder layers", str(k),
+                          lambda m, k=k: techniques.truncate_decoder(m, k)))
+    n = model.num_queries
+    for k in sorted({max(1, round(n * f)) for f in (0.5, 0.25, 0.1)} - {n}, reverse=True):
+        if cfg["two_stage"]:
+            steps.append(Step("queries", str(k), lambda m, k=k: techniques.reduce_queries(m, k)))
+        else:
+            keep = query_counts.topk(k).indices.tolist()
+            steps.append(Step("queries", str(k),
+                              lambda m, k=k, keep=keep: _fewer_learned(m, k, keep)))
+    for part, key in (("encoder", "enc_num_points"), ("decoder", "dec_num_points")):
+        for p in range(cfg[key] - 1, 0, -1):
+            arg = {f"{part[:3]}_points": p}
+            steps.append(Step(f"{part} points", str(p),
+                              lambda m, arg=arg: techniques.prune_points(m, usage=usage, **arg)))
+    steps.append(Step("precision", "bfloat16", techniques.to_bfloat16))
+    return steps
+
+
+def _fewer_learned(model, k: int, keep: list[int]):
+    # the kept indices refer to the original queries; a model already reduced keeps its own
+    if model.num_queries < max(keep) + 1:
+        keep = list(range(k))
+    return techniques.reduce_queries(model, k, keep)
+
+
+@dataclass
+class Search:
+    """State of one search: the validation set, the latency images, the budget."""
+    dataset: object
+    images: list
+    device: torch.device
+    max_ap_drop: float
+    deadline: float
+    rows: list = field(default_factory=list)
+
+    def measure(self, model, name: str, applied: list[str]) -> dict:
+        row = {"name": name, "applied": applied, **accuracy(model, self.dataset, self.device),
+               **latency(model, self.images, self.device)}
+        self.rows.append(row)
+        return row
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+def _score(row: dict, base: dict) -> float:
+    """Speed gained per AP lost (AP gains count as a tiny loss)."""
+    return (base["latency_ms"] - row["latency_ms"]) / max(base["AP"] - row["AP"], 1e-4)
+
+
+def run_search(model, search: Search, calib: list, progress: bool = True):
+    """Returns ``(chosen model, its row, every row measured)``."""
+    usage = calibrate.point_usage(model, calib)
+    counts = None if model.config["two_stage"] else calibrate.query_usage(model, calib)
+    steps = _steps(model, usage, counts)
+    bar = tqdm(total=2 * len(steps) + 1, desc="compress", disable=not progress)
+    base = search.measure(model, "original", [])
+    bar.update()
+    alone = []
+    for step in steps:
+        if search.out_of_time():
+            break
+        row = search.measure(step.apply(model), f"{step.technique} {step.setting}",
+                             [f"{step.technique} {step.setting}"])
+        alone.append((step, row))
+        bar.update()
+    within = [(s, r) for s, r in alone if base["AP"] - r["AP"] <= search.max_ap_drop
+              and r["latency_ms"] < base["latency_ms"]]
+    within.sort(key=lambda sr: -_score(sr[1], base))
+    current, current_row, used = model, base, set()
+    for step, alone_row in within:
+        if search.out_of_time():
+            break
+        bar.update()
+        if step.technique in used:
+            continue
+        trial = step.apply(current)
+        applied = current_row["applied"] + [f"{step.technique} {step.setting}"]
+        # on the original model a step is what was measured alone
+        row = alone_row if current is model else search.measure(trial, " + ".join(applied),
+                                                                 applied)
+        if base["AP"] - row["AP"] <= search.max_ap_drop and \
+                row["latency_ms"] < current_row["latency_ms"]:
+            current, current_row = trial, row
+            used.add(step.technique)
+    bar.close()
+    return current, current_row, search.rows

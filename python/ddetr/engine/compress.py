@@ -1,0 +1,49 @@
+"""``ddetr compress``: a ``ddetr train`` checkpoint in, a faster detector out (a
+checkpoint file that ``ddetr eval`` and ``ddetr predict`` load at the sizes the original
+was trained at, a ``save_pretrained`` directory, and the search's report)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ddetr.compress import compress, write_report
+from ddetr.engine.distributed import pick_device
+from ddetr.engine.evaluate import validation_dataset
+from ddetr.engine.predict import load_detector
+
+
+def save_detector(model, state: dict, path: str) -> None:
+    """A checkpoint holding ``model`` with the config entries of the checkpoint it came
+    from (``state['config']``: training settings, categories), and what was applied."""
+    config = dict(state.get("config") or {})
+    config["model"] = model.config
+    config["compression"] = list(model.compression)
+    tmp = path + ".tmp"
+    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "config": config, "epoch": state.get("epoch", -1)}, tmp)
+    os.replace(tmp, path)
+
+
+def compress_checkpoint(path: str, output_dir: str, max_ap_drop: float = 0.01,
+                        coco_path=None, val_images=None, val_annotations=None, cache_dir=None,
+                        device: str = "auto", calib_images: int = 16, time_budget: float = 10.0,
+                        latency_images: int = 20, progress: bool = True,
+                        trust_pickle: bool = False) -> dict:
+    """Compresses checkpoint ``path`` on its validation set (see ``evaluate_checkpoint``
+    for how the set is found); writes ``output_dir/checkpoint.pth``, ``output_dir/model/``
+    (save_pretrained), ``report.json`` and ``report.png``; returns the report."""
+    from ddetr.engine.checkpoint import read_checkpoint
+    dev = pick_device(device)
+    detector = load_detector(path, dev, trust_pickle)
+    dataset = validation_dataset(detector, path, coco_path, val_images, val_annotations,
+                                 cache_dir)
+    model, report = compress(detector.model, dataset, max_ap_drop, calib_images, dev,
+                             time_budget, latency_images, progress)
+    os.makedirs(output_dir, exist_ok=True)
+    save_detector(model, read_checkpoint(path, trust_pickle), os.path.join(output_dir,
+                                                                           "checkpoint.pth"))
+    model.save_pretrained(os.path.join(output_dir, "model"))
+    report["files"] = list(write_report(report, output_dir))
+    return report

@@ -1,0 +1,74 @@
+"""``ddetr compress`` end to end on a tiny trained checkpoint: the report, the chosen
+model within the AP budget, and what it writes loads in ddetr eval / predict."""
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from ddetr import DeformableDetr, cli, compress
+from ddetr.engine.predict import load_detector
+from tests.engine.tiny import cli_flags, make_data
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("compress")
+    make_data(tmp_path / "cache")
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["train", *cli_flags(tmp_path), "--epochs", "1", "--output_dir",
+                         str(out), "--synthetic_train", "8"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(["compress", "--checkpoint", str(out / "checkpoint.pth"),
+                         "--output_dir", str(tmp_path / "small"), "--max_ap_drop", "0.05",
+                         "--calib_images", "2", "--latency_images", "2", "--no-progress",
+                         "--cache_dir", str(tmp_path / "cache")])
+    assert code == 0
+    return tmp_path, out, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_report_lists_every_candidate_and_the_choice(compressed):
+    tmp_path, _, printed = compressed
+    report = json.loads((tmp_path / "small" / "report.json").read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names[0] == "original" and "precision bfloat16" in names
+    assert any(n.startswith("decoder layers") for n in names)
+    assert report["ap_drop"] <= 0.05 + 1e-9
+    assert report["chosen"]["latency_ms"] <= report["original"]["latency_ms"]
+    assert "chosen:" in printed and (tmp_path / "small" / "report.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_what_it_writes_loads_with_the_chosen_settings(compressed):
+    tmp_path, _, _ = compressed
+    report = json.loads((tmp_path / "small" / "report.json").read_text())
+    detector = load_detector(str(tmp_path / "small" / "checkpoint.pth"))
+    assert detector.model.compression == report["applied"]
+    pretrained = DeformableDetr.from_pretrained(tmp_path / "small" / "model").eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = detector.model(x), pretrained(x)
+    assert torch.equal(a["pred_boxes"], b["pred_boxes"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["eval", "--checkpoint", str(tmp_path / "small" / "checkpoint.pth"),
+                         "--num_workers", "0", "--no-progress",
+                         "--cache_dir", str(tmp_path / "cache")]) == 0
+
+
+@pytest.mark.parametrize("kwargs, name", [({"max_ap_drop": -0.1}, "max_ap_drop"),
+                                          ({"calib_images": 0}, "calib_images"),
+                                          ({"time_budget": 0}, "time_budget")])
+def test_bad_arguments_named(kwargs, name):
+    from tests.models.detr_cases import tiny_model
+    with pytest.raises(ValueError, match=name):
+        compress.compress(tiny_model(), [], **kwargs)
+
+
+def test_not_a_detector_is_refused():
+    with pytest.raises(ValueError, match="model"):
+        compress.compress(torch.nn.Linear(2, 2), [])
