@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common beside
 import torch  # noqa: E402
 
 import ddetr  # noqa: E402
-from ddetr import _ext  # noqa: E402
+from ddetr._native import loader  # noqa: E402
 from ddetr.ops.blas import blas_available  # noqa: E402
 from _common import device_name, extension_built, git, write_result  # noqa: E402
 
@@ -64,7 +64,7 @@ class Workspace:
     """The bf16 GEMM's scratch: a 64-byte aligned pointer into a float tensor."""
 
     def __init__(self):
-        self.bytes = _ext._C.gemm_workspace_bytes("bfloat16")
+        self.bytes = loader._C.gemm_workspace_bytes("bfloat16")
         self.buf = torch.empty(self.bytes // 4 + 16)
         self.ptr = (self.buf.data_ptr() + 63) // 64 * 64
 
@@ -82,13 +82,13 @@ def make_calls(s: dict, ws: Workspace, threads: int) -> dict:
     op_b = b.t() if tb else b
 
     def native(kernel):
-        return lambda: _ext._C.gemm(
+        return lambda: loader._C.gemm(
             "bfloat16", ta, tb, m, n, k, a.data_ptr(), a.shape[1], b.data_ptr(), b.shape[1],
             0.0, c.data_ptr(), n, 0, False, threads, c_dtype=str(c_dtype)[6:],
             workspace=ws.ptr, workspace_bytes=ws.bytes, kernel=kernel)
 
     def sgemm():
-        _ext._C.gemm("float32", ta, tb, m, n, k, a32.data_ptr(), a32.shape[1], b32.data_ptr(),
+        loader._C.gemm("float32", ta, tb, m, n, k, a32.data_ptr(), a32.shape[1], b32.data_ptr(),
                      b32.shape[1], 0.0, c32.data_ptr(), n, 0, False, threads)
 
     return {"avx512": native("avx512"), "widen": native("widen"),
@@ -115,7 +115,7 @@ def measure(s: dict, impls, ws: Workspace, args) -> dict:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     impls = list(args.impls)
-    if not _ext._C.gemm_bf16_avx512_supported() and "avx512" in impls:
+    if not loader._C.gemm_bf16_avx512_supported() and "avx512" in impls:
         print("this CPU lacks AVX512-BF16: no avx512 column", file=sys.stderr)
         impls.remove("avx512")
     if not blas_available():
@@ -128,7 +128,7 @@ def run(args) -> dict:
             "build_info": ddetr.build_info(), "git_commit": git("rev-parse", "HEAD"),
             "extension_built": extension_built(), "threads": args.threads,
             "loadavg": os.getloadavg(), "repeats": args.repeats, "warmup": args.warmup,
-            "impls": impls, "bf16_default_kernel": _ext._C.gemm_bf16_kernel(),
+            "impls": impls, "bf16_default_kernel": loader._C.gemm_bf16_kernel(),
             "argv": sys.argv[1:]}
     return {"meta": meta, "results": rows}
 
@@ -153,7 +153,7 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if not _ext.available():
+    if not loader.available():
         sys.exit("the ddetr extension is not built")
     result = run(args)
     print_table(result)

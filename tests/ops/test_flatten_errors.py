@@ -108,8 +108,8 @@ def test_reference_points_bad_argument(name):
 
 
 def test_native_rechecks_pointers_and_sizes():
-    from ddetr import _ext
-    C = _ext._C
+    from ddetr._native import loader
+    C = loader._C
     levels = [(2, 2), (1, 1)]
     with pytest.raises(ValueError, match="features: 1 pointers for a pyramid of 2 levels"):
         C.flatten_forward("float32", "cpu", -1, 1, 4, levels, [8], [], [8, 8], 0, 8, 8, 8, 8,
@@ -136,9 +136,9 @@ def test_native_rechecks_pointers_and_sizes():
 def test_cuda_without_cuda_build_is_a_clear_error():
     if ddetr.build_info()["cuda"]:
         pytest.skip("this build has CUDA kernels; covered by the CUDA tests on a GPU")
-    from ddetr import _ext
+    from ddetr._native import loader
     with pytest.raises(RuntimeError, match="built without CUDA"):
-        _ext._C.flatten_forward("float32", "cuda", 0, 1, 4, [(1, 1)], [8], [], [8], 0, 8, 8, 8,
+        loader._C.flatten_forward("float32", "cuda", 0, 1, 4, [(1, 1)], [8], [], [8], 0, 8, 8, 8,
                                 8, 1, 0)
 
 

@@ -19,17 +19,17 @@ import sys
 import pytest
 import torch
 
-from ddetr import _ext
+from ddetr._native import loader
 from ddetr.ops.blas import blas_available
 
-pytestmark = pytest.mark.skipif(not _ext.available(), reason="native extension not built")
+pytestmark = pytest.mark.skipif(not loader.available(), reason="native extension not built")
 
 SIZES = (1, 2, 3, 15, 16, 17, 31, 33, 100, 257)
 TOL = 1e-5
 
 
 def _avx512_ok() -> bool:
-    return _ext.available() and _ext._C.gemm_bf16_avx512_supported()
+    return loader.available() and loader._C.gemm_bf16_avx512_supported()
 
 
 KERNELS = [
@@ -42,19 +42,19 @@ KERNELS = [
 
 class Workspace:
     def __init__(self):
-        self.bytes = _ext._C.gemm_workspace_bytes("bfloat16")
+        self.bytes = loader._C.gemm_workspace_bytes("bfloat16")
         self.buf = torch.empty(self.bytes // 4 + 16)
         self.ptr = (self.buf.data_ptr() + 63) // 64 * 64
 
 
-WS = Workspace() if _ext.available() else None
+WS = Workspace() if loader.available() else None
 
 
 def gemm(kernel, a, b, c, m, n, k, trans_a, trans_b, beta=0.0, bias=None, relu=False,
          threads=2):
     """c[:, :n] = act(op(a) op(b) + beta c + bias) in place; leading dimensions are the
     tensors' row lengths (which may exceed the rows used)."""
-    _ext._C.gemm("bfloat16", trans_a, trans_b, m, n, k, a.data_ptr(), a.shape[1],
+    loader._C.gemm("bfloat16", trans_a, trans_b, m, n, k, a.data_ptr(), a.shape[1],
                  b.data_ptr(), b.shape[1], beta, c.data_ptr(), c.shape[1],
                  0 if bias is None else bias.data_ptr(), relu, threads,
                  c_dtype="float32" if c.dtype == torch.float32 else "bfloat16",
@@ -152,7 +152,7 @@ def test_empty_k(kernel, c_float):
     c = torch.randn(5, 7).to(torch.float32 if c_float else torch.bfloat16)
     bias = torch.randn(7).bfloat16()
     out = c.clone()
-    _ext._C.gemm("bfloat16", False, True, 5, 7, 0, 0, 1, 0, 1, 1.0, out.data_ptr(), 7,
+    loader._C.gemm("bfloat16", False, True, 5, 7, 0, 0, 1, 0, 1, 1.0, out.data_ptr(), 7,
                  bias.data_ptr(), True, 2, c_dtype="float32" if c_float else "bfloat16",
                  workspace=WS.ptr, workspace_bytes=WS.bytes, kernel=kernel)
     want = (c.double() + bias.double()).clamp_min(0)
@@ -176,9 +176,9 @@ def test_avx512_independent_of_threads(dims):
 
 @pytest.mark.skipif(not _avx512_ok(), reason="this CPU lacks AVX512-BF16 (avx512_bf16)")
 def test_auto_is_avx512_and_env_forces_widen():
-    assert _ext._C.gemm_bf16_kernel() == ("widen" if os.environ.get("DDETR_BF16_GEMM") == "widen"
+    assert loader._C.gemm_bf16_kernel() == ("widen" if os.environ.get("DDETR_BF16_GEMM") == "widen"
                                           else "avx512")
-    code = "from ddetr import _ext; print(_ext._C.gemm_bf16_kernel())"
+    code = "from ddetr import loader; print(loader._C.gemm_bf16_kernel())"
     env = dict(os.environ, DDETR_BF16_GEMM="widen")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
@@ -193,7 +193,7 @@ def test_bad_arguments():
         args = dict(c_dtype="bfloat16", workspace=WS.ptr, workspace_bytes=WS.bytes,
                     kernel="auto")
         args.update(kw)
-        _ext._C.gemm("bfloat16", False, False, 4, 4, 4, a.data_ptr(), 4, a.data_ptr(), 4, 0.0,
+        loader._C.gemm("bfloat16", False, False, 4, 4, 4, a.data_ptr(), 4, a.data_ptr(), 4, 0.0,
                      c.data_ptr(), 4, 0, False, 1, **args)
 
     with pytest.raises(ValueError, match="workspace"):
@@ -205,11 +205,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="float32"):
         call(c_dtype="float64")
     with pytest.raises(ValueError, match="leading dimension"):
-        _ext._C.gemm("bfloat16", False, False, 4, 4, 4, a.data_ptr(), 3, a.data_ptr(), 4, 0.0,
+        loader._C.gemm("bfloat16", False, False, 4, 4, 4, a.data_ptr(), 3, a.data_ptr(), 4, 0.0,
                      c.data_ptr(), 4, 0, False, 1, c_dtype="bfloat16", workspace=WS.ptr,
                      workspace_bytes=WS.bytes)
     with pytest.raises(ValueError, match="same dtype"):
         f = torch.zeros(4, 4)
-        _ext._C.gemm("float32", False, False, 4, 4, 4, f.data_ptr(), 4, f.data_ptr(), 4, 0.0,
+        loader._C.gemm("float32", False, False, 4, 4, 4, f.data_ptr(), 4, f.data_ptr(), 4, 0.0,
                      f.data_ptr(), 4, 0, False, 1, c_dtype="bfloat16")
-    assert _ext._C.gemm_workspace_bytes("float32") == 0
+    assert loader._C.gemm_workspace_bytes("float32") == 0

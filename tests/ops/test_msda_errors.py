@@ -93,22 +93,22 @@ def test_cuda_tensor_without_cuda_runtime_is_a_clear_error():
     # native module refuses "cuda" with an actionable message when CUDA is not compiled in.
     if ddetr.build_info()["cuda"]:
         pytest.skip("this build has CUDA kernels; covered by the CUDA tests on a GPU")
-    from ddetr import _ext
+    from ddetr._native import loader
     with pytest.raises(RuntimeError, match="built without CUDA"):
-        _ext._C.msda_forward("float32", "cuda", 0, (1, 1, 1, 4, 1, 1, 1), [(1, 1, 0)],
+        loader._C.msda_forward("float32", "cuda", 0, (1, 1, 1, 4, 1, 1, 1), [(1, 1, 0)],
                              1, 1, 1, 1, 1, 0)
 
 
 def test_native_rechecks_sizes_and_null_pointers():
-    from ddetr import _ext
+    from ddetr._native import loader
     with pytest.raises(ValueError, match="value has 5 rows"):
-        _ext._C.msda_forward("float32", "cpu", -1, (1, 5, 1, 4, 1, 1, 1), [(2, 2, 0)],
+        loader._C.msda_forward("float32", "cpu", -1, (1, 5, 1, 4, 1, 1, 1), [(2, 2, 0)],
                              8, 8, 8, 8, 1, 0)
     with pytest.raises(ValueError, match="null pointer"):
-        _ext._C.msda_forward("float32", "cpu", -1, (1, 4, 1, 4, 1, 1, 1), [(2, 2, 0)],
+        loader._C.msda_forward("float32", "cpu", -1, (1, 4, 1, 4, 1, 1, 1), [(2, 2, 0)],
                              0, 8, 8, 8, 1, 0)
     with pytest.raises(ValueError, match="float16"):
-        _ext._C.msda_forward("float16", "cpu", -1, (1, 4, 1, 4, 1, 1, 1), [(2, 2, 0)],
+        loader._C.msda_forward("float16", "cpu", -1, (1, 4, 1, 4, 1, 1, 1), [(2, 2, 0)],
                              8, 8, 8, 8, 1, 0)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddetr._ext import _C
+from ddetr._native.loader import _C
 from ddetr._native.common import DTYPE_NAMES, device_of
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ddetr._ext import _C
+from ddetr._native.loader import _C
 from ddetr._native.common import DTYPE_NAMES, device_of, ptr, ptrs
 
 

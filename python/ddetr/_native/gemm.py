@@ -11,8 +11,8 @@ import os
 import torch
 from torch import Tensor
 
-from ddetr import _ext
-from ddetr._ext import _C
+from ddetr._native import loader
+from ddetr._native.loader import _C
 from ddetr._native.common import DTYPE_NAMES, ptr
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def blas_core() -> str:
 
 
 def _load_blas() -> bool:
-    if not _ext.available():
+    if not loader.available():
         return False
     if _C.blas_loaded():
         return True

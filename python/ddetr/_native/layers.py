@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ddetr import _ext
-from ddetr._ext import _C
+from ddetr._native import loader
+from ddetr._native.loader import _C
 from ddetr._native.common import DTYPE_NAMES, device_of, ptr, ptrs
 from ddetr._native.gemm import load_first
 
@@ -66,7 +66,7 @@ def cublas_available() -> bool:
 
 
 def _load_cublas() -> bool:
-    if not _ext.cuda_usable():
+    if not loader.cuda_usable():
         return False
     if _C.cublas_loaded():
         return True

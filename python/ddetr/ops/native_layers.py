@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddetr import _ext
+from ddetr import _native
 from ddetr._native import layers as native
 from ddetr._native.gemm import blas_available
 from ddetr._native.layers import LayerCall, cublas_available
@@ -59,7 +59,7 @@ PARAM_NAMES = (
 
 def library_ready(x: Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether the native layers can run on x's device in ``dtype`` (default x's)."""
-    if not _ext.available() or (dtype or x.dtype) not in LAYER_DTYPES:
+    if not _native.available() or (dtype or x.dtype) not in LAYER_DTYPES:
         return False
     if x.device.type == "cpu":
         return blas_available()

@@ -1,4 +1,6 @@
-"""Loads the native extension ``ddetr._C`` once; everything else asks here."""
+"""Loads the native extension ``ddetr._C`` once; everything else asks here (through
+``ddetr._native``, which re-exports what callers need): whether it imported, whether its
+CUDA kernels can run here, how it was built and where it is."""
 
 from __future__ import annotations
 
@@ -37,6 +39,18 @@ def cuda_built() -> bool:
 def _cuda_compiled(ext) -> bool:
     # asked once per extension object: the build does not change while it is loaded
     return bool(ext.build_info()["cuda"])
+
+
+def build_info() -> dict:
+    """How the extension was built (``_C.build_info()``: version, cuda, cuda_archs,
+    cuda_version, openmp, openmp_max_threads, cpu_arch_flags, max_levels); {} when it is
+    missing."""
+    return {} if _C is None else dict(_C.build_info())
+
+
+def extension_path() -> str | None:
+    """The file the extension was loaded from, or None when it is missing."""
+    return getattr(_C, "__file__", None)
 
 
 def warn_fallback(what: str) -> None:
