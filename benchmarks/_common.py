@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import ddetr
+from ddetr import _native
 from ddetr.ops import ms_deform_attn, ms_deform_attn_reference
 
 HEADS, HEAD_DIM, POINTS = 8, 32, 4
@@ -347,7 +348,7 @@ def extension_built() -> str | None:
     """When the installed extension was built: the commit alone does not say whether the
     installed package matches the checkout."""
     try:
-        path = ddetr._ext._C.__file__
+        path = _native.extension_path()
         return datetime.datetime.fromtimestamp(os.path.getmtime(path)).isoformat(
             timespec="seconds")
     except (AttributeError, OSError, TypeError):

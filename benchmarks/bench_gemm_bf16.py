@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common beside
 import torch  # noqa: E402
 
 import ddetr  # noqa: E402
-from ddetr import _ext  # noqa: E402
+from ddetr import _native  # noqa: E402
+from ddetr._native import gemm as native_gemm  # noqa: E402
 from ddetr.ops.blas import blas_available  # noqa: E402
 from _common import device_name, extension_built, git, write_result  # noqa: E402
 
@@ -60,16 +61,7 @@ def shapes(rows) -> list[dict]:
     return out
 
 
-class Workspace:
-    """The bf16 GEMM's scratch: a 64-byte aligned pointer into a float tensor."""
-
-    def __init__(self):
-        self.bytes = _ext._C.gemm_workspace_bytes("bfloat16")
-        self.buf = torch.empty(self.bytes // 4 + 16)
-        self.ptr = (self.buf.data_ptr() + 63) // 64 * 64
-
-
-def make_calls(s: dict, ws: Workspace, threads: int) -> dict:
+def make_calls(s: dict, ws: native_gemm.Workspace, threads: int) -> dict:
     """One zero-argument callable per implementation, on shared random operands."""
     g = torch.Generator().manual_seed(0)
     m, n, k, ta, tb = s["M"], s["N"], s["K"], s["trans_a"], s["trans_b"]
@@ -82,20 +74,19 @@ def make_calls(s: dict, ws: Workspace, threads: int) -> dict:
     op_b = b.t() if tb else b
 
     def native(kernel):
-        return lambda: _ext._C.gemm(
-            "bfloat16", ta, tb, m, n, k, a.data_ptr(), a.shape[1], b.data_ptr(), b.shape[1],
-            0.0, c.data_ptr(), n, 0, False, threads, c_dtype=str(c_dtype)[6:],
-            workspace=ws.ptr, workspace_bytes=ws.bytes, kernel=kernel)
+        return lambda: native_gemm.gemm_sizes(
+            a, b, c, m=m, n=n, k=k, lda=a.shape[1], ldb=b.shape[1], ldc=n, trans_a=ta,
+            trans_b=tb, threads=threads, kernel=kernel, workspace=ws)
 
     def sgemm():
-        _ext._C.gemm("float32", ta, tb, m, n, k, a32.data_ptr(), a32.shape[1], b32.data_ptr(),
-                     b32.shape[1], 0.0, c32.data_ptr(), n, 0, False, threads)
+        native_gemm.gemm_sizes(a32, b32, c32, m=m, n=n, k=k, lda=a32.shape[1],
+                               ldb=b32.shape[1], ldc=n, trans_a=ta, trans_b=tb, threads=threads)
 
     return {"avx512": native("avx512"), "widen": native("widen"),
             "torch": lambda: torch.matmul(op_a, op_b), "sgemm": sgemm}
 
 
-def measure(s: dict, impls, ws: Workspace, args) -> dict:
+def measure(s: dict, impls, ws: native_gemm.Workspace, args) -> dict:
     calls = make_calls(s, ws, args.threads)
     times = {name: [] for name in impls}
     for r in range(args.warmup + args.repeats):
@@ -115,20 +106,20 @@ def measure(s: dict, impls, ws: Workspace, args) -> dict:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     impls = list(args.impls)
-    if not _ext._C.gemm_bf16_avx512_supported() and "avx512" in impls:
+    if not native_gemm.bf16_avx512_supported() and "avx512" in impls:
         print("this CPU lacks AVX512-BF16: no avx512 column", file=sys.stderr)
         impls.remove("avx512")
     if not blas_available():
         print("OpenBLAS not loaded: no widen / sgemm columns", file=sys.stderr)
         impls = [i for i in impls if i not in ("widen", "sgemm")]
-    ws = Workspace()
+    ws = native_gemm.Workspace()
     rows = [{**s, **measure(s, impls, ws, args)} for s in shapes(args.rows)]
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "device_name": device_name("cpu"), "torch": torch.__version__,
             "build_info": ddetr.build_info(), "git_commit": git("rev-parse", "HEAD"),
             "extension_built": extension_built(), "threads": args.threads,
             "loadavg": os.getloadavg(), "repeats": args.repeats, "warmup": args.warmup,
-            "impls": impls, "bf16_default_kernel": _ext._C.gemm_bf16_kernel(),
+            "impls": impls, "bf16_default_kernel": native_gemm.bf16_kernel(),
             "argv": sys.argv[1:]}
     return {"meta": meta, "results": rows}
 
@@ -153,7 +144,7 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if not _ext.available():
+    if not _native.available():
         sys.exit("the ddetr extension is not built")
     result = run(args)
     print_table(result)

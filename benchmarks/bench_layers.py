@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import ddetr  # noqa: E402
+from ddetr._native import storage_id  # noqa: E402
 from ddetr.models.transformer_layers import (DeformableTransformerDecoderLayer,  # noqa: E402
                                              DeformableTransformerEncoderLayer)
 from ddetr.ops import encoder_reference_points, ms_deform_attn  # noqa: E402
@@ -137,13 +138,12 @@ def eager_layer(layer, *inputs):
 
 def saved_bytes(fn, params) -> int:
     """Bytes of the distinct non-parameter tensors autograd saves while ``fn`` runs."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
+    skip = {storage_id(p) for p in params}
     seen: dict[int, int] = {}
 
     def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
+        if storage_id(t) not in skip:
+            seen[storage_id(t)] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

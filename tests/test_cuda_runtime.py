@@ -5,16 +5,16 @@ import warnings
 import pytest
 import torch
 
-from ddetr import _ext
+from ddetr._native import loader
 
 KEYS = {"built", "driver_version", "runtime_version", "device_count", "error",
         "insufficient_driver", "usable"}
 
 
 def _status():
-    if not _ext.available():
-        pytest.skip(f"the native extension is not built ({_ext.IMPORT_ERROR})")
-    status = _ext.cuda_runtime_status()
+    if not loader.available():
+        pytest.skip(f"the native extension is not built ({loader.IMPORT_ERROR})")
+    status = loader.cuda_runtime_status()
     if status is None:
         pytest.skip("the installed extension predates cuda_runtime_status: rebuild it")
     return status
@@ -23,7 +23,7 @@ def _status():
 def test_status_reports_this_machine_without_raising():
     status = _status()
     assert set(status) == KEYS
-    assert status["built"] is _ext.cuda_built()
+    assert status["built"] is loader.cuda_built()
     for key in ("driver_version", "runtime_version", "device_count"):
         assert isinstance(status[key], int) and status[key] >= 0
     assert isinstance(status["error"], str) and status["error"]
@@ -41,13 +41,13 @@ def test_status_reports_this_machine_without_raising():
 def fake_machine(monkeypatch):
     """cuda_usable() undecided, CUDA built in, torch seeing a GPU; returns a setter for
     the status the native runtime reports (counting the queries)."""
-    monkeypatch.setattr(_ext, "_cuda_state", None)
-    monkeypatch.setattr(_ext, "cuda_built", lambda: True)
+    monkeypatch.setattr(loader, "_cuda_state", None)
+    monkeypatch.setattr(loader, "cuda_built", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     queries = []
 
     def report(status):
-        monkeypatch.setattr(_ext, "cuda_runtime_status",
+        monkeypatch.setattr(loader, "cuda_runtime_status",
                             lambda: queries.append(status) or dict(status))
         return queries
 
@@ -63,7 +63,7 @@ def test_an_old_driver_turns_cuda_off_with_one_warning(fake_machine):
     queries = fake_machine(OLD_DRIVER)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert [_ext.cuda_usable() for _ in range(3)] == [False] * 3
+        assert [loader.cuda_usable() for _ in range(3)] == [False] * 3
     assert len(queries) == 1
     assert len(caught) == 1 and caught[0].category is RuntimeWarning
     message = str(caught[0].message)
@@ -77,7 +77,7 @@ def test_another_runtime_failure_names_its_error(fake_machine):
     fake_machine({**OLD_DRIVER, "driver_version": 13000, "error": "cudaErrorNoDevice",
                   "insufficient_driver": False})
     with pytest.warns(RuntimeWarning, match="cudaErrorNoDevice"):
-        assert not _ext.cuda_usable()
+        assert not loader.cuda_usable()
 
 
 def test_a_working_runtime_keeps_cuda_on_silently(fake_machine):
@@ -86,14 +86,14 @@ def test_a_working_runtime_keeps_cuda_on_silently(fake_machine):
                             "usable": True})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _ext.cuda_usable() and _ext.cuda_usable()
+        assert loader.cuda_usable() and loader.cuda_usable()
     assert len(queries) == 1
 
 
 def test_an_extension_that_cannot_ask_keeps_cuda_on(fake_machine, monkeypatch):
     fake_machine(OLD_DRIVER)
-    monkeypatch.setattr(_ext, "cuda_runtime_status", lambda: None)
-    assert _ext.cuda_usable()
+    monkeypatch.setattr(loader, "cuda_runtime_status", lambda: None)
+    assert loader.cuda_usable()
 
 
 def test_no_gpu_or_no_cuda_build_never_asks_the_runtime(fake_machine, monkeypatch):
@@ -101,9 +101,9 @@ def test_no_gpu_or_no_cuda_build_never_asks_the_runtime(fake_machine, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not _ext.cuda_usable()
-        monkeypatch.setattr(_ext, "_cuda_state", None)
-        monkeypatch.setattr(_ext, "cuda_built", lambda: False)
+        assert not loader.cuda_usable()
+        monkeypatch.setattr(loader, "_cuda_state", None)
+        monkeypatch.setattr(loader, "cuda_built", lambda: False)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        assert not _ext.cuda_usable()
+        assert not loader.cuda_usable()
     assert queries == []

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from ddetr import _ext
+from ddetr import _native
 
-pytestmark = pytest.mark.skipif(not _ext.available(), reason="native extension not built")
+pytestmark = pytest.mark.skipif(not _native.available(), reason="native extension not built")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # about 5x the slowest family's time on 2 cores

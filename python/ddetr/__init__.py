@@ -6,7 +6,7 @@ from importlib.metadata import PackageNotFoundError, version as _dist_version
 
 import torch
 
-from ddetr import _ext
+from ddetr import _native
 from ddetr.models.deformable_detr import DeformableDetr
 from ddetr.models.ms_deform_attn import MSDeformAttn
 
@@ -30,13 +30,13 @@ def build_info() -> dict:
     """
     from ddetr.ops.blas import blas_core
 
-    info = {"version": __version__, "native": _ext.available()}
-    if _ext.available():
-        info.update(_ext._C.build_info())
+    info = {"version": __version__, "native": _native.available()}
+    if _native.available():
+        info.update(_native.build_info())
         info["version"] = __version__
     else:
         info.update(cuda=False, cuda_archs="", cuda_version="", openmp=False,
-                    import_error=str(_ext.IMPORT_ERROR))
+                    import_error=str(_native.IMPORT_ERROR))
     info["threads"] = torch.get_num_threads()
     info["blas"] = blas_core()
     return info

@@ -200,18 +200,18 @@ def test_empty_batch(device):
 
 
 def test_falls_back_to_the_reference_with_a_warning(monkeypatch):
-    from ddetr import _ext
+    from ddetr._native import loader
     inputs = make_pyramid(CASES[3], torch.float64)
     want, want_grads, grads = run(flatten_multiscale_reference, inputs)
-    monkeypatch.setattr(_ext, "_C", None)
-    monkeypatch.setattr(_ext, "_warned", False)
+    monkeypatch.setattr(loader, "_C", None)
+    monkeypatch.setattr(loader, "_warned", False)
     with pytest.warns(RuntimeWarning, match="pure-PyTorch reference"):
         got, got_grads, _ = run(flatten_multiscale, inputs, grads)
     assert_same(got, want, "cpu")
     for a, b in zip([*got_grads[0], *got_grads[1], got_grads[2]],
                     [*want_grads[0], *want_grads[1], want_grads[2]]):
         assert torch.equal(a, b)
-    monkeypatch.setattr(_ext, "_warned", False)
+    monkeypatch.setattr(loader, "_warned", False)
     with pytest.warns(RuntimeWarning, match="pure-PyTorch reference"):
         points = encoder_reference_points(want.spatial_shapes, want.valid_ratios)
     assert torch.equal(points, encoder_reference_points_reference(want.spatial_shapes,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ddetr
+from ddetr import _native
 from ddetr.ops import encoder_reference_points, flatten_multiscale
 from tests.ops.flatten_cases import Pyramid, make_pyramid
 
@@ -107,39 +108,50 @@ def test_reference_points_bad_argument(name):
         encoder_reference_points(*change(out.spatial_shapes, out.valid_ratios))
 
 
+def _raw_call(dtype="float32", kind="cpu", levels=((2, 2), (1, 1)), **fields):
+    """A FlattenCall of N = 1, C = 4 on these levels with the given pointer fields, built
+    field by field with no Python check: what the native re-checks see."""
+    device = _native.struct("Device", kind=kind, index=0 if kind == "cuda" else -1, stream=0,
+                            threads=1)
+    return _native.struct("FlattenCall", dtype=dtype, device=device, N=1, C=4,
+                          levels=[_native.struct("LevelSize", H=h, W=w) for h, w in levels],
+                          **fields)
+
+
+def _forward(features=(8, 8), pos_embeds=(8, 8), **call):
+    return _raw_call(features=list(features), masks=[], pos_embeds=list(pos_embeds),
+                     level_embed=0, src=8, pos=8, mask=8, valid_ratios=8, **call)
+
+
 def test_native_rechecks_pointers_and_sizes():
-    from ddetr import _ext
-    C = _ext._C
-    levels = [(2, 2), (1, 1)]
     with pytest.raises(ValueError, match="features: 1 pointers for a pyramid of 2 levels"):
-        C.flatten_forward("float32", "cpu", -1, 1, 4, levels, [8], [], [8, 8], 0, 8, 8, 8, 8,
-                          1, 0)
+        _native.call_entry("flatten_forward", _forward(features=[8]))
     with pytest.raises(ValueError, match=r"pos_embeds\[1\] is a null pointer"):
-        C.flatten_forward("float32", "cpu", -1, 1, 4, levels, [8, 8], [], [8, 0], 0, 8, 8, 8,
-                          8, 1, 0)
+        _native.call_entry("flatten_forward", _forward(pos_embeds=[8, 0]))
     with pytest.raises(ValueError, match="level 1 has size"):
-        C.flatten_forward("float32", "cpu", -1, 1, 4, [(2, 2), (0, 1)], [8, 8], [], [8, 8], 0,
-                          8, 8, 8, 8, 1, 0)
+        _native.call_entry("flatten_forward", _forward(levels=[(2, 2), (0, 1)]))
     with pytest.raises(ValueError, match="float16"):
-        C.flatten_forward("float16", "cpu", -1, 1, 4, levels, [8, 8], [], [8, 8], 0, 8, 8, 8,
-                          8, 1, 0)
+        _native.call_entry("flatten_forward", _forward(dtype="float16"))
     with pytest.raises(ValueError, match="workspace: 8 bytes"):
-        C.flatten_backward("float32", "cpu", -1, 1, 4, levels, 8, 8, [], [], 8, 8, 8, 1, 0)
+        _native.call_entry("flatten_backward", _raw_call(
+            grad_src=8, grad_pos=8, grad_features=[], grad_pos_embeds=[], grad_level_embed=8,
+            workspace=8, workspace_bytes=8))
     with pytest.raises(ValueError, match="grad_pos is a null pointer"):
-        C.flatten_backward("float32", "cpu", -1, 1, 4, levels, 8, 0, [], [8, 8], 0, 0, 0, 1,
-                           0)
+        _native.call_entry("flatten_backward", _raw_call(
+            grad_src=8, grad_pos=0, grad_features=[], grad_pos_embeds=[8, 8],
+            grad_level_embed=0, workspace=0, workspace_bytes=0))
     with pytest.raises(ValueError, match="float32 or float64"):
-        C.encoder_reference_points("bfloat16", "cpu", -1, 1, levels, 8, 8, 1, 0)
+        _native.call_entry("encoder_reference_points", _raw_call(
+            dtype="bfloat16", valid_ratios=8, reference_points=8))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_cuda_without_cuda_build_is_a_clear_error():
     if ddetr.build_info()["cuda"]:
         pytest.skip("this build has CUDA kernels; covered by the CUDA tests on a GPU")
-    from ddetr import _ext
     with pytest.raises(RuntimeError, match="built without CUDA"):
-        _ext._C.flatten_forward("float32", "cuda", 0, 1, 4, [(1, 1)], [8], [], [8], 0, 8, 8, 8,
-                                8, 1, 0)
+        _native.call_entry("flatten_forward", _forward(kind="cuda", levels=[(1, 1)],
+                                                       features=[8], pos_embeds=[8]))
 
 
 @pytest.mark.cuda

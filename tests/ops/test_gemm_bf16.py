@@ -1,5 +1,5 @@
-"""The native bfloat16 GEMM (ddetr/blas.h gemm_bf16, through _C.gemm with dtype
-"bfloat16"), both implementations: the AVX512-BF16 kernel and the widening fallback
+"""The native bfloat16 GEMM (ddetr/blas.h gemm_bf16, through ddetr._native.gemm.gemm_sizes
+with bfloat16 operands), both implementations: the AVX512-BF16 kernel and the widening fallback
 (bf16 widened to float, OpenBLAS sgemm), against float64 matmul of the same bf16 values.
 
 Tolerances. The sums are float, so a float C may differ from the float64 result by the
@@ -19,17 +19,18 @@ import sys
 import pytest
 import torch
 
-from ddetr import _ext
+from ddetr import _native
+from ddetr._native import gemm as native_gemm
 from ddetr.ops.blas import blas_available
 
-pytestmark = pytest.mark.skipif(not _ext.available(), reason="native extension not built")
+pytestmark = pytest.mark.skipif(not _native.available(), reason="native extension not built")
 
 SIZES = (1, 2, 3, 15, 16, 17, 31, 33, 100, 257)
 TOL = 1e-5
 
 
 def _avx512_ok() -> bool:
-    return _ext.available() and _ext._C.gemm_bf16_avx512_supported()
+    return _native.available() and native_gemm.bf16_avx512_supported()
 
 
 KERNELS = [
@@ -40,25 +41,16 @@ KERNELS = [
 ]
 
 
-class Workspace:
-    def __init__(self):
-        self.bytes = _ext._C.gemm_workspace_bytes("bfloat16")
-        self.buf = torch.empty(self.bytes // 4 + 16)
-        self.ptr = (self.buf.data_ptr() + 63) // 64 * 64
-
-
-WS = Workspace() if _ext.available() else None
+WS = native_gemm.Workspace() if _native.available() else None
 
 
 def gemm(kernel, a, b, c, m, n, k, trans_a, trans_b, beta=0.0, bias=None, relu=False,
          threads=2):
     """c[:, :n] = act(op(a) op(b) + beta c + bias) in place; leading dimensions are the
     tensors' row lengths (which may exceed the rows used)."""
-    _ext._C.gemm("bfloat16", trans_a, trans_b, m, n, k, a.data_ptr(), a.shape[1],
-                 b.data_ptr(), b.shape[1], beta, c.data_ptr(), c.shape[1],
-                 0 if bias is None else bias.data_ptr(), relu, threads,
-                 c_dtype="float32" if c.dtype == torch.float32 else "bfloat16",
-                 workspace=WS.ptr, workspace_bytes=WS.bytes, kernel=kernel)
+    native_gemm.gemm_sizes(a, b, c, m=m, n=n, k=k, lda=a.shape[1], ldb=b.shape[1],
+                           ldc=c.shape[1], trans_a=trans_a, trans_b=trans_b, beta=beta,
+                           bias=bias, relu=relu, threads=threads, kernel=kernel, workspace=WS)
 
 
 def make_case(m, n, k, trans_a, trans_b, beta, bias, relu, c_float, pad, seed):
@@ -152,9 +144,9 @@ def test_empty_k(kernel, c_float):
     c = torch.randn(5, 7).to(torch.float32 if c_float else torch.bfloat16)
     bias = torch.randn(7).bfloat16()
     out = c.clone()
-    _ext._C.gemm("bfloat16", False, True, 5, 7, 0, 0, 1, 0, 1, 1.0, out.data_ptr(), 7,
-                 bias.data_ptr(), True, 2, c_dtype="float32" if c_float else "bfloat16",
-                 workspace=WS.ptr, workspace_bytes=WS.bytes, kernel=kernel)
+    native_gemm.gemm_sizes(None, None, out, m=5, n=7, k=0, lda=1, ldb=1, ldc=7, trans_b=True,
+                           beta=1.0, bias=bias, relu=True, threads=2, dtype=torch.bfloat16,
+                           kernel=kernel, workspace=WS)
     want = (c.double() + bias.double()).clamp_min(0)
     if c_float:
         assert torch.allclose(out.double(), want, rtol=1e-6, atol=1e-6)
@@ -176,9 +168,9 @@ def test_avx512_independent_of_threads(dims):
 
 @pytest.mark.skipif(not _avx512_ok(), reason="this CPU lacks AVX512-BF16 (avx512_bf16)")
 def test_auto_is_avx512_and_env_forces_widen():
-    assert _ext._C.gemm_bf16_kernel() == ("widen" if os.environ.get("DDETR_BF16_GEMM") == "widen"
-                                          else "avx512")
-    code = "from ddetr import _ext; print(_ext._C.gemm_bf16_kernel())"
+    assert native_gemm.bf16_kernel() == ("widen" if os.environ.get("DDETR_BF16_GEMM") == "widen"
+                                         else "avx512")
+    code = "from ddetr._native import gemm; print(gemm.bf16_kernel())"
     env = dict(os.environ, DDETR_BF16_GEMM="widen")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
@@ -190,26 +182,23 @@ def test_bad_arguments():
     c = torch.zeros(4, 4, dtype=torch.bfloat16)
 
     def call(**kw):
-        args = dict(c_dtype="bfloat16", workspace=WS.ptr, workspace_bytes=WS.bytes,
-                    kernel="auto")
+        args = dict(m=4, n=4, k=4, lda=4, ldb=4, ldc=4, threads=1, c_dtype=torch.bfloat16,
+                    workspace=WS, kernel="auto")
         args.update(kw)
-        _ext._C.gemm("bfloat16", False, False, 4, 4, 4, a.data_ptr(), 4, a.data_ptr(), 4, 0.0,
-                     c.data_ptr(), 4, 0, False, 1, **args)
+        native_gemm.gemm_sizes(a, a, c, **args)
 
     with pytest.raises(ValueError, match="workspace"):
-        call(workspace_bytes=1024)
+        call(workspace=native_gemm.Workspace(1024))
     with pytest.raises(ValueError, match="workspace"):
-        call(workspace=0)
+        call(workspace=None)
     with pytest.raises(ValueError, match="kernel"):
         call(kernel="fast")
     with pytest.raises(ValueError, match="float32"):
-        call(c_dtype="float64")
+        call(c_dtype=torch.float64)
     with pytest.raises(ValueError, match="leading dimension"):
-        _ext._C.gemm("bfloat16", False, False, 4, 4, 4, a.data_ptr(), 3, a.data_ptr(), 4, 0.0,
-                     c.data_ptr(), 4, 0, False, 1, c_dtype="bfloat16", workspace=WS.ptr,
-                     workspace_bytes=WS.bytes)
+        call(lda=3)
     with pytest.raises(ValueError, match="same dtype"):
         f = torch.zeros(4, 4)
-        _ext._C.gemm("float32", False, False, 4, 4, 4, f.data_ptr(), 4, f.data_ptr(), 4, 0.0,
-                     f.data_ptr(), 4, 0, False, 1, c_dtype="bfloat16")
-    assert _ext._C.gemm_workspace_bytes("float32") == 0
+        native_gemm.gemm_sizes(f, f, f, m=4, n=4, k=4, lda=4, ldb=4, ldc=4, threads=1,
+                               c_dtype=torch.bfloat16)
+    assert native_gemm.workspace_bytes(torch.float32) == 0

@@ -228,18 +228,18 @@ def test_mixed_dtypes_keep_value_dtype_and_input_grads():
 
 
 def test_falls_back_to_the_reference_with_a_warning(monkeypatch):
-    from ddetr import _ext
+    from ddetr._native import loader
     inputs = make_inputs(CASES[4], torch.float64)
     want, want_grads, g = run(ms_deform_attn_reference, inputs)
-    monkeypatch.setattr(_ext, "_C", None)
-    monkeypatch.setattr(_ext, "_warned", False)
+    monkeypatch.setattr(loader, "_C", None)
+    monkeypatch.setattr(loader, "_warned", False)
     with pytest.warns(RuntimeWarning, match="pure-PyTorch reference"):
         out, grads, _ = run(ms_deform_attn, inputs, g)
     torch.testing.assert_close(out, want)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b)
     with pytest.warns(RuntimeWarning, match="pure-PyTorch reference"):
-        monkeypatch.setattr(_ext, "_warned", False)
+        monkeypatch.setattr(loader, "_warned", False)
         out, grads, _ = run(lambda *a: MSDeformAttnFunction.apply(*a, 64), inputs, g)
     torch.testing.assert_close(out, want)
     for a, b in zip(grads, want_grads):

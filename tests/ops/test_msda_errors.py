@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ddetr
+from ddetr import _native
 from ddetr.ops import ms_deform_attn
 from tests.ops.msda_cases import CASES, make_inputs
 
@@ -87,29 +88,34 @@ def test_too_many_levels():
         ms_deform_attn(value, shapes, None, loc, attn)
 
 
+def _raw_call(dtype="float32", kind="cpu", S=4, value=8, levels=((2, 2, 0),)):
+    """An MsdaCall for one 2x2 level, N = M = Lq = L = P = 1, D = 4, built field by field
+    with no Python check: what the native re-checks see."""
+    device = _native.struct("Device", kind=kind, index=0 if kind == "cuda" else -1, stream=0,
+                            threads=1)
+    return _native.struct(
+        "MsdaCall", dtype=dtype, device=device, N=1, S=S, M=1, D=4, Lq=1, L=len(levels), P=1,
+        levels=[_native.struct("Level", H=h, W=w, start=start) for h, w, start in levels],
+        value=value, sampling_locations=8, attention_weights=8, output=8)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_cuda_tensor_without_cuda_runtime_is_a_clear_error():
     # Without a GPU a CUDA tensor cannot even be created; what we can check is that the
     # native module refuses "cuda" with an actionable message when CUDA is not compiled in.
     if ddetr.build_info()["cuda"]:
         pytest.skip("this build has CUDA kernels; covered by the CUDA tests on a GPU")
-    from ddetr import _ext
     with pytest.raises(RuntimeError, match="built without CUDA"):
-        _ext._C.msda_forward("float32", "cuda", 0, (1, 1, 1, 4, 1, 1, 1), [(1, 1, 0)],
-                             1, 1, 1, 1, 1, 0)
+        _native.call_entry("msda_forward", _raw_call(kind="cuda", S=1, levels=((1, 1, 0),)))
 
 
 def test_native_rechecks_sizes_and_null_pointers():
-    from ddetr import _ext
     with pytest.raises(ValueError, match="value has 5 rows"):
-        _ext._C.msda_forward("float32", "cpu", -1, (1, 5, 1, 4, 1, 1, 1), [(2, 2, 0)],
-                             8, 8, 8, 8, 1, 0)
+        _native.call_entry("msda_forward", _raw_call(S=5))
     with pytest.raises(ValueError, match="null pointer"):
-        _ext._C.msda_forward("float32", "cpu", -1, (1, 4, 1, 4, 1, 1, 1), [(2, 2, 0)],
-                             0, 8, 8, 8, 1, 0)
+        _native.call_entry("msda_forward", _raw_call(value=0))
     with pytest.raises(ValueError, match="float16"):
-        _ext._C.msda_forward("float16", "cpu", -1, (1, 4, 1, 4, 1, 1, 1), [(2, 2, 0)],
-                             8, 8, 8, 8, 1, 0)
+        _native.call_entry("msda_forward", _raw_call(dtype="float16"))
 
 
 @pytest.mark.cuda

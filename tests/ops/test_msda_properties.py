@@ -11,10 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ddetr import _ext
+from ddetr import _native
 from ddetr.ops import ms_deform_attn, ms_deform_attn_reference
 
-pytestmark = pytest.mark.skipif(not _ext.available(), reason="native extension not built")
+pytestmark = pytest.mark.skipif(not _native.available(), reason="native extension not built")
 EXAMPLES = int(os.environ.get("DDETR_HYPOTHESIS_EXAMPLES", "40"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -1,6 +1,7 @@
 """Multi-scale flattening and the encoder reference points (cpp/flatten_cpu.cpp,
-cuda/flatten.cu). Lists of per-level tensors cross as lists of pointers, the level table
-as (H, W) pairs (the starts and S are derived natively)."""
+cuda/flatten.cu) through one ``_C.FlattenCall`` per call. Lists of per-level tensors cross
+as lists of pointers, the level table as ``_C.LevelSize`` (H, W) structs (the starts and
+S are derived natively)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ddetr._ext import _C
 from ddetr._native.common import DTYPE_NAMES, device_of, ptr, ptrs
+from ddetr._native.loader import _C
 
 
-def _sizes(features) -> list[tuple[int, int]]:
-    return [(f.shape[2], f.shape[3]) for f in features]
+def _levels(sizes) -> list:
+    return [_C.LevelSize(H=h, W=w) for h, w in sizes]
+
+
+def _call(t: Tensor, n: int, c: int, sizes, **fields):
+    """The FlattenCall of a batch of n, c channels and levels of ``sizes`` (H, W) on t's
+    dtype and device, with the given fields."""
+    return _C.FlattenCall(dtype=DTYPE_NAMES[t.dtype], device=device_of(t), N=n, C=c,
+                          levels=_levels(sizes), **fields)
 
 
 def forward(features: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
@@ -24,16 +32,16 @@ def forward(features: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor
     kernels take; ``masks`` empty for "no padding"."""
     first = features[0]
     n, c = first.shape[:2]
-    s = sum(h * w for h, w in _sizes(features))
+    sizes = [(f.shape[2], f.shape[3]) for f in features]
+    s = sum(h * w for h, w in sizes)
     src = first.new_empty((n, s, c))
     pos = first.new_empty((n, s, c))
     mask = torch.empty((n, s), dtype=torch.bool, device=first.device)
     ratios = torch.empty((n, len(features), 2), dtype=ratio_dtype, device=first.device)
-    dev = device_of(first)
-    _C.flatten_forward(DTYPE_NAMES[first.dtype], dev.kind, dev.index, n, c, _sizes(features),
-                       ptrs(features), ptrs(masks), ptrs(pos_embeds), ptr(level_embed),
-                       src.data_ptr(), pos.data_ptr(), mask.data_ptr(), ratios.data_ptr(),
-                       dev.threads, dev.stream)
+    _C.flatten_forward(_call(first, n, c, sizes, features=ptrs(features), masks=ptrs(masks),
+                             pos_embeds=ptrs(pos_embeds), level_embed=ptr(level_embed),
+                             src=ptr(src), pos=ptr(pos), mask=ptr(mask),
+                             valid_ratios=ptr(ratios)))
     return src, mask, pos, ratios
 
 
@@ -55,15 +63,13 @@ def backward(grad_src: Tensor, grad_pos: Tensor, sizes: Sequence[tuple[int, int]
 
     grad_features, grad_pos_embeds = maps(want_features), maps(want_pos_embeds)
     grad_level_embed = grad_src.new_empty((len(sizes), c) if want_level_embed else (0,))
-    dev = device_of(grad_src)
-    ws_bytes = _C.flatten_backward_workspace_bytes(dev.kind, n, c, list(sizes),
-                                                   want_level_embed)
+    call = _call(grad_src, n, c, sizes, grad_src=ptr(grad_src), grad_pos=ptr(grad_pos),
+                 grad_features=ptrs(grad_features), grad_pos_embeds=ptrs(grad_pos_embeds),
+                 grad_level_embed=ptr(grad_level_embed) if want_level_embed else 0)
+    ws_bytes = _C.flatten_backward_workspace_bytes(call)
     workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=grad_src.device)
-    _C.flatten_backward(DTYPE_NAMES[grad_src.dtype], dev.kind, dev.index, n, c, list(sizes),
-                        grad_src.data_ptr(), grad_pos.data_ptr(), ptrs(grad_features),
-                        ptrs(grad_pos_embeds),
-                        grad_level_embed.data_ptr() if want_level_embed else 0,
-                        workspace.data_ptr(), ws_bytes, dev.threads, dev.stream)
+    call.workspace, call.workspace_bytes = ptr(workspace), ws_bytes
+    _C.flatten_backward(call)
     return grad_features, grad_pos_embeds, grad_level_embed
 
 
@@ -72,8 +78,7 @@ def reference_points(sizes: list[tuple[int, int]], valid_ratios: Tensor) -> Tens
     n, levels, _ = valid_ratios.shape
     s = sum(h * w for h, w in sizes)
     out = valid_ratios.new_empty((n, s, levels, 2))
-    dev = device_of(valid_ratios)
-    _C.encoder_reference_points(DTYPE_NAMES[valid_ratios.dtype], dev.kind, dev.index, n,
-                                list(sizes), valid_ratios.data_ptr(), out.data_ptr(),
-                                dev.threads, dev.stream)
+    _C.encoder_reference_points(_call(valid_ratios, n, 0, sizes,
+                                      valid_ratios=ptr(valid_ratios),
+                                      reference_points=ptr(out)))
     return out

@@ -1,6 +1,7 @@
-"""GEMMs on the CPU (cpp/blas.cpp, cpp/gemm_bf16*.cpp): float32 / float64 through
-OpenBLAS from the scipy-openblas32 wheel, loaded into the extension at run time, and
-bfloat16 through ddetr's own kernels."""
+"""GEMMs on the CPU (cpp/blas.cpp, cpp/gemm_bf16*.cpp) through one ``_C.GemmCall`` each:
+float32 / float64 through OpenBLAS from the scipy-openblas32 wheel, loaded into the
+extension at run time, and bfloat16 through ddetr's own kernels (``gemm_sizes``, with a
+``Workspace``; the native layers call them inside the extension)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import os
 import torch
 from torch import Tensor
 
-from ddetr import _ext
-from ddetr._ext import _C
+from ddetr._native import loader
 from ddetr._native.common import DTYPE_NAMES, ptr
+from ddetr._native.loader import _C
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def blas_core() -> str:
 
 
 def _load_blas() -> bool:
-    if not _ext.available():
+    if not loader.available():
         return False
     if _C.blas_loaded():
         return True
@@ -67,6 +68,57 @@ def gemm(a: Tensor, b: Tensor, trans_a: bool, trans_b: bool, out: Tensor,
     dtype; ``threads`` 0: torch's setting."""
     m, n = out.shape
     k = a.shape[0] if trans_a else a.shape[1]
-    _C.gemm(DTYPE_NAMES[a.dtype], trans_a, trans_b, m, n, k, a.data_ptr(), a.shape[1],
-            b.data_ptr(), b.shape[1], 0.0, out.data_ptr(), n, ptr(bias), relu,
-            threads or torch.get_num_threads())
+    _C.gemm(_C.GemmCall(dtype=DTYPE_NAMES[a.dtype], trans_a=trans_a, trans_b=trans_b, M=m, N=n,
+                        K=k, A=ptr(a), lda=a.shape[1], B=ptr(b), ldb=b.shape[1], beta=0.0,
+                        C=ptr(out), ldc=n, bias=ptr(bias), relu=relu,
+                        threads=threads or torch.get_num_threads()))
+
+
+def workspace_bytes(dtype: torch.dtype) -> int:
+    """Scratch bytes a GEMM of ``dtype`` operands needs (bfloat16: a few MB, else 0)."""
+    return _C.gemm_workspace_bytes(DTYPE_NAMES[dtype])
+
+
+class Workspace:
+    """A 64-byte aligned scratch buffer of ``nbytes`` for ``gemm_sizes`` (default: what a
+    bfloat16 GEMM needs)."""
+
+    def __init__(self, nbytes: int | None = None):
+        self.nbytes = workspace_bytes(torch.bfloat16) if nbytes is None else nbytes
+        self._buffer = torch.empty(self.nbytes + 64, dtype=torch.uint8)
+        self.address = (self._buffer.data_ptr() + 63) // 64 * 64
+
+
+def gemm_sizes(a: Tensor | None, b: Tensor | None, c: Tensor, *, m: int, n: int, k: int,
+               lda: int, ldb: int, ldc: int, trans_a: bool = False, trans_b: bool = False,
+               beta: float = 0.0, bias: Tensor | None = None, relu: bool = False,
+               threads: int = 0, dtype: torch.dtype | None = None,
+               c_dtype: torch.dtype | None = None, kernel: str = "auto",
+               workspace: Workspace | None = None) -> None:
+    """C[:m, :n] = act(op(A) op(B) + beta C + bias) in place, with every size and leading
+    dimension given (not read from the tensors, which may be larger, or None for an
+    empty operand): for the GEMM's own tests and benchmarks, which reach its edge cases
+    and argument checks this way.
+
+    ``dtype`` is that of A, B and bias (default a's), ``c_dtype`` that of C (default c's);
+    bfloat16 operands take ``kernel`` "auto", "avx512" or "widen" and a ``workspace``
+    (None: a null pointer, which the extension refuses). ``threads`` 0: torch's setting.
+    """
+    dtype = a.dtype if dtype is None else dtype
+    c_dtype = c.dtype if c_dtype is None else c_dtype
+    _C.gemm(_C.GemmCall(dtype=DTYPE_NAMES[dtype], c_dtype=DTYPE_NAMES[c_dtype], kernel=kernel,
+                        trans_a=trans_a, trans_b=trans_b, M=m, N=n, K=k, A=ptr(a), lda=lda,
+                        B=ptr(b), ldb=ldb, beta=beta, C=ptr(c), ldc=ldc, bias=ptr(bias),
+                        relu=relu, threads=threads or torch.get_num_threads(),
+                        workspace=0 if workspace is None else workspace.address,
+                        workspace_bytes=0 if workspace is None else workspace.nbytes))
+
+
+def bf16_kernel() -> str:
+    """The bfloat16 kernel "auto" runs: "avx512" or "widen" (CPU and DDETR_BF16_GEMM)."""
+    return _C.gemm_bf16_kernel()
+
+
+def bf16_avx512_supported() -> bool:
+    """Whether this CPU runs the AVX512-BF16 kernel."""
+    return bool(_C.gemm_bf16_avx512_supported())

@@ -1,6 +1,9 @@
 """Whole encoder / decoder layers in one native call per pass (cpp/layers_cpu.cpp,
-cuda/layers.cu; the math in cpp/include/ddetr/layers.h). GEMMs on OpenBLAS (CPU) or on
-cuBLAS, loaded from where torch loaded it (CUDA)."""
+cuda/layers.cu; the math in cpp/include/ddetr/layers.h) through one ``_C.LayerCall``:
+sizes and options by name, the parameters (``PARAM_NAMES``), inputs, saved activations
+and gradients as structs with one named pointer each, and one ``_C.layer_plan`` per pass
+for the saved activations' sizes and the workspace. GEMMs on OpenBLAS (CPU) or on cuBLAS,
+loaded from where torch loaded it (CUDA)."""
 
 from __future__ import annotations
 
@@ -9,14 +12,15 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ddetr import _ext
-from ddetr._ext import _C
-from ddetr._native.common import DTYPE_NAMES, device_of, ptr, ptrs
+from ddetr._native import loader
+from ddetr._native.common import DTYPE_NAMES, device_of, levels as level_structs, pointers, ptr
 from ddetr._native.gemm import load_first
+from ddetr._native.loader import _C
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +31,26 @@ _cublas_state: bool | None = None
 # the thread has needed (about 50 MB at 800x1333).
 _cpu_workspace = threading.local()
 
+# The parameters by the names of _C.LayerParams (those of the checkpoint): the decoder's
+# dense self-attention and its norm (the checkpoint's norm2) first, which an encoder
+# leaves out; norm1 follows the deformable attention in both layers; ffn_norm is the
+# encoder's norm2 and the decoder's norm3; the offsets and attention-weight projections
+# are stacked into one (3 M L P, C) weight.
+PARAM_NAMES = (
+    "self_attn_in_proj_weight", "self_attn_in_proj_bias", "self_attn_out_proj_weight",
+    "self_attn_out_proj_bias", "self_attn_norm_weight", "self_attn_norm_bias",
+    "value_proj_weight", "value_proj_bias", "sampling_offsets_attention_weights_weight",
+    "sampling_offsets_attention_weights_bias", "output_proj_weight", "output_proj_bias",
+    "norm1_weight", "norm1_bias", "linear1_weight", "linear1_bias", "linear2_weight",
+    "linear2_bias", "ffn_norm_weight", "ffn_norm_bias")
+# The inputs by the names of _C.LayerInputs (mask: uint8, nonzero on padding); their
+# gradients by those of _C.LayerInputGrads (all but the mask).
+INPUT_NAMES = ("x", "pos", "reference_points", "memory", "mask")
+
 
 @dataclass(frozen=True)
 class LayerCall:
-    """What one layer call hands the native side besides tensors."""
+    """The sizes and options of one layer call."""
     decoder: bool
     batch: int            # N
     queries: int          # Lq (the tokens S for an encoder)
@@ -47,14 +67,24 @@ class LayerCall:
     dropout: float
     seed: int
 
-    def _head(self, x: Tensor) -> tuple:
-        dev = device_of(x)
-        dims = (self.batch, self.queries, self.d_model, self.dim_feedforward, self.ref_dim)
-        sizes = (self.batch, self.tokens, self.num_heads, self.d_model // self.num_heads,
-                 self.queries, self.num_levels, self.num_points)
-        options = (self.training, self.recompute, float(self.dropout), self.seed)
-        return (DTYPE_NAMES[x.dtype], dev.kind, dev.index, self.decoder, dims, sizes,
-                list(self.levels), options)
+    def native(self, x: Tensor):
+        """This call as a ``_C.LayerCall`` on x's dtype and device (no tensors yet), for
+        the CUDA backward torch's current determinism setting."""
+        return _C.LayerCall(
+            dtype=DTYPE_NAMES[x.dtype], device=device_of(x), decoder=self.decoder,
+            N=self.batch, Lq=self.queries, C=self.d_model, F=self.dim_feedforward,
+            ref_dim=self.ref_dim, S=self.tokens, M=self.num_heads,
+            D=self.d_model // self.num_heads, L=self.num_levels, P=self.num_points,
+            levels=level_structs(self.levels), training=self.training,
+            recompute=self.recompute, dropout=float(self.dropout), seed=self.seed,
+            deterministic=torch.are_deterministic_algorithms_enabled())
+
+
+class LayerPlan(NamedTuple):
+    """What a layer call needs allocated (``_C.layer_plan``)."""
+    saved_sizes: dict[str, int]   # elements of each saved activation, by _C.LayerSaved's names
+    forward_workspace_bytes: int
+    backward_workspace_bytes: int
 
 
 def cublas_available() -> bool:
@@ -66,7 +96,7 @@ def cublas_available() -> bool:
 
 
 def _load_cublas() -> bool:
-    if not _ext.cuda_usable():
+    if not loader.cuda_usable():
         return False
     if _C.cublas_loaded():
         return True
@@ -87,44 +117,62 @@ def _load_cublas() -> bool:
     return False
 
 
-def saved_sizes(call: LayerCall, x: Tensor) -> list[int]:
-    """Elements of each activation the backward keeps (0: not kept)."""
-    return list(_C.layer_saved_sizes(*call._head(x)[3:]))
+def _plan(native) -> LayerPlan:
+    planned = _C.layer_plan(native)
+    sizes = planned.saved_sizes
+    return LayerPlan({name: getattr(sizes, name) for name in type(sizes).fields},
+                     planned.forward_workspace_bytes, planned.backward_workspace_bytes)
 
 
-def _workspace(call: LayerCall, x: Tensor, backward: bool) -> tuple[Tensor, bool]:
-    """The workspace of a pass (kept per thread on the CPU), and whether it runs the
-    deterministic CUDA backward."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    nbytes = _C.layer_workspace_bytes(*call._head(x), backward, deterministic)
+def plan(call: LayerCall, x: Tensor) -> LayerPlan:
+    """The saved activations' sizes (0: not kept) and both passes' workspace bytes of
+    ``call`` on x's dtype and device."""
+    return _plan(call.native(x))
+
+
+def _workspace(x: Tensor, nbytes: int) -> Tensor:
+    """A workspace of at least nbytes on x's device (kept per thread on the CPU)."""
     if x.device.type != "cpu":
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device), deterministic
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
     ws = getattr(_cpu_workspace, "buffer", None)
     if ws is None or ws.numel() < nbytes:
         ws = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         _cpu_workspace.buffer = ws
-    return ws, deterministic
+    return ws
 
 
-def forward(call: LayerCall, inputs: list, params: list, saved: list) -> Tensor:
-    """The layer's output; ``inputs`` (x, pos, ref, memory, mask as uint8), ``params`` in
-    the native order, ``saved`` the activation buffers (None where not kept)."""
-    x = inputs[0]
+def forward(call: LayerCall, inputs: dict, params: dict) -> tuple[Tensor, dict]:
+    """The layer's output, and (training) the activations its backward reads, by name.
+    ``inputs`` by ``INPUT_NAMES``, ``params`` by ``PARAM_NAMES`` (None or absent: none)."""
+    x = inputs["x"]
+    native = call.native(x)
+    planned = _plan(native)
+    saved = {name: torch.empty(n, dtype=x.dtype, device=x.device)
+             for name, n in planned.saved_sizes.items() if call.training and n}
     out = torch.empty_like(x)
-    ws, deterministic = _workspace(call, x, backward=False)
-    dev = device_of(x)
-    _C.layer_forward(*call._head(x), ptrs(params), ptrs(inputs), out.data_ptr(), ptrs(saved),
-                     ws.data_ptr(), ws.numel(), deterministic, dev.threads, dev.stream)
-    return out
+    ws = _workspace(x, planned.forward_workspace_bytes)
+    native.params = _C.LayerParams(**pointers(params))
+    native.inputs = _C.LayerInputs(**pointers(inputs))
+    native.saved = _C.LayerSaved(**pointers(saved))
+    native.output = ptr(out)
+    native.workspace, native.workspace_bytes = ptr(ws), ws.numel()
+    _C.layer_forward(native)
+    return out, saved
 
 
-def backward(call: LayerCall, inputs: list, params: list, saved: list, grad_out: Tensor,
-             grad_inputs: list, grad_params: list) -> None:
-    """Writes the gradients of (x, pos, ref, memory) and of the parameters (None: not
-    wanted) from grad_out."""
-    x = inputs[0]
-    ws, deterministic = _workspace(call, x, backward=True)
-    dev = device_of(x)
-    _C.layer_backward(*call._head(x), ptrs(params), ptrs(inputs), ptrs(saved),
-                      ptr(grad_out), ptrs(grad_inputs), ptrs(grad_params), ws.data_ptr(),
-                      ws.numel(), deterministic, dev.threads, dev.stream)
+def backward(call: LayerCall, inputs: dict, params: dict, saved: dict, grad_out: Tensor,
+             grad_inputs: dict, grad_params: dict) -> None:
+    """Writes the gradients of the inputs (``grad_inputs``: x, pos, reference_points,
+    memory) and of the parameters (``grad_params`` by ``PARAM_NAMES``; None: not wanted)
+    from grad_out, with the activations ``forward`` saved."""
+    x = inputs["x"]
+    native = call.native(x)
+    ws = _workspace(x, _plan(native).backward_workspace_bytes)
+    native.params = _C.LayerParams(**pointers(params))
+    native.grad_params = _C.LayerParams(**pointers(grad_params))
+    native.inputs = _C.LayerInputs(**pointers(inputs))
+    native.grad_inputs = _C.LayerInputGrads(**pointers(grad_inputs))
+    native.saved = _C.LayerSaved(**pointers(saved))
+    native.grad_output = ptr(grad_out)
+    native.workspace, native.workspace_bytes = ptr(ws), ws.numel()
+    _C.layer_backward(native)

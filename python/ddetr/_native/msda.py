@@ -1,12 +1,13 @@
-"""Multi-scale deformable attention (cpp/msda_cpu.cpp, cuda/msda_*.cu)."""
+"""Multi-scale deformable attention (cpp/msda_cpu.cpp, cuda/msda_*.cu) through one
+``_C.MsdaCall`` per pass."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ddetr._ext import _C
-from ddetr._native.common import DTYPE_NAMES, device_of
+from ddetr._native.common import DTYPE_NAMES, device_of, levels as level_structs, ptr
+from ddetr._native.loader import _C
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -14,10 +15,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _sizes(value: Tensor, loc: Tensor) -> tuple[int, ...]:
+def _call(value: Tensor, levels: list[tuple[int, int, int]], loc: Tensor, attn: Tensor,
+          **pointers):
+    """The MsdaCall of these inputs: sizes from value (N, S, M, D) and loc
+    (N, Lq, M, L, P, 2), ``levels`` (H, W, start) per level, and the given pointers."""
     n, s, m, d = value.shape
-    _, lq, _, levels, points, _ = loc.shape
-    return (n, s, m, d, lq, levels, points)
+    _, lq, _, num_levels, points, _ = loc.shape
+    return _C.MsdaCall(dtype=DTYPE_NAMES[value.dtype], device=device_of(value), N=n, S=s, M=m,
+                       D=d, Lq=lq, L=num_levels, P=points, levels=level_structs(levels),
+                       value=ptr(value), sampling_locations=ptr(loc),
+                       attention_weights=ptr(attn), **pointers)
 
 
 def forward(value: Tensor, levels: list[tuple[int, int, int]], loc: Tensor,
@@ -25,10 +32,7 @@ def forward(value: Tensor, levels: list[tuple[int, int, int]], loc: Tensor,
     """(N, Lq, M * D) output; inputs checked and contiguous, ``levels`` (H, W, start)."""
     n, _, m, d = value.shape
     out = torch.empty((n, loc.shape[1], m * d), dtype=value.dtype, device=value.device)
-    dev = device_of(value)
-    _C.msda_forward(DTYPE_NAMES[value.dtype], dev.kind, dev.index, _sizes(value, loc), levels,
-                    value.data_ptr(), loc.data_ptr(), attn.data_ptr(), out.data_ptr(),
-                    dev.threads, dev.stream)
+    _C.msda_forward(_call(value, levels, loc, attn, output=ptr(out)))
     return out
 
 
@@ -36,17 +40,15 @@ def backward(grad_out: Tensor, value: Tensor, levels: list[tuple[int, int, int]]
              attn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (value, sampling_locations, attention_weights)."""
     grad_out = grad_out.contiguous()
-    dev = device_of(value)
-    sizes = _sizes(value, loc)
-    deterministic = torch.are_deterministic_algorithms_enabled()
     grad_value = torch.zeros(value.shape, dtype=acc_dtype(value.dtype), device=value.device)
     grad_loc = torch.empty_like(loc)
     grad_attn = torch.empty_like(attn)
-    ws_bytes = _C.msda_backward_workspace_bytes(dev.kind, dev.index, sizes, levels,
-                                                deterministic)
+    call = _call(value, levels, loc, attn, grad_output=ptr(grad_out),
+                 grad_value=ptr(grad_value), grad_sampling_locations=ptr(grad_loc),
+                 grad_attention_weights=ptr(grad_attn),
+                 deterministic=torch.are_deterministic_algorithms_enabled())
+    ws_bytes = _C.msda_backward_workspace_bytes(call)
     workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=value.device)
-    _C.msda_backward(DTYPE_NAMES[value.dtype], dev.kind, dev.index, sizes, levels,
-                     value.data_ptr(), loc.data_ptr(), attn.data_ptr(), grad_out.data_ptr(),
-                     grad_value.data_ptr(), grad_loc.data_ptr(), grad_attn.data_ptr(),
-                     workspace.data_ptr(), ws_bytes, deterministic, dev.threads, dev.stream)
+    call.workspace, call.workspace_bytes = ptr(workspace), ws_bytes
+    _C.msda_backward(call)
     return grad_value.to(value.dtype), grad_loc, grad_attn

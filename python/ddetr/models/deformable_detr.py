@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ddetr import _ext
+from ddetr import _native
 from ddetr.models import weights
 from ddetr.models.backbone import Backbone, load_backbone_weights, resize_mask
 from ddetr.models.box_ops import inverse_sigmoid
@@ -81,7 +81,7 @@ class DeformableDetr(nn.Module):
         self._build(**self.config)
         if backbone_weights is not None:
             load_backbone_weights(self.backbone[0].body, backbone_weights)
-        self.set_native_layers(_ext.available() if native_layers is None else native_layers,
+        self.set_native_layers(_native.available() if native_layers is None else native_layers,
                                recompute_activations)
         # what ddetr.compress applied, in order (save_pretrained records it)
         self.compression: list[dict] = []

@@ -123,17 +123,22 @@ def unsupported(layer: nn.Module, x: Tensor, *others: Tensor | None) -> str | No
     return _dtype_problem(layer, x, tensors) or _module_problem(layer)
 
 
-def _deform_params(attn: nn.Module, norm: nn.LayerNorm) -> list[Tensor]:
+def _deform_params(attn: nn.Module, norm: nn.LayerNorm) -> dict[str, Tensor]:
     # (M*L*P*2 + M*L*P, C): one GEMM for the offsets and the attention logits
     oa_w = torch.cat([attn.sampling_offsets.weight, attn.attention_weights.weight])
     oa_b = torch.cat([attn.sampling_offsets.bias, attn.attention_weights.bias])
-    return [attn.value_proj.weight, attn.value_proj.bias, oa_w, oa_b, attn.output_proj.weight,
-            attn.output_proj.bias, norm.weight, norm.bias]
+    return {"value_proj_weight": attn.value_proj.weight, "value_proj_bias": attn.value_proj.bias,
+            "sampling_offsets_attention_weights_weight": oa_w,
+            "sampling_offsets_attention_weights_bias": oa_b,
+            "output_proj_weight": attn.output_proj.weight,
+            "output_proj_bias": attn.output_proj.bias,
+            "norm1_weight": norm.weight, "norm1_bias": norm.bias}
 
 
-def _ffn_params(layer: nn.Module, norm: nn.LayerNorm) -> list[Tensor]:
-    return [layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
-            norm.weight, norm.bias]
+def _ffn_params(layer: nn.Module, norm: nn.LayerNorm) -> dict[str, Tensor]:
+    return {"linear1_weight": layer.linear1.weight, "linear1_bias": layer.linear1.bias,
+            "linear2_weight": layer.linear2.weight, "linear2_bias": layer.linear2.bias,
+            "ffn_norm_weight": norm.weight, "ffn_norm_bias": norm.bias}
 
 
 def _check(attn: nn.Module, x: Tensor, pos: Tensor | None, ref: Tensor, value_in: Tensor,
@@ -158,38 +163,45 @@ def _check(attn: nn.Module, x: Tensor, pos: Tensor | None, ref: Tensor, value_in
                            "OpenBLAS on the CPU, cuBLAS on CUDA) is not available")
 
 
-def _expected_shapes(layer: nn.Module, decoder: bool) -> list[tuple[int, ...] | None]:
-    """The shape of each entry of the native parameter list (see encoder_layer)."""
+def _expected_shapes(layer: nn.Module, decoder: bool) -> dict[str, tuple[int, ...]]:
+    """The shape of each parameter the native layer reads, by name (see encoder_layer)."""
     attn = layer.cross_attn if decoder else layer.self_attn
     c, f = attn.d_model, layer.linear1.out_features
     oa = attn.n_heads * attn.n_levels * attn.n_points * 3  # offsets (x, y) and logits
-    self_attn = [(3 * c, c), (3 * c,), (c, c), (c,), (c,), (c,)] if decoder else [None] * 6
-    return self_attn + [(c, c), (c,), (oa, c), (oa,), (c, c), (c,), (c,), (c,),
-                        (f, c), (f,), (c, f), (c,), (c,), (c,)]
+    self_attn = {"self_attn_in_proj_weight": (3 * c, c), "self_attn_in_proj_bias": (3 * c,),
+                 "self_attn_out_proj_weight": (c, c), "self_attn_out_proj_bias": (c,),
+                 "self_attn_norm_weight": (c,), "self_attn_norm_bias": (c,)}
+    return {**(self_attn if decoder else {}),
+            "value_proj_weight": (c, c), "value_proj_bias": (c,),
+            "sampling_offsets_attention_weights_weight": (oa, c),
+            "sampling_offsets_attention_weights_bias": (oa,),
+            "output_proj_weight": (c, c), "output_proj_bias": (c,),
+            "norm1_weight": (c,), "norm1_bias": (c,),
+            "linear1_weight": (f, c), "linear1_bias": (f,), "linear2_weight": (c, f),
+            "linear2_bias": (c,), "ffn_norm_weight": (c,), "ffn_norm_bias": (c,)}
 
 
-def _check_params(layer: nn.Module, decoder: bool, x: Tensor, params: list) -> None:
+def _check_params(layer: nn.Module, decoder: bool, x: Tensor, params: dict) -> None:
     """Every parameter of the layer has the shape its sizes imply (the native side reads
     them by those sizes), and x's dtype and device."""
-    for i, (p, shape) in enumerate(zip(params, _expected_shapes(layer, decoder))):
-        if shape is None:
-            continue
+    for name, shape in _expected_shapes(layer, decoder).items():
+        p = params[name]
         if tuple(p.shape) != shape or p.dtype != x.dtype or p.device != x.device:
-            raise ValueError(f"layer parameter {i} of the native list: expected {x.dtype} "
-                             f"{shape} on {x.device}, got {p.dtype} {tuple(p.shape)} on "
-                             f"{p.device} (a sub-module of another size than the layer's)")
+            raise ValueError(f"layer parameter {name}: expected {x.dtype} {shape} on "
+                             f"{x.device}, got {p.dtype} {tuple(p.shape)} on {p.device} "
+                             "(a sub-module of another size than the layer's)")
 
 
 def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Tensor,
          memory: Tensor | None, spatial_shapes, level_start_index, mask: Tensor | None,
-         params: list, recompute: bool) -> Tensor:
+         params: dict, recompute: bool) -> Tensor:
     attn = layer.cross_attn if decoder else layer.self_attn
     if not isinstance(x, Tensor) or x.dtype not in _LAYER_DTYPES:
         raise ValueError(f"x: expected a float32, float64 or bfloat16 tensor, got "
                          f"{getattr(x, 'dtype', type(x).__name__)}")
     if _autocast(x.device.type):  # bfloat16 autocast (supports() says which): run in bf16
         x, pos, memory = (None if t is None else t.to(torch.bfloat16) for t in (x, pos, memory))
-        params = [None if t is None else t.to(torch.bfloat16) for t in params]
+        params = {name: t.to(torch.bfloat16) for name, t in params.items()}
     value_in = memory if decoder else x
     _check(attn, x, pos, ref, value_in, spatial_shapes, mask)
     problem = unsupported(layer, x, pos, memory)
@@ -203,7 +215,7 @@ def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Te
                          f"value input has {s} tokens")
     p = _dropouts(layer)[0] if layer.training else 0.0
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, pos, ref, memory, *params))
+                                           for t in (x, pos, ref, memory, *params.values()))
     n, lq, c = x.shape
     call = ops_layers.LayerCall(
         decoder=decoder, batch=n, queries=lq, d_model=c,
@@ -220,8 +232,7 @@ def encoder_layer(layer: nn.Module, src: Tensor, pos: Tensor | None, reference_p
                   recompute: bool = False) -> Tensor:
     """``layer(src, pos, reference_points, ...)`` of a DeformableTransformerEncoderLayer,
     natively. reference_points (N, S, L, 2); padding_mask (N, S) bool."""
-    params = [None] * 6 + _deform_params(layer.self_attn, layer.norm1) \
-        + _ffn_params(layer, layer.norm2)
+    params = {**_deform_params(layer.self_attn, layer.norm1), **_ffn_params(layer, layer.norm2)}
     return _run(layer, False, src, pos, reference_points, None, spatial_shapes,
                 level_start_index, padding_mask, params, recompute)
 
@@ -232,8 +243,12 @@ def decoder_layer(layer: nn.Module, tgt: Tensor, query_pos: Tensor | None,
     """``layer(tgt, query_pos, reference_points, memory, ...)`` of a
     DeformableTransformerDecoderLayer, natively. reference_points (N, Lq, L, 2 or 4)."""
     sa = layer.self_attn
-    params = [sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
-              layer.norm2.weight, layer.norm2.bias] \
-        + _deform_params(layer.cross_attn, layer.norm1) + _ffn_params(layer, layer.norm3)
+    params = {"self_attn_in_proj_weight": sa.in_proj_weight,
+              "self_attn_in_proj_bias": sa.in_proj_bias,
+              "self_attn_out_proj_weight": sa.out_proj.weight,
+              "self_attn_out_proj_bias": sa.out_proj.bias,
+              "self_attn_norm_weight": layer.norm2.weight,
+              "self_attn_norm_bias": layer.norm2.bias,
+              **_deform_params(layer.cross_attn, layer.norm1), **_ffn_params(layer, layer.norm3)}
     return _run(layer, True, tgt, query_pos, reference_points, memory, spatial_shapes,
                 level_start_index, memory_padding_mask, params, recompute)

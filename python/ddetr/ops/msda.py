@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddetr import _ext
+from ddetr import _native
 from ddetr._native import msda as native
 from ddetr.ops.levels import LevelTable, as_level_table
 from ddetr.ops.msda_checks import check_inputs
@@ -116,7 +116,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes, level_start_index: Tensor | No
     """
     value, table, loc, attn = _prepare(value, spatial_shapes, level_start_index,
                                        sampling_locations, attention_weights)
-    if not _ext.runs_natively(value, "ms_deform_attn"):
+    if not _native.runs_natively(value, "ms_deform_attn"):
         return ms_deform_attn_reference(value, table.spatial_shapes, None, loc, attn)
     flat = [size for row in table.rows for size in row]
     if _cpu_half(value):
@@ -142,7 +142,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
         ctx.save_for_backward(value, loc, attn)
         ctx.table = table
         ctx.dtypes = (value.dtype, sampling_locations.dtype, attention_weights.dtype)
-        ctx.native = _ext.runs_natively(value, "MSDeformAttnFunction")
+        ctx.native = _native.runs_natively(value, "MSDeformAttnFunction")
         if not ctx.native:
             return ms_deform_attn_reference(value, table.spatial_shapes, None, loc, attn)
         if _cpu_half(value):  # (no float16 CPU kernel: float32 gives the same numbers)

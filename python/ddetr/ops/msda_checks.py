@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ddetr import _ext
+from ddetr import _native
 from ddetr.ops.levels import fail as _fail
 
 
@@ -41,7 +41,7 @@ def check_inputs(value: Tensor, num_levels: int, sampling_locations: Tensor,
 
 def check_device(name: str, t: Tensor) -> None:
     """A CPU tensor, or a CUDA tensor with the CUDA kernels built in."""
-    if t.is_cuda and not _ext.cuda_built():
+    if t.is_cuda and not _native.cuda_built():
         raise RuntimeError(
             f"{name} is a CUDA tensor but ddetr was built without CUDA kernels. Reinstall on a "
             "machine with the CUDA toolkit (nvcc on PATH): DDETR_CUDA=ON pip install .")

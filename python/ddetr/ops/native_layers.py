@@ -25,9 +25,9 @@ gradients while they accumulate. Their reference points are float32 (as the dete
 keeps them; bf16 ones are widened).
 
 This module is the tensor-level half: ``run(call, x, pos, ref, memory, mask, params)``
-with the sizes and options in a ``LayerCall`` and the parameters in the native order
-(``PARAM_NAMES``). Which layers can take this path, and reading their parameters, is
-``ddetr.models.native_layers``.
+with the sizes and options in a ``LayerCall`` and the parameters by name (``PARAM_NAMES``,
+those of the checkpoint). Which layers can take this path, and reading their parameters,
+is ``ddetr.models.native_layers``.
 """
 
 from __future__ import annotations
@@ -35,31 +35,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddetr import _ext
+from ddetr import _native
 from ddetr._native import layers as native
 from ddetr._native.gemm import blas_available
-from ddetr._native.layers import LayerCall, cublas_available
+from ddetr._native.layers import PARAM_NAMES, LayerCall, cublas_available
 
 __all__ = ["LAYER_DTYPES", "LayerCall", "PARAM_NAMES", "cublas_available", "library_ready",
            "run"]
 
 LAYER_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
-# The parameters in the order the native side reads them (the decoder's first six are
-# its dense self-attention; an encoder passes None there). Names as in the checkpoint.
-PARAM_NAMES = (
-    "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight",
-    "self_attn.out_proj.bias", "norm2.weight", "norm2.bias",  # decoder only
-    "value_proj.weight", "value_proj.bias",
-    "sampling_offsets+attention_weights.weight", "sampling_offsets+attention_weights.bias",
-    "output_proj.weight", "output_proj.bias", "attention norm.weight", "attention norm.bias",
-    "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
-    "ffn norm.weight", "ffn norm.bias")
-
 
 def library_ready(x: Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether the native layers can run on x's device in ``dtype`` (default x's)."""
-    if not _ext.available() or (dtype or x.dtype) not in LAYER_DTYPES:
+    if not _native.available() or (dtype or x.dtype) not in LAYER_DTYPES:
         return False
     if x.device.type == "cpu":
         return blas_available()
@@ -67,16 +56,16 @@ def library_ready(x: Tensor, dtype: torch.dtype | None = None) -> bool:
 
 
 class _NativeLayer(torch.autograd.Function):
+    # (autograd takes tensors positionally: x, pos, ref, memory, mask, then the
+    # parameters in PARAM_NAMES order; everything below goes by name)
     @staticmethod
-    def forward(ctx, call: LayerCall, x, pos, ref, memory, mask, *params):
-        saved = [torch.empty(n, dtype=x.dtype, device=x.device) if call.training and n else None
-                 for n in native.saved_sizes(call, x)]
-        out = native.forward(call, [x, pos, ref, memory, mask], list(params), saved)
+    def forward(ctx, call: LayerCall, x, pos, ref, memory, mask, *param_list):
+        inputs = {"x": x, "pos": pos, "reference_points": ref, "memory": memory, "mask": mask}
+        params = dict(zip(PARAM_NAMES, param_list))
+        out, saved = native.forward(call, inputs, params)
         ctx.call = call
-        ctx.present = [s is not None for s in saved]
-        ctx.num_params = len(params)
-        ctx.save_for_backward(x, pos, ref, memory, mask, *params,
-                              *[s for s in saved if s is not None])
+        ctx.saved_names = tuple(saved)
+        ctx.save_for_backward(x, pos, ref, memory, mask, *param_list, *saved.values())
         return out
 
     @staticmethod
@@ -85,26 +74,32 @@ class _NativeLayer(torch.autograd.Function):
         if not ctx.call.training:
             raise RuntimeError("a native layer run without saved activations cannot be "
                                "differentiated")
-        tensors = ctx.saved_tensors
-        inputs = list(tensors[:5])
-        params = list(tensors[5:5 + ctx.num_params])
-        stored = iter(tensors[5 + ctx.num_params:])
-        saved = [next(stored) if present else None for present in ctx.present]
-        x, pos, _, memory, _ = inputs
+        x, pos, ref, memory, mask, *rest = ctx.saved_tensors
+        params = dict(zip(PARAM_NAMES, rest[:len(PARAM_NAMES)]))
+        saved = dict(zip(ctx.saved_names, rest[len(PARAM_NAMES):]))
+        inputs = {"x": x, "pos": pos, "reference_points": ref, "memory": memory, "mask": mask}
         need = ctx.needs_input_grad
-        grads = [torch.empty_like(x),
-                 torch.empty_like(pos) if pos is not None and need[2] else None,
-                 torch.empty_like(inputs[2]) if need[3] else None,
-                 torch.empty_like(memory) if memory is not None and need[4] else None]
-        gparams = [None if p is None else torch.empty_like(p) for p in params]
-        native.backward(ctx.call, inputs, params, saved, grad_out.contiguous(), grads, gparams)
-        return (None, *grads, None, *gparams)
+        grads = {"x": torch.empty_like(x),
+                 "pos": torch.empty_like(pos) if pos is not None and need[2] else None,
+                 "reference_points": torch.empty_like(ref) if need[3] else None,
+                 "memory": torch.empty_like(memory) if memory is not None and need[4] else None}
+        grad_params = {name: None if p is None else torch.empty_like(p)
+                       for name, p in params.items()}
+        native.backward(ctx.call, inputs, params, saved, grad_out.contiguous(), grads,
+                        grad_params)
+        return (None, *grads.values(), None, *grad_params.values())
 
 
 def run(call: LayerCall, x: Tensor, pos: Tensor | None, ref: Tensor, memory: Tensor | None,
-        mask: Tensor | None, params: list) -> Tensor:
+        mask: Tensor | None, params: dict) -> Tensor:
     """One layer pass (differentiable in x, pos, ref, memory and the parameters). Inputs
-    already checked; ``params`` in ``PARAM_NAMES`` order, of x's dtype and device."""
+    already checked; ``params`` by ``PARAM_NAMES`` (absent or None: none, as the decoder's
+    self-attention in an encoder), of x's dtype and device."""
+    unknown = sorted(set(params) - set(PARAM_NAMES))
+    if unknown:
+        raise ValueError(f"params: no native layer parameter is named {', '.join(unknown)}")
     mask_u8 = None if mask is None else mask.contiguous().view(torch.uint8)
-    tensors = [None if t is None else t.contiguous() for t in (x, pos, ref, memory, *params)]
-    return _NativeLayer.apply(call, *tensors[:4], mask_u8, *tensors[4:])
+    tensors = [None if t is None else t.contiguous() for t in (x, pos, ref, memory)]
+    param_list = [None if params.get(name) is None else params[name].contiguous()
+                  for name in PARAM_NAMES]
+    return _NativeLayer.apply(call, *tensors, mask_u8, *param_list)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ddetr import _ext
+from ddetr import _native
 from ddetr._native import dropout as native
 from ddetr.ops.levels import fail as _fail
 
@@ -72,11 +72,11 @@ _dropout_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _native_ok(x: Tensor) -> bool:
-    if not _ext.available() or torch.compiler.is_compiling():
+    if not _native.available() or torch.compiler.is_compiling():
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.float64, torch.bfloat16)
-    return x.device.type == "cuda" and _ext.cuda_usable()
+    return x.device.type == "cuda" and _native.cuda_usable()
 
 
 def _check(x: Tensor, p: float) -> None:

@@ -1,4 +1,7 @@
-"""Loads the native extension ``ddetr._C`` once; everything else asks here."""
+"""Loads the native extension ``ddetr._C`` once; everything else asks here (through
+``ddetr._native``, which re-exports what callers need): whether it imported, whether its
+CUDA kernels can run here, how it was built, where it is, and, for tests of the native
+re-checks, its structs and entry points by name."""
 
 from __future__ import annotations
 
@@ -37,6 +40,32 @@ def cuda_built() -> bool:
 def _cuda_compiled(ext) -> bool:
     # asked once per extension object: the build does not change while it is loaded
     return bool(ext.build_info()["cuda"])
+
+
+def build_info() -> dict:
+    """How the extension was built (``_C.build_info()``: version, cuda, cuda_archs,
+    cuda_version, openmp, openmp_max_threads, cpu_arch_flags, max_levels); {} when it is
+    missing."""
+    return {} if _C is None else dict(_C.build_info())
+
+
+def extension_path() -> str | None:
+    """The file the extension was loaded from, or None when it is missing."""
+    return getattr(_C, "__file__", None)
+
+
+def struct(name: str, **fields):
+    """The extension's struct ``name`` (``MsdaCall``, ``Device``, ``Level``, ...) with these
+    fields set by name. For tests that hand an entry point a struct the Python side would
+    never build; everything else builds its structs in its own ``_native`` module."""
+    return getattr(_C, name)(**fields)
+
+
+def call_entry(name: str, call):
+    """Calls the extension's entry point ``name`` (``msda_forward``, ``flatten_backward``,
+    ...) on ``call`` as given, with no Python check in between: how tests reach the native
+    re-checks of sizes and pointers."""
+    return getattr(_C, name)(call)
 
 
 def warn_fallback(what: str) -> None:
