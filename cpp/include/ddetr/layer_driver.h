@@ -268,9 +268,9 @@ void self_attention_forward(const Ops& ops, const Dims& d, const LayerOptions& o
                      heads + n * d.Lq * C, C, d.D, d.M);
   }
   ops.gemm(false, true, d.T, C, C, heads, C, w.sa_out_w, C, Acc<T>(0), b.a, C, w.sa_out_b, false);
-  dropped(ops, o, kDropA, 0, d.T * C, b.a, b.a);
-  ops.add_layernorm(d.T, C, in.x, b.a, w.norm_a_w, w.norm_a_b, b.y0, saved.xhat_a,
-                    saved.rstd_a);
+  dropped(ops, o, kDropSaOut, 0, d.T * C, b.a, b.a);
+  ops.add_layernorm(d.T, C, in.x, b.a, w.sa_norm_w, w.sa_norm_b, b.y0, saved.xhat_sa,
+                    saved.rstd_sa);
 }
 
 // The decoder's sampled values of `rows` queries of image n (see the top of the file):
@@ -311,18 +311,18 @@ void block_forward(const Ops& ops, const LayerShape& s, const Dims& d, const Lay
     ops.msda_forward(block_shape(s, rows), maps.value + n * d.S * C, b.loc, b.attn, sampled);
   }
   ops.gemm(false, true, rows, C, C, sampled, C, w.out_w, C, Acc<T>(0), b.a, C, w.out_b, false);
-  dropped(ops, o, kDropB, r0, rows * C, b.a, b.a);
-  ops.add_layernorm(rows, C, x, b.a, w.norm_b_w, w.norm_b_b, b.y1,
-                    rows_of(saved.xhat_b, r0, C, static_cast<T*>(nullptr)),
-                    rows_of(saved.rstd_b, r0, 1, static_cast<T*>(nullptr)));
+  dropped(ops, o, kDropMsdaOut, r0, rows * C, b.a, b.a);
+  ops.add_layernorm(rows, C, x, b.a, w.msda_norm_w, w.msda_norm_b, b.y1,
+                    rows_of(saved.xhat_msda, r0, C, static_cast<T*>(nullptr)),
+                    rows_of(saved.rstd_msda, r0, 1, static_cast<T*>(nullptr)));
   T* hidden = rows_of(saved.hidden, r0, d.F, b.hidden);
   ops.gemm(false, true, rows, d.F, C, b.y1, C, w.lin1_w, C, Acc<T>(0), hidden, d.F, w.lin1_b, true);
   dropped(ops, o, kDropFfn, r0, rows * d.F, hidden, hidden);
   ops.gemm(false, true, rows, C, d.F, hidden, d.F, w.lin2_w, d.F, Acc<T>(0), b.a, C, w.lin2_b, false);
-  dropped(ops, o, kDropC, r0, rows * C, b.a, b.a);
-  ops.add_layernorm(rows, C, b.y1, b.a, w.norm_c_w, w.norm_c_b, out + r0 * C,
-                    rows_of(saved.xhat_c, r0, C, static_cast<T*>(nullptr)),
-                    rows_of(saved.rstd_c, r0, 1, static_cast<T*>(nullptr)));
+  dropped(ops, o, kDropFfnOut, r0, rows * C, b.a, b.a);
+  ops.add_layernorm(rows, C, b.y1, b.a, w.ffn_norm_w, w.ffn_norm_b, out + r0 * C,
+                    rows_of(saved.xhat_ffn, r0, C, static_cast<T*>(nullptr)),
+                    rows_of(saved.rstd_ffn, r0, 1, static_cast<T*>(nullptr)));
 }
 
 // ---------------------------------------------------------------- backward pieces
@@ -443,12 +443,12 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
                     void* msda_ws, size_t msda_ws_bytes) {
   const int64_t C = d.C, K = d.K, F = d.F;
   const T* dout = grad_out + r0 * C;
-  // out = LN_c(y1 + drop_c(f)): g = d(y1 + drop_c(f)), then df
-  norm_backward(ops, rows, C, dout, saved.xhat_c + r0 * C, saved.rstd_c + r0, w.norm_c_w, b.g,
-                gw.norm_c_w, gw.norm_c_b, acc);
-  const T* df = dropped(ops, o, kDropC, r0, rows * C, b.g, b.df);
+  // out = LN_ffn(y1 + drop_ffn_out(f)): g = d(y1 + drop_ffn_out(f)), then df
+  norm_backward(ops, rows, C, dout, saved.xhat_ffn + r0 * C, saved.rstd_ffn + r0, w.ffn_norm_w, b.g,
+                gw.ffn_norm_w, gw.ffn_norm_b, acc);
+  const T* df = dropped(ops, o, kDropFfnOut, r0, rows * C, b.g, b.df);
   // FFN: f = hidden W_2^T + b_2, hidden = drop(relu(y1 W_1^T + b_1))
-  ops.layernorm_apply(rows, C, saved.xhat_b + r0 * C, w.norm_b_w, w.norm_b_b, b.y1);
+  ops.layernorm_apply(rows, C, saved.xhat_msda + r0 * C, w.msda_norm_w, w.msda_norm_b, b.y1);
   T* h = saved.hidden ? saved.hidden + r0 * F : b.h;
   if (!saved.hidden) {
     ops.gemm(false, true, rows, F, C, b.y1, C, w.lin1_w, C, Acc<T>(0), h, F, w.lin1_b, true);
@@ -461,11 +461,11 @@ void block_backward(const Ops& ops, const LayerShape& s, const Dims& d, const La
   // dy1 = g + dh W_1 (the residual and the FFN input)
   linear_backward(ops, rows, C, F, b.y1, C, b.dh, F, w.lin1_w, gw.lin1_w, gw.lin1_b, acc, b.g,
                   C, Acc<T>(1));
-  // y1 = LN_b(x + drop_b(a)): the residual's gradient goes straight to dxin
+  // y1 = LN_msda(x + drop_msda_out(a)): the residual's gradient goes straight to dxin
   T* dx = dxin + r0 * C;
-  norm_backward(ops, rows, C, b.g, saved.xhat_b + r0 * C, saved.rstd_b + r0, w.norm_b_w, dx,
-                gw.norm_b_w, gw.norm_b_b, acc);
-  const T* da = dropped(ops, o, kDropB, r0, rows * C, dx, b.da);
+  norm_backward(ops, rows, C, b.g, saved.xhat_msda + r0 * C, saved.rstd_msda + r0, w.msda_norm_w, dx,
+                gw.msda_norm_w, gw.msda_norm_b, acc);
+  const T* da = dropped(ops, o, kDropMsdaOut, r0, rows * C, dx, b.da);
   // sampled = msda(value, loc, attn): loc and attn recomputed from the saved projection
   const T* raw = saved.raw + r0 * 3 * K;
   const SamplingArgs sa = sampling_args(s, rows);
@@ -506,10 +506,10 @@ void self_attention_backward(const Ops& ops, const Dims& d, const LayerOptions& 
                              const SelfAttnBackward<T>& b) {
   const int64_t C = d.C, C3 = 3 * d.C, LL = d.Lq * d.Lq;
   const Acc<T> scale = Acc<T>(1) / std::sqrt(Acc<T>(d.D));
-  // y0 = LN_a(x + drop_a(a)): the residual's gradient is dx
-  norm_backward(ops, d.T, C, dy0, saved.xhat_a, saved.rstd_a, w.norm_a_w, gi.x, gw.norm_a_w,
-                gw.norm_a_b, false);
-  const T* da = dropped(ops, o, kDropA, 0, d.T * C, gi.x, b.da);
+  // y0 = LN_sa(x + drop_sa_out(a)): the residual's gradient is dx
+  norm_backward(ops, d.T, C, dy0, saved.xhat_sa, saved.rstd_sa, w.sa_norm_w, gi.x, gw.sa_norm_w,
+                gw.sa_norm_b, false);
+  const T* da = dropped(ops, o, kDropSaOut, 0, d.T * C, gi.x, b.da);
   linear_backward(ops, d.T, C, C, saved.sa_heads, C, da, C, w.sa_out_w, gw.sa_out_w, gw.sa_out_b,
                   false, b.dheads, C, Acc<T>(0));
   for (int64_t n = 0; n < d.N; ++n) {
@@ -731,7 +731,7 @@ void layer_backward(const Ops& ops, const LayerShape& s, const LayerOptions& o,
   const T* xin = in.x;
   T* dxin = gi.x;
   if (s.decoder) {
-    ops.layernorm_apply(d.T, d.C, saved.xhat_a, w.norm_a_w, w.norm_a_b, sp.y0);
+    ops.layernorm_apply(d.T, d.C, saved.xhat_sa, w.sa_norm_w, w.sa_norm_b, sp.y0);
     xin = sp.y0;
     dxin = sp.dy0;
   }
