@@ -4,7 +4,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "ddetr/layer_driver.h"
+#include "ddetr/layer_driver_pass.h"  // layer_detail::Dims
 
 namespace ddetr {
 

@@ -382,8 +382,8 @@ void layer_forward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o,
       dtype, deterministic, device, stream, workspace, workspace_bytes,
       [&](const auto& ops, auto tag, void* ws, size_t ws_bytes) {
         using T = typename decltype(tag)::type;
-        layer_forward<T>(ops, s, o, typed<T>(w), typed<T>(in), static_cast<T*>(out),
-                         typed<T>(saved), ws, ws_bytes);
+        layer_forward<T>(ops, {s, o, typed<T>(w), typed<T>(in), typed<T>(saved)},
+                         static_cast<T*>(out), ws, ws_bytes);
       });
 }
 
@@ -398,7 +398,7 @@ void layer_backward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o
       dtype, deterministic, device, stream, workspace, workspace_bytes,
       [&](const auto& ops, auto tag, void* ws, size_t ws_bytes) {
         using T = typename decltype(tag)::type;
-        layer_backward<T>(ops, s, o, typed<T>(w), typed<T>(in), typed<T>(saved),
+        layer_backward<T>(ops, {s, o, typed<T>(w), typed<T>(in), typed<T>(saved)},
                           static_cast<const T*>(grad_out), typed<T>(grad_in), typed<T>(grad_w),
                           ws, ws_bytes);
       });
