@@ -1,4 +1,16 @@
-// OpenBLAS GEMM loaded with dlopen (see ddetr/blas.h).
+// The float32 / float64 GEMM of ddetr/blas.h on OpenBLAS, loaded with dlopen.
+//
+// Math: C = op(A) op(B) + beta * C through cblas_{s,d}gemm (row-major), then the
+// epilogue C[m, n] = act(C[m, n] + bias[n]) on each chunk of rows while it is in cache.
+//
+// Layout: row-major, leading dimensions in elements; a chunk of C's rows [r0, r0 + rows)
+// is the GEMM of op(A)'s rows [r0, r0 + rows) (A's rows, or A's columns when transposed)
+// with all of op(B).
+//
+// Threads: OpenBLAS itself runs on one thread; an OpenMP team (torch's thread count, one
+// thread for small GEMMs) shares fixed chunks of C's rows, one sgemm / dgemm call per
+// chunk. The chunks depend on M alone (chunk_rows), so results do not depend on the
+// thread count; nothing is reduced across threads.
 #include "ddetr/blas.h"
 #include "ddetr/threads.h"
 

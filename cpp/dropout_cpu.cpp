@@ -3,8 +3,8 @@
 // Layout: flat arrays of n elements. Threads own contiguous ranges of Philox blocks
 // (4 elements each); within a range, the bits of kBatch blocks are generated first
 // in a loop the compiler vectorises (every block independent), then applied to the
-// 4 * kBatch elements in a second vectorised loop. Nothing is allocated and the result does not depend on the
-// thread count.
+// 4 * kBatch elements in a second vectorised loop. Nothing is allocated and the result
+// does not depend on the thread count.
 #include <algorithm>
 #include <stdexcept>
 #include <string>

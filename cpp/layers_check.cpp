@@ -4,7 +4,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "ddetr/layer_driver.h"
+#include "ddetr/layer_driver_pass.h"  // layer_detail::Dims
 
 namespace ddetr {
 
@@ -16,16 +16,16 @@ void layer_saved_sizes(const LayerShape& s, const LayerOptions& o,
       dec * d.T * 3 * d.C,                              // qkv
       o.recompute ? 0 : dec * d.N * d.M * d.Lq * d.Lq,  // probs
       dec * d.T * d.C,                                  // sa_heads
-      dec * d.T * d.C,                                  // xhat_a
-      dec * d.T,                                        // rstd_a
+      dec * d.T * d.C,                                  // xhat_sa
+      dec * d.T,                                        // rstd_sa
       dec ? 0 : d.N * d.S * d.C,                        // value (encoder)
       d.T * 3 * d.K,                                    // raw
       dec * d.T * d.C,                                  // sampled (decoder)
-      d.T * d.C,                                        // xhat_b
-      d.T,                                              // rstd_b
+      d.T * d.C,                                        // xhat_msda
+      d.T,                                              // rstd_msda
       o.recompute ? 0 : d.T * d.F,                      // hidden
-      d.T * d.C,                                        // xhat_c
-      d.T,                                              // rstd_c
+      d.T * d.C,                                        // xhat_ffn
+      d.T,                                              // rstd_ffn
       dec * d.T * d.M * (d.C + 1)};                     // smem and coefficients
   std::copy(vals, vals + kLayerSavedCount, sizes);
 }

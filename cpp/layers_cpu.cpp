@@ -382,7 +382,7 @@ void layer_forward_cpu(const LayerShape& s, const LayerOptions& o, const LayerPa
                        const LayerInputs<T>& in, T* out, const LayerSaved<T>& saved,
                        void* workspace, size_t workspace_bytes, int num_threads) {
   const CpuOps<T> ops = cpu_ops<T>(num_threads, workspace, workspace_bytes);
-  layer_forward(ops, s, o, w, in, out, saved, workspace, workspace_bytes);
+  layer_forward(ops, {s, o, w, in, saved}, out, workspace, workspace_bytes);
 }
 
 template <class T>
@@ -392,7 +392,7 @@ void layer_backward_cpu(const LayerShape& s, const LayerOptions& o, const LayerP
                         const LayerParamGrads<T>& grad_w, void* workspace,
                         size_t workspace_bytes, int num_threads) {
   const CpuOps<T> ops = cpu_ops<T>(num_threads, workspace, workspace_bytes);
-  layer_backward(ops, s, o, w, in, saved, grad_out, grad_in, grad_w, workspace,
+  layer_backward(ops, {s, o, w, in, saved}, grad_out, grad_in, grad_w, workspace,
                  workspace_bytes);
 }
 

@@ -4,8 +4,8 @@
 // Thread mapping: one thread per Philox block of 4 consecutive elements (one call of
 // the generator gives all four words), grid-stride loop. relu_dropout_backward has no
 // randomness: one thread per element.
+#include "common.cuh"
 #include "ddetr/dropout.h"
-#include "msda_common.cuh"
 
 namespace ddetr {
 namespace cuda_detail {

@@ -26,8 +26,8 @@
 // fixed order, into one workspace row per token tile; a second small kernel adds
 // each level's rows in tile order. No floating-point atomics anywhere: results
 // are bitwise reproducible.
+#include "common.cuh"
 #include "ddetr/flatten.h"
-#include "msda_common.cuh"
 
 namespace ddetr {
 namespace cuda_detail {

@@ -8,9 +8,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "common.cuh"
 #include "ddetr/layer_ops.h"
-#include "ddetr/scalar.h"
-#include "msda_common.cuh"  // kBlock, kWarp
 
 namespace ddetr {
 namespace cuda_detail {

@@ -66,8 +66,8 @@
 #include "ddetr/dropout.h"
 #include "ddetr/layer_ops.h"
 #include "ddetr/msda.h"
+#include "common.cuh"
 #include "layer_kernels.cuh"
-#include "msda_common.cuh"
 
 namespace ddetr {
 namespace cuda_detail {
@@ -111,11 +111,6 @@ void cublas_gemm(int device, cudaStream_t stream, const BlasWorkspace& ws,
                  const GemmCall<bf16, float>& g);
 
 // ------------------------------------------------------------------ host helpers
-
-template <class T> constexpr DType dtype_of();
-template <> constexpr DType dtype_of<float>() { return DType::f32; }
-template <> constexpr DType dtype_of<double>() { return DType::f64; }
-template <> constexpr DType dtype_of<bf16>() { return DType::bf16; }
 
 // Launches `kernel` for `work` items at `per_block` items a block of `threads` threads
 // (nothing when there is no work); the kernels' grid-stride loops cover the rest.

@@ -46,6 +46,7 @@
 #include <string>
 #include <type_traits>
 
+#include "common.cuh"
 #include "ddetr/layer_driver.h"
 #include "ddetr/layers.h"
 #include "layer_ops.cuh"
@@ -245,16 +246,8 @@ void run_cublas_bf16(int device, cudaStream_t stream, const BlasWorkspace& ws,
   });
 }
 
-template <class F> void dispatch_layer(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::f32: f(TypeTag<float>{}); return;
-    case DType::f64: f(TypeTag<double>{}); return;
-    case DType::bf16: f(TypeTag<bf16>{}); return;
-    case DType::f16: break;
-  }
-  throw std::invalid_argument(
-      "native layers on CUDA take bfloat16, float32 or float64 (float16 is not supported)");
-}
+constexpr char kLayerTypes[] =
+    "native layers on CUDA take bfloat16, float32 or float64 (float16 is not supported)";
 
 // A loaded cuBLAS with the GEMMs `dtype` needs.
 void require_cublas(DType dtype) {
@@ -298,7 +291,7 @@ void with_cuda_ops(DType dtype, bool deterministic, int device, uintptr_t stream
   const uintptr_t aligned = (base + kBlasAlign - 1) / kBlasAlign * kBlasAlign;
   const BlasWorkspace blas{reinterpret_cast<void*>(aligned), blas_workspace_bytes(device)};
   void* rest = static_cast<char*>(workspace) + reserve;
-  dispatch_layer(dtype, [&](auto tag) {
+  dispatch_only<float, double, bf16>(dtype, kLayerTypes, [&](auto tag) {
     using T = typename decltype(tag)::type;
     fn(CudaOps<T>{device, as_stream(stream), deterministic, blas}, tag, rest,
        workspace_bytes - reserve);
@@ -389,8 +382,8 @@ void layer_forward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o,
       dtype, deterministic, device, stream, workspace, workspace_bytes,
       [&](const auto& ops, auto tag, void* ws, size_t ws_bytes) {
         using T = typename decltype(tag)::type;
-        layer_forward<T>(ops, s, o, typed<T>(w), typed<T>(in), static_cast<T*>(out),
-                         typed<T>(saved), ws, ws_bytes);
+        layer_forward<T>(ops, {s, o, typed<T>(w), typed<T>(in), typed<T>(saved)},
+                         static_cast<T*>(out), ws, ws_bytes);
       });
 }
 
@@ -405,7 +398,7 @@ void layer_backward_cuda(DType dtype, const LayerShape& s, const LayerOptions& o
       dtype, deterministic, device, stream, workspace, workspace_bytes,
       [&](const auto& ops, auto tag, void* ws, size_t ws_bytes) {
         using T = typename decltype(tag)::type;
-        layer_backward<T>(ops, s, o, typed<T>(w), typed<T>(in), typed<T>(saved),
+        layer_backward<T>(ops, {s, o, typed<T>(w), typed<T>(in), typed<T>(saved)},
                           static_cast<const T*>(grad_out), typed<T>(grad_in), typed<T>(grad_w),
                           ws, ws_bytes);
       });

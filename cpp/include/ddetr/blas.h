@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <string>
 
-#include "ddetr/msda.h"
+#include "ddetr/core.h"
 
 namespace ddetr {
 

@@ -35,8 +35,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "ddetr/msda.h"  // kMaxLevels, DType
-#include "ddetr/scalar.h"
+#include "ddetr/core.h"
 
 namespace ddetr {
 

@@ -60,8 +60,7 @@
 
 #include <cstdint>
 
-#include "ddetr/msda.h"
-#include "ddetr/scalar.h"
+#include "ddetr/core.h"
 
 namespace ddetr {
 

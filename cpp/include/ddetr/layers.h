@@ -12,17 +12,31 @@
 //          = ref_xy + offset / P * ref_wh / 2 (4-d refs)
 //   attn   = softmax over L*P of the logits                (rows, M, L, P)
 //   a      = msda(value, loc, attn) W_o^T + b_o            (sampled = msda(...) saved)
-//   y1     = LN1(src + drop_1(a))
-//   hidden = drop_2(relu(y1 W_1^T + b_1))                  (rows, F)
-//   out    = LN2(y1 + drop_3(hidden W_2^T + b_2))
+//   y1     = LN_msda(src + drop_msda_out(a))
+//   hidden = drop_ffn(relu(y1 W_1^T + b_1))                (rows, F)
+//   out    = LN_ffn(y1 + drop_ffn_out(hidden W_2^T + b_2))
 //
 // Decoder layer (queries tgt (N, Lq, C), value input = memory (N, S, C)):
 //   qk     = tgt + pos;  [Q K] = qk W_qk^T + b_qk;  V = tgt W_v^T + b_v   (qkv saved)
 //   probs  = drop_attn(softmax(Q_m K_m^T / sqrt(D)))       per batch element and head
-//   y0     = LN_a(tgt + drop_a((probs V) W_so^T + b_so))   (norm2 in the checkpoint)
-//   y1     = LN_b(y0 + drop_b(deformable cross-attention of y0 + pos into memory)),
-//            its values sampled from the memory before the projection (layer_driver.h)
-//   out    = LN_c(y1 + drop_c(FFN(y1)))                    (norm1, norm3)
+//   y0     = LN_sa(tgt + drop_sa_out((probs V) W_so^T + b_so))
+//   y1     = LN_msda(y0 + drop_msda_out(deformable cross-attention of y0 + pos into
+//            memory)), its values sampled from the memory before the projection
+//            (layer_driver.h)
+//   out    = LN_ffn(y1 + drop_ffn_out(FFN(y1)))
+//
+// LayerNorms and dropouts are named by their role (a norm or an *_out dropout by the
+// sub-layer it follows); a role's checkpoint name depends on the layer kind
+// (python/ddetr/models/transformer_layers.py):
+//   role           C++ name                    encoder     decoder
+//   LN_sa          sa_norm_w, sa_norm_b        -           norm2
+//   LN_msda        msda_norm_w, msda_norm_b    norm1       norm1
+//   LN_ffn         ffn_norm_w, ffn_norm_b      norm2       norm3
+//   drop_attn      kDropAttn                   -           self_attn's own dropout
+//   drop_sa_out    kDropSaOut                  -           dropout2
+//   drop_msda_out  kDropMsdaOut                dropout1    dropout1
+//   drop_ffn       kDropFfn                    dropout2    dropout3
+//   drop_ffn_out   kDropFfnOut                 dropout3    dropout4
 //
 // Dropout: Philox keyed by `seed` (ddetr/dropout.h). Site s of a layer draws its mask
 // for rows [r0, r0 + rows) from the counter offset (s << 40) + r0, element index
@@ -57,8 +71,14 @@ namespace ddetr {
 
 constexpr int64_t kLayerBlockRows = 2048;
 
-// Dropout sites (the high bits of the Philox offset).
-enum DropSite : int { kDropAttn = 0, kDropA = 1, kDropB = 2, kDropFfn = 3, kDropC = 4 };
+// Dropout sites (the high bits of the Philox offset), named as in the table above.
+enum DropSite : int {
+  kDropAttn = 0,     // the decoder's attention probabilities
+  kDropSaOut = 1,    // the decoder's self-attention output
+  kDropMsdaOut = 2,  // the deformable attention's output
+  kDropFfn = 3,      // the FFN's hidden activations
+  kDropFfnOut = 4,   // the FFN's output
+};
 
 struct LayerShape {
   bool decoder = false;
@@ -75,23 +95,27 @@ struct LayerOptions {
 
 // Parameters (Ptr = const T*) or their gradients (Ptr = T*, fully written by the
 // backward), row-major like torch's nn.Linear weights (out_features, in_features).
+// The LayerNorms' checkpoint names per layer kind are in the table at the top.
 template <class Ptr> struct LayerWeights {
-  // decoder self-attention (nn.MultiheadAttention: in_proj (3C, C), out_proj)
+  // decoder self-attention (nn.MultiheadAttention: in_proj (3C, C), out_proj) and the
+  // LayerNorm after it (the decoder's norm2)
   Ptr in_proj_w = nullptr, in_proj_b = nullptr, sa_out_w = nullptr, sa_out_b = nullptr,
-      norm_a_w = nullptr, norm_a_b = nullptr;
-  // deformable attention; oa = [sampling_offsets; attention_weights] stacked (3K, C)
+      sa_norm_w = nullptr, sa_norm_b = nullptr;
+  // deformable attention; oa = [sampling_offsets; attention_weights] stacked (3K, C);
+  // then the LayerNorm after it (norm1 in both layer kinds)
   Ptr value_w = nullptr, value_b = nullptr, oa_w = nullptr, oa_b = nullptr, out_w = nullptr,
-      out_b = nullptr, norm_b_w = nullptr, norm_b_b = nullptr;
-  // FFN
+      out_b = nullptr, msda_norm_w = nullptr, msda_norm_b = nullptr;
+  // FFN (linear1, linear2) and the LayerNorm after it (encoder norm2, decoder norm3)
   Ptr lin1_w = nullptr, lin1_b = nullptr, lin2_w = nullptr, lin2_b = nullptr,
-      norm_c_w = nullptr, norm_c_b = nullptr;
+      ffn_norm_w = nullptr, ffn_norm_b = nullptr;
 
   static constexpr int kCount = 20;
   // every field in the order above, for code that treats them alike
   std::array<Ptr*, kCount> fields() {
-    return {&in_proj_w, &in_proj_b, &sa_out_w, &sa_out_b, &norm_a_w, &norm_a_b, &value_w,
-            &value_b,   &oa_w,      &oa_b,     &out_w,    &out_b,    &norm_b_w, &norm_b_b,
-            &lin1_w,    &lin1_b,    &lin2_w,   &lin2_b,   &norm_c_w, &norm_c_b};
+    return {&in_proj_w,   &in_proj_b,   &sa_out_w, &sa_out_b, &sa_norm_w,  &sa_norm_b,
+            &value_w,     &value_b,     &oa_w,     &oa_b,     &out_w,      &out_b,
+            &msda_norm_w, &msda_norm_b, &lin1_w,   &lin1_b,   &lin2_w,     &lin2_b,
+            &ffn_norm_w,  &ffn_norm_b};
   }
 };
 
@@ -108,19 +132,20 @@ template <class T> struct LayerInputs {
 
 constexpr int kLayerSavedCount = 14;
 
-// Saved activations; the element counts are given by layer_saved_sizes.
+// Saved activations; the element counts are given by layer_saved_sizes. xhat_* and
+// rstd_* are a LayerNorm's normalised input and 1/std, named by its role (see the top).
 template <class T> struct LayerSaved {
-  T *qkv = nullptr, *probs = nullptr, *sa_heads = nullptr, *xhat_a = nullptr,
-    *rstd_a = nullptr;                                        // decoder only
-  T *value = nullptr, *raw = nullptr, *sampled = nullptr, *xhat_b = nullptr,
-    *rstd_b = nullptr;                                        // deformable attention
-  T *hidden = nullptr, *xhat_c = nullptr, *rstd_c = nullptr;  // FFN
+  T *qkv = nullptr, *probs = nullptr, *sa_heads = nullptr, *xhat_sa = nullptr,
+    *rstd_sa = nullptr;                                           // decoder only
+  T *value = nullptr, *raw = nullptr, *sampled = nullptr, *xhat_msda = nullptr,
+    *rstd_msda = nullptr;                                         // deformable attention
+  T *hidden = nullptr, *xhat_ffn = nullptr, *rstd_ffn = nullptr;  // FFN
   T* smem = nullptr;  // decoder: sampled memory (T, M, C) then coefficients (T, M)
 
   // every field in the order above (layer_saved_sizes' order)
   std::array<T**, kLayerSavedCount> fields() {
-    return {&qkv,    &probs,  &sa_heads, &xhat_a, &rstd_a, &value,  &raw,
-            &sampled, &xhat_b, &rstd_b,  &hidden, &xhat_c, &rstd_c, &smem};
+    return {&qkv,       &probs,     &sa_heads, &xhat_sa,  &rstd_sa,  &value,    &raw,
+            &sampled,   &xhat_msda, &rstd_msda, &hidden,  &xhat_ffn, &rstd_ffn, &smem};
   }
 };
 

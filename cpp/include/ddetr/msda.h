@@ -23,12 +23,9 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "ddetr/scalar.h"
+#include "ddetr/core.h"
 
 namespace ddetr {
-
-// The level table travels by value into kernels, so it has a fixed capacity.
-constexpr int kMaxLevels = 64;
 
 struct MsdaShape {
   int64_t N = 0, S = 0, M = 0, D = 0, Lq = 0, L = 0, P = 0;
@@ -53,9 +50,6 @@ void msda_backward_cpu(const MsdaShape& shape, const T* value, const Acc<T>* loc
                        const Acc<T>* attn, const T* grad_out, Acc<T>* grad_value,
                        Acc<T>* grad_loc, Acc<T>* grad_attn, int num_threads,
                        T* out = nullptr);
-
-// Element types understood by the CUDA launchers (the CPU takes f32, f64, bf16).
-enum class DType { f32, f64, f16, bf16 };
 
 // CUDA launchers (cuda/msda_forward.cu, cuda/msda_backward*.cu). `stream` is a cudaStream_t passed as an
 // integer so this header stays free of CUDA includes; `device` is the CUDA
