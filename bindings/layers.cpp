@@ -39,8 +39,8 @@ struct NamedInputGrads {
 // The saved activations of ddetr/layers.h's LayerSaved: pointers (V = uintptr_t) or
 // element counts (V = int64_t).
 template <class V> struct NamedSaved {
-  V qkv = 0, probs = 0, sa_heads = 0, xhat_a = 0, rstd_a = 0, value = 0, raw = 0, sampled = 0,
-    xhat_b = 0, rstd_b = 0, hidden = 0, xhat_c = 0, rstd_c = 0, smem = 0;
+  V qkv = 0, probs = 0, sa_heads = 0, xhat_sa = 0, rstd_sa = 0, value = 0, raw = 0, sampled = 0,
+    xhat_msda = 0, rstd_msda = 0, hidden = 0, xhat_ffn = 0, rstd_ffn = 0, smem = 0;
 };
 using SavedPointers = NamedSaved<uintptr_t>;
 using SavedSizes = NamedSaved<int64_t>;
@@ -108,8 +108,8 @@ LayerWeights<Ptr> weights(const NamedParams& p, bool decoder, const std::string&
   set(w.in_proj_b, p.self_attn_in_proj_bias, "self_attn_in_proj_bias", decoder);
   set(w.sa_out_w, p.self_attn_out_proj_weight, "self_attn_out_proj_weight", decoder);
   set(w.sa_out_b, p.self_attn_out_proj_bias, "self_attn_out_proj_bias", decoder);
-  set(w.norm_a_w, p.self_attn_norm_weight, "self_attn_norm_weight", decoder);
-  set(w.norm_a_b, p.self_attn_norm_bias, "self_attn_norm_bias", decoder);
+  set(w.sa_norm_w, p.self_attn_norm_weight, "self_attn_norm_weight", decoder);
+  set(w.sa_norm_b, p.self_attn_norm_bias, "self_attn_norm_bias", decoder);
   set(w.value_w, p.value_proj_weight, "value_proj_weight", true);
   set(w.value_b, p.value_proj_bias, "value_proj_bias", true);
   set(w.oa_w, p.sampling_offsets_attention_weights_weight,
@@ -118,14 +118,14 @@ LayerWeights<Ptr> weights(const NamedParams& p, bool decoder, const std::string&
       "sampling_offsets_attention_weights_bias", true);
   set(w.out_w, p.output_proj_weight, "output_proj_weight", true);
   set(w.out_b, p.output_proj_bias, "output_proj_bias", true);
-  set(w.norm_b_w, p.norm1_weight, "norm1_weight", true);
-  set(w.norm_b_b, p.norm1_bias, "norm1_bias", true);
+  set(w.msda_norm_w, p.norm1_weight, "norm1_weight", true);
+  set(w.msda_norm_b, p.norm1_bias, "norm1_bias", true);
   set(w.lin1_w, p.linear1_weight, "linear1_weight", true);
   set(w.lin1_b, p.linear1_bias, "linear1_bias", true);
   set(w.lin2_w, p.linear2_weight, "linear2_weight", true);
   set(w.lin2_b, p.linear2_bias, "linear2_bias", true);
-  set(w.norm_c_w, p.ffn_norm_weight, "ffn_norm_weight", true);
-  set(w.norm_c_b, p.ffn_norm_bias, "ffn_norm_bias", true);
+  set(w.ffn_norm_w, p.ffn_norm_weight, "ffn_norm_weight", true);
+  set(w.ffn_norm_b, p.ffn_norm_bias, "ffn_norm_bias", true);
   return w;
 }
 
@@ -147,16 +147,16 @@ LayerSaved<void> saved(const SavedPointers& p) {
   s.qkv = as<void>(p.qkv);
   s.probs = as<void>(p.probs);
   s.sa_heads = as<void>(p.sa_heads);
-  s.xhat_a = as<void>(p.xhat_a);
-  s.rstd_a = as<void>(p.rstd_a);
+  s.xhat_sa = as<void>(p.xhat_sa);
+  s.rstd_sa = as<void>(p.rstd_sa);
   s.value = as<void>(p.value);
   s.raw = as<void>(p.raw);
   s.sampled = as<void>(p.sampled);
-  s.xhat_b = as<void>(p.xhat_b);
-  s.rstd_b = as<void>(p.rstd_b);
+  s.xhat_msda = as<void>(p.xhat_msda);
+  s.rstd_msda = as<void>(p.rstd_msda);
   s.hidden = as<void>(p.hidden);
-  s.xhat_c = as<void>(p.xhat_c);
-  s.rstd_c = as<void>(p.rstd_c);
+  s.xhat_ffn = as<void>(p.xhat_ffn);
+  s.rstd_ffn = as<void>(p.rstd_ffn);
   s.smem = as<void>(p.smem);
   return s;
 }
@@ -173,16 +173,16 @@ SavedSizes saved_sizes(const LayerShape& s, const LayerOptions& o) {
   out.qkv = *at.qkv;
   out.probs = *at.probs;
   out.sa_heads = *at.sa_heads;
-  out.xhat_a = *at.xhat_a;
-  out.rstd_a = *at.rstd_a;
+  out.xhat_sa = *at.xhat_sa;
+  out.rstd_sa = *at.rstd_sa;
   out.value = *at.value;
   out.raw = *at.raw;
   out.sampled = *at.sampled;
-  out.xhat_b = *at.xhat_b;
-  out.rstd_b = *at.rstd_b;
+  out.xhat_msda = *at.xhat_msda;
+  out.rstd_msda = *at.rstd_msda;
   out.hidden = *at.hidden;
-  out.xhat_c = *at.xhat_c;
-  out.rstd_c = *at.rstd_c;
+  out.xhat_ffn = *at.xhat_ffn;
+  out.rstd_ffn = *at.rstd_ffn;
   out.smem = *at.smem;
   return out;
 }
@@ -326,16 +326,16 @@ template <class V> void bind_saved(py::module_& m, const char* name, const char*
       .field("qkv", &S::qkv, "decoder: self-attention Q, K, V")
       .field("probs", &S::probs, "decoder: attention probabilities (not with recompute)")
       .field("sa_heads", &S::sa_heads, "decoder: heads before out_proj")
-      .field("xhat_a", &S::xhat_a, "decoder: norm2's normalised input")
-      .field("rstd_a", &S::rstd_a, "decoder: norm2's 1/std")
+      .field("xhat_sa", &S::xhat_sa, "decoder: norm2's normalised input")
+      .field("rstd_sa", &S::rstd_sa, "decoder: norm2's 1/std")
       .field("value", &S::value, "projected values")
       .field("raw", &S::raw, "offsets and attention logits")
       .field("sampled", &S::sampled, "sampled features")
-      .field("xhat_b", &S::xhat_b, "norm1's normalised input")
-      .field("rstd_b", &S::rstd_b, "norm1's 1/std")
+      .field("xhat_msda", &S::xhat_msda, "norm1's normalised input")
+      .field("rstd_msda", &S::rstd_msda, "norm1's 1/std")
       .field("hidden", &S::hidden, "FFN hidden activations (not with recompute)")
-      .field("xhat_c", &S::xhat_c, "FFN norm's normalised input")
-      .field("rstd_c", &S::rstd_c, "FFN norm's 1/std")
+      .field("xhat_ffn", &S::xhat_ffn, "FFN norm's normalised input")
+      .field("rstd_ffn", &S::rstd_ffn, "FFN norm's 1/std")
       .field("smem", &S::smem, "decoder: sampled memory and coefficients");
 }
 

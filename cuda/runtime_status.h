@@ -5,7 +5,7 @@
 // Why it exists: ddetr carries the runtime of the toolkit it was built with, while
 // torch carries its own. A driver older than ddetr's toolkit runs torch but fails every
 // ddetr CUDA call (cudaErrorInsufficientDriver), so Python asks once and keeps CUDA
-// tensors on the pure-PyTorch path with one warning (python/ddetr/_ext.py).
+// tensors on the pure-PyTorch path with one warning (python/ddetr/_native/loader.py).
 #pragma once
 
 namespace ddetr {
