@@ -38,6 +38,7 @@ def test_report_lists_every_candidate_and_the_choice(compressed):
     names = [r["name"] for r in report["rows"]]
     assert names[0] == "original" and "precision bfloat16" in names
     assert any(n.startswith("decoder layers") for n in names)
+    assert any(n.startswith("input size") for n in names)
     assert report["ap_drop"] <= 0.05 + 1e-9
     assert report["chosen"]["latency_ms"] <= report["original"]["latency_ms"]
     assert "chosen:" in printed and (tmp_path / "small" / "report.png").stat().st_size > 1000
@@ -49,6 +50,10 @@ def test_what_it_writes_loads_with_the_chosen_settings(compressed):
     report = json.loads((tmp_path / "small" / "report.json").read_text())
     detector = load_detector(str(tmp_path / "small" / "checkpoint.pth"))
     assert detector.model.compression == report["applied"]
+    scale = 1.0
+    for record in report["applied"]:
+        scale *= record.get("scale", 1.0)
+    assert detector.base_size == max(1, round(64 * scale))  # the tiny run's base_size
     pretrained = DeformableDetr.from_pretrained(tmp_path / "small" / "model").eval()
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():

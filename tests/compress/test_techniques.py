@@ -130,3 +130,14 @@ def test_what_was_applied_is_recorded_and_reloaded(tmp_path):
     assert next(again.parameters()).dtype == torch.bfloat16
     x, mask = images()
     assert torch.equal(outputs(again, x, mask)["pred_boxes"], outputs(small, x, mask)["pred_boxes"])
+
+
+def test_resize_inputs_records_the_scale():
+    model = tiny_model("plain")
+    small = compress.resize_inputs(compress.resize_inputs(model, 0.5), 0.75)
+    assert [r["scale"] for r in small.compression] == [0.5, 0.75]
+    x, mask = images()
+    assert torch.equal(outputs(small, x, mask)["pred_boxes"], outputs(model, x, mask)["pred_boxes"])
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="scale"):
+            compress.resize_inputs(model, bad)

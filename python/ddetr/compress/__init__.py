@@ -10,6 +10,7 @@ identity setting returns a model with exactly the original outputs.
   the largest mean attention weight per (layer, head, level) (``point_usage``); the
   softmax then renormalises over the points kept.
 - ``to_bfloat16(model)``: every parameter and activation in bfloat16.
+- ``resize_inputs(model, scale)``: the same weights on images ``scale`` times the size.
 
 ``compress(model, val_dataset, max_ap_drop)`` measures each technique alone and combines
 them greedily (``ddetr compress`` on the command line); ``write_report`` writes its
@@ -18,7 +19,8 @@ report.
 
 from ddetr.compress.api import compress, write_report
 from ddetr.compress.calibrate import point_usage, query_usage
-from ddetr.compress.techniques import prune_points, reduce_queries, to_bfloat16, truncate_decoder
+from ddetr.compress.techniques import (prune_points, reduce_queries, resize_inputs, to_bfloat16,
+                                       truncate_decoder)
 
-__all__ = ["compress", "point_usage", "prune_points", "query_usage", "reduce_queries", "to_bfloat16",
-           "truncate_decoder", "write_report"]
+__all__ = ["compress", "point_usage", "prune_points", "query_usage", "reduce_queries",
+           "resize_inputs", "to_bfloat16", "truncate_decoder", "write_report"]

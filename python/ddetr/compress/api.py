@@ -41,21 +41,30 @@ def _check(model, max_ap_drop, calib_images, time_budget, latency_images) -> Non
 
 def compress(model: DeformableDetr, val_dataset, max_ap_drop: float = 0.01,
              calib_images: int = 16, device=None, time_budget: float = 10.0,
-             latency_images: int = 20, progress: bool = True) -> tuple[DeformableDetr, dict]:
+             latency_images: int = 20, progress: bool = True,
+             dataset_at=None) -> tuple[DeformableDetr, dict]:
     """The fastest combination of the techniques found whose COCO AP on ``val_dataset``
     (a ``CocoDetection``) is at most ``max_ap_drop`` below the model's, and the report
     ``{"rows": every candidate measured, "chosen": its row, "original": the model's row,
     "speedup", "ap_drop", "cpu", "device", ...}``. ``calib_images``: the first images of
     the set, for the point and query statistics; ``latency_images``: batch-1 timing;
-    ``time_budget``: minutes, after which the search stops trying candidates."""
+    ``time_budget``: minutes, after which the search stops trying candidates;
+    ``dataset_at``: ``scale -> the validation set with images scale times the size``, to
+    search smaller inputs too (``resize_inputs``; without it the size stays)."""
     _check(model, max_ap_drop, calib_images, time_budget, latency_images)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     count = len(val_dataset)
     calib = [(val_dataset[i][0][None].to(device), None) for i in range(min(calib_images, count))]
-    images = [val_dataset[i][0] for i in range(min(latency_images, count))]
-    search = Search(val_dataset, images, device, float(max_ap_drop),
-                    time.monotonic() + 60 * time_budget)
+    cache = {1.0: val_dataset}
+
+    def at(scale: float):
+        if scale not in cache:
+            cache[scale] = dataset_at(scale)
+        return cache[scale]
+
+    search = Search(at, latency_images, device, float(max_ap_drop),
+                    time.monotonic() + 60 * time_budget, resize=dataset_at is not None)
     start = time.perf_counter()
     chosen, row, rows = run_search(model, search, calib, progress)
     original = rows[0]

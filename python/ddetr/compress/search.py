@@ -27,9 +27,16 @@ class Step:
     apply: Callable = field(compare=False, repr=False)
 
 
-def _steps(model, usage: dict, query_counts) -> list[Step]:
+SCALES = (0.875, 0.75, 0.625, 0.5)  # input sizes tried, relative to the model's
+
+
+def _steps(model, usage: dict, query_counts, resize: bool) -> list[Step]:
     """Every technique at its settings, milder first within a technique."""
     cfg, steps = model.config, []
+    if resize:
+        for s in SCALES:
+            steps.append(Step("input size", f"x{s}",
+                              lambda m, s=s: techniques.resize_inputs(m, s)))
     for k in range(cfg["num_decoder_layers"] - 1, 0, -1):
         steps.append(Step("decoder layers", str(k),
                           lambda m, k=k: techniques.truncate_decoder(m, k)))
@@ -59,17 +66,21 @@ def _fewer_learned(model, k: int, keep: list[int]):
 
 @dataclass
 class Search:
-    """State of one search: the validation set, the latency images, the budget."""
-    dataset: object
-    images: list
+    """State of one search: the validation set (``dataset_at(scale)``: at the model's
+    input size times scale), how many images to time, the budget."""
+    dataset_at: Callable
+    latency_images: int
     device: torch.device
     max_ap_drop: float
     deadline: float
+    resize: bool = True
     rows: list = field(default_factory=list)
 
     def measure(self, model, name: str, applied: list[str]) -> dict:
-        row = {"name": name, "applied": applied, **accuracy(model, self.dataset, self.device),
-               **latency(model, self.images, self.device)}
+        dataset = self.dataset_at(techniques.input_scale(model))
+        images = [dataset[i][0] for i in range(min(self.latency_images, len(dataset)))]
+        row = {"name": name, "applied": applied, **accuracy(model, dataset, self.device),
+               **latency(model, images, self.device)}
         self.rows.append(row)
         return row
 
@@ -86,7 +97,7 @@ def run_search(model, search: Search, calib: list, progress: bool = True):
     """Returns ``(chosen model, its row, every row measured)``."""
     usage = calibrate.point_usage(model, calib)
     counts = None if model.config["two_stage"] else calibrate.query_usage(model, calib)
-    steps = _steps(model, usage, counts)
+    steps = _steps(model, usage, counts, search.resize)
     bar = tqdm(total=2 * len(steps) + 1, desc="compress", disable=not progress)
     base = search.measure(model, "original", [])
     bar.update()

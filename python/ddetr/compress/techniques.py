@@ -142,6 +142,26 @@ def prune_points(model: DeformableDetr, enc_points: int | None = None,
     return _rebuild(model, state, record, **changes)
 
 
+def input_scale(model: DeformableDetr) -> float:
+    """The factor on the input images' sizes that ``resize_inputs`` records (1.0: none)."""
+    scale = 1.0
+    for record in model.compression:
+        scale *= record.get("scale", 1.0)
+    return scale
+
+
+def resize_inputs(model: DeformableDetr, scale: float) -> DeformableDetr:
+    """The same weights, recorded to run on images ``scale`` times the size (shorter and
+    longer side) the model was evaluated at: ``ddetr eval`` / ``predict`` of what
+    ``ddetr compress`` writes resize by it, and a search measures it at that size."""
+    _check_model(model)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1:
+        raise ValueError(f"scale: expected a factor in (0, 1], got {scale!r}")
+    new = copy.deepcopy(model)
+    new.compression = [*model.compression, {"technique": "resize_inputs", "scale": scale}]
+    return new
+
+
 def to_bfloat16(model: DeformableDetr) -> DeformableDetr:
     """A bfloat16 copy: every parameter and activation in bfloat16, float32 sums (the
     native layers and MSDA accumulate in float32); inputs may stay float32."""

@@ -9,6 +9,9 @@ import os
 import torch
 
 from ddetr.compress import compress, write_report
+from ddetr.compress.techniques import input_scale
+from ddetr.data.coco import CocoDetection
+from ddetr.data.transforms import val_transforms
 from ddetr.engine.distributed import pick_device
 from ddetr.engine.evaluate import validation_dataset
 from ddetr.engine.predict import load_detector
@@ -16,10 +19,18 @@ from ddetr.engine.predict import load_detector
 
 def save_detector(model, state: dict, path: str) -> None:
     """A checkpoint holding ``model`` with the config entries of the checkpoint it came
-    from (``state['config']``: training settings, categories), and what was applied."""
+    from (``state['config']``: training settings, categories), and what was applied; the
+    image sizes scaled as ``resize_inputs`` recorded, so eval and predict use them."""
     config = dict(state.get("config") or {})
     config["model"] = model.config
     config["compression"] = list(model.compression)
+    scale = input_scale(model)
+    if scale != 1.0 and config.get("train"):
+        train = dict(config["train"])
+        for key in ("base_size", "max_size"):
+            if key in train:
+                train[key] = max(1, round(train[key] * scale))
+        config["train"] = train
     tmp = path + ".tmp"
     torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "config": config, "epoch": state.get("epoch", -1)}, tmp)
@@ -39,8 +50,13 @@ def compress_checkpoint(path: str, output_dir: str, max_ap_drop: float = 0.01,
     detector = load_detector(path, dev, trust_pickle)
     dataset = validation_dataset(detector, path, coco_path, val_images, val_annotations,
                                  cache_dir)
+    def dataset_at(scale: float) -> CocoDetection:
+        sizes = (max(1, round(detector.base_size * scale)), max(1, round(detector.max_size * scale)))
+        return CocoDetection(dataset.img_folder, dataset.ann_file, val_transforms(*sizes),
+                             detector.model.config["num_classes"])
+
     model, report = compress(detector.model, dataset, max_ap_drop, calib_images, dev,
-                             time_budget, latency_images, progress)
+                             time_budget, latency_images, progress, dataset_at)
     os.makedirs(output_dir, exist_ok=True)
     save_detector(model, read_checkpoint(path, trust_pickle), os.path.join(output_dir,
                                                                            "checkpoint.pth"))
