@@ -17,14 +17,20 @@ from ddetr.models.deformable_detr import DeformableDetr
 
 
 def _cpu_name() -> str:
+    """The CPU's name, family and model, and its widest vector / matrix extensions (the
+    figures depend on them: AVX-512 kernels, AVX512-BF16 and AMX for bfloat16)."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    return (f"{info.get('model name', platform.machine())} (family {info.get('cpu family', '?')} "
+            f"model {info.get('model', '?')}; {' '.join(ext) or 'no AVX2'})")
 
 
 def _check(model, max_ap_drop, calib_images, time_budget, latency_images) -> None:
@@ -112,8 +118,11 @@ def _scatter(report: dict, path: str, size=(800, 500)) -> None:
     for r in report["rows"]:
         x, y = px(r["latency_ms"], r["AP"])
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
-    for key, colour in (("original", (0, 0, 0)), ("chosen", (214, 39, 40))):
+    same = report["chosen"]["name"] == report["original"]["name"]
+    marks = [("original = chosen" if same else "original", "original", (0, 0, 0))]
+    marks += [] if same else [("chosen", "chosen", (214, 39, 40))]
+    for label, key, colour in marks:
         x, y = px(report[key]["latency_ms"], report[key]["AP"])
         draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline=colour, width=2)
-        draw.text((x + 8, y - 14), key, fill=colour)
+        draw.text((x + 8, y - 14), label, fill=colour)
     image.save(path, format="PNG")
