@@ -75,10 +75,15 @@ class Search:
     deadline: float
     resize: bool = True
     rows: list = field(default_factory=list)
+    images: dict = field(default_factory=dict)  # scale -> the decoded latency images
 
     def measure(self, model, name: str, applied: list[str]) -> dict:
-        dataset = self.dataset_at(techniques.input_scale(model))
-        images = [dataset[i][0] for i in range(min(self.latency_images, len(dataset)))]
+        scale = techniques.input_scale(model)
+        dataset = self.dataset_at(scale)
+        if scale not in self.images:
+            count = min(self.latency_images, len(dataset))
+            self.images[scale] = [dataset[i][0] for i in range(count)]
+        images = self.images[scale]
         row = {"name": name, "applied": applied, **accuracy(model, dataset, self.device),
                **latency(model, images, self.device)}
         self.rows.append(row)

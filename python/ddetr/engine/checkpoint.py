@@ -75,6 +75,12 @@ def save_checkpoint(path: str, model, optimizer, lr_scheduler, epoch: int, confi
              "config": plain_data(config, "config"),
              "rng": rng_states if rng_states is not None else [rng_state()],
              "scaler": scaler.state_dict() if scaler is not None else None}
+    write_atomic(state, path)
+
+
+def write_atomic(state: dict, path: str) -> None:
+    """``torch.save(state, path)`` through a temporary file and a rename, so a reader
+    never sees half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     torch.save(state, tmp)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from ddetr.compress import compress, write_report
 from ddetr.compress.techniques import input_scale
 from ddetr.data.coco import CocoDetection
 from ddetr.data.transforms import val_transforms
+from ddetr.engine.checkpoint import read_checkpoint, write_atomic
 from ddetr.engine.distributed import pick_device
 from ddetr.engine.evaluate import validation_dataset
 from ddetr.engine.predict import load_detector
@@ -31,10 +30,8 @@ def save_detector(model, state: dict, path: str) -> None:
             if key in train:
                 train[key] = max(1, round(train[key] * scale))
         config["train"] = train
-    tmp = path + ".tmp"
-    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "config": config, "epoch": state.get("epoch", -1)}, tmp)
-    os.replace(tmp, path)
+    write_atomic({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                  "config": config, "epoch": state.get("epoch", -1)}, path)
 
 
 def compress_checkpoint(path: str, output_dir: str, max_ap_drop: float = 0.01,
@@ -45,7 +42,6 @@ def compress_checkpoint(path: str, output_dir: str, max_ap_drop: float = 0.01,
     """Compresses checkpoint ``path`` on its validation set (see ``evaluate_checkpoint``
     for how the set is found); writes ``output_dir/checkpoint.pth``, ``output_dir/model/``
     (save_pretrained), ``report.json`` and ``report.png``; returns the report."""
-    from ddetr.engine.checkpoint import read_checkpoint
     dev = pick_device(device)
     detector = load_detector(path, dev, trust_pickle)
     dataset = validation_dataset(detector, path, coco_path, val_images, val_annotations,

@@ -41,9 +41,7 @@ def load_detector(path: str, device="cpu", trust_pickle: bool = False) -> Detect
         raise ValueError(f"checkpoint: {path} has no model config (not written by ddetr train)")
     model = DeformableDetr(**config["model"])
     ckpt.resume(state, model, restore_rng=False)
-    model.compression = list(config.get("compression", []))  # (ddetr compress)
-    if any(r.get("dtype") == "bfloat16" for r in model.compression):
-        model.to(torch.bfloat16)
+    model.restore_compression(config.get("compression", []))  # (ddetr compress)
     train = config.get("train", {})
     names = {c["id"]: c["name"] for c in config.get("categories", [])}
     return Detector(model.to(device).eval(), names, train.get("base_size", 800),

@@ -210,10 +210,15 @@ class DeformableDetr(nn.Module):
         config.update(overrides)
         model = cls(**config)
         weights.load_weights(model, state, strict=strict, source=str(directory))
-        model.compression = weights.read_compression(directory)
-        if any(r.get("dtype") == "bfloat16" for r in model.compression):
-            model.to(torch.bfloat16)
+        model.restore_compression(weights.read_compression(directory))
         return model
+
+    def restore_compression(self, records: list[dict]) -> None:
+        """Sets ``compression`` to what ``ddetr.compress`` recorded for this model, and its
+        dtype with it (weights load into float32 parameters)."""
+        self.compression = list(records)
+        if any(r.get("dtype") == "bfloat16" for r in self.compression):
+            self.to(torch.bfloat16)
 
 
 def _check_config(cfg: dict) -> None:

@@ -143,10 +143,8 @@ def _ffn_params(layer: nn.Module, norm: nn.LayerNorm) -> dict[str, Tensor]:
 
 def _check(attn: nn.Module, x: Tensor, pos: Tensor | None, ref: Tensor, value_in: Tensor,
            spatial_shapes, mask: Tensor | None) -> None:
-    """Shapes, dtypes and devices of a layer call; ValueError naming the argument."""
-    if not isinstance(x, Tensor) or x.dtype not in _LAYER_DTYPES:
-        raise ValueError(f"x: expected a float32, float64 or bfloat16 tensor, got "
-                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    """Shapes, dtypes and devices of a layer call (x's dtype: checked by ``_run``);
+    ValueError naming the argument."""
     attn.check_inputs(x, ref, value_in, spatial_shapes, mask)
     if pos is not None and tuple(pos.shape) != tuple(x.shape):
         raise ValueError(f"pos: expected shape {tuple(x.shape)}, got {tuple(pos.shape)}")
