@@ -134,6 +134,19 @@ def _add_compress_parser(sub) -> None:
     comp.add_argument("--time_budget", "--time-budget", dest="time_budget", type=float,
                       default=10.0, help="minutes after which the search stops trying "
                                          "candidates (default 10)")
+    comp.add_argument("--finetune_epochs", "--finetune-epochs", dest="finetune_epochs",
+                      type=int, default=0,
+                      help="recovery: also try combinations beyond --max_ap_drop after this "
+                           "many epochs of distillation from the original model (its "
+                           "detections on the training images as the targets; default 0: "
+                           "post hoc only)")
+    comp.add_argument("--finetune_lr", "--finetune-lr", dest="finetune_lr", type=float,
+                      default=None, help="learning rate of the distillation (default: a "
+                                         "tenth of the checkpoint's training lr)")
+    for name in ("train_images", "train_annotations"):
+        comp.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=None,
+                          help="images to distill on with --finetune_epochs (default: the "
+                               "checkpoint's training set; only the image list is read)")
     comp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                       help="a tqdm bar over the search (default on)")
     _add_run_flags(comp, for_eval=False)
@@ -265,11 +278,10 @@ def run_predict(args) -> int:
 
 
 def run_compress(args) -> int:
-    from ddetr.engine.compress import compress_checkpoint
-    report = compress_checkpoint(
-        args.checkpoint, args.output_dir, args.max_ap_drop, args.coco_path, args.val_images,
-        args.val_annotations, args.cache_dir, args.device, args.calib_images, args.time_budget,
-        args.latency_images, args.progress, args.trust_pickle)
+    from dataclasses import fields
+    from ddetr.engine.compress import CompressRun, compress_checkpoint
+    report = compress_checkpoint(CompressRun(**{f.name: getattr(args, f.name)
+                                                for f in fields(CompressRun)}))
     o, c = report["original"], report["chosen"]
     print(f"{'candidate':42s} {'AP':>6s} {'AP50':>6s} {'AP_s':>6s} {'ms':>8s}")
     for r in report["rows"]:

@@ -11,7 +11,7 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from ddetr.compress.search import Search, run_search
+from ddetr.compress.search import Finetune, Search, run_search
 from ddetr.engine.plot import GRID, INK, ticks
 from ddetr.models.deformable_detr import DeformableDetr
 
@@ -33,7 +33,7 @@ def _cpu_name() -> str:
             f"model {info.get('model', '?')}; {' '.join(ext) or 'no AVX2'})")
 
 
-def _check(model, max_ap_drop, calib_images, time_budget, latency_images) -> None:
+def _check(model, max_ap_drop, calib_images, time_budget, latency_images, finetune) -> None:
     if not isinstance(model, DeformableDetr):
         raise ValueError(f"model: expected a ddetr DeformableDetr, got {type(model).__name__}")
     if not isinstance(max_ap_drop, (int, float)) or not 0 <= max_ap_drop <= 1:
@@ -43,12 +43,15 @@ def _check(model, max_ap_drop, calib_images, time_budget, latency_images) -> Non
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     if not isinstance(time_budget, (int, float)) or time_budget <= 0:
         raise ValueError(f"time_budget: expected minutes > 0, got {time_budget!r}")
+    if finetune is not None and (not isinstance(finetune, Finetune) or
+                                 not isinstance(finetune.epochs, int) or finetune.epochs < 1):
+        raise ValueError(f"finetune: expected a Finetune with epochs >= 1, got {finetune!r}")
 
 
 def compress(model: DeformableDetr, val_dataset, max_ap_drop: float = 0.01,
              calib_images: int = 16, device=None, time_budget: float = 10.0,
              latency_images: int = 20, progress: bool = True,
-             dataset_at=None) -> tuple[DeformableDetr, dict]:
+             dataset_at=None, finetune: Finetune | None = None) -> tuple[DeformableDetr, dict]:
     """The fastest combination of the techniques found whose COCO AP on ``val_dataset``
     (a ``CocoDetection``) is at most ``max_ap_drop`` below the model's, and the report
     ``{"rows": every candidate measured, "chosen": its row, "original": the model's row,
@@ -56,8 +59,11 @@ def compress(model: DeformableDetr, val_dataset, max_ap_drop: float = 0.01,
     the set, for the point and query statistics; ``latency_images``: batch-1 timing;
     ``time_budget``: minutes, after which the search stops trying candidates;
     ``dataset_at``: ``scale -> the validation set with images scale times the size``, to
-    search smaller inputs too (``resize_inputs``; without it the size stays)."""
-    _check(model, max_ap_drop, calib_images, time_budget, latency_images)
+    search smaller inputs too (``resize_inputs``; without it the size stays);
+    ``finetune``: a ``Finetune`` (distillation epochs and the training images): then
+    combinations beyond the budget are also tried after a short distillation from
+    ``model``, and the fastest back within ``max_ap_drop`` wins."""
+    _check(model, max_ap_drop, calib_images, time_budget, latency_images, finetune)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     count = len(val_dataset)
@@ -72,7 +78,7 @@ def compress(model: DeformableDetr, val_dataset, max_ap_drop: float = 0.01,
     search = Search(at, latency_images, device, float(max_ap_drop),
                     time.monotonic() + 60 * time_budget, resize=dataset_at is not None)
     start = time.perf_counter()
-    chosen, row, rows = run_search(model, search, calib, progress)
+    chosen, row, rows = run_search(model, search, calib, progress, finetune)
     original = rows[0]
     report = {"cpu": _cpu_name(), "device": str(device), "threads": torch.get_num_threads(),
               "max_ap_drop": max_ap_drop, "search_s": time.perf_counter() - start,

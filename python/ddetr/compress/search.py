@@ -78,6 +78,10 @@ class Search:
     images: dict = field(default_factory=dict)  # scale -> the decoded latency images
 
     def measure(self, model, name: str, applied: list[str]) -> dict:
+        """The candidate's row (measured once per combination of steps)."""
+        for row in self.rows:
+            if row["applied"] == applied:
+                return row
         scale = techniques.input_scale(model)
         dataset = self.dataset_at(scale)
         if scale not in self.images:
@@ -98,12 +102,31 @@ def _score(row: dict, base: dict) -> float:
     return (base["latency_ms"] - row["latency_ms"]) / max(base["AP"] - row["AP"], 1e-4)
 
 
-def run_search(model, search: Search, calib: list, progress: bool = True):
+@dataclass
+class Finetune:
+    """Recovery by distillation (``ddetr.compress.distill``): ``epochs`` on
+    ``train_at(scale)``, the training images with the teacher's labels and training
+    transforms at the model's input size times scale; ``budgets``: the AP drops allowed
+    before recovery, tried most aggressive first."""
+    epochs: int
+    train_at: Callable
+    lr: float = 1e-4
+    batch_size: int = 8
+    train_config: dict | None = None
+    budgets: tuple = (0.2, 0.1, 0.05)
+
+
+PRECISION = "precision"  # these steps come last: a model after them cannot be trained
+
+
+def run_search(model, search: Search, calib: list, progress: bool = True,
+               finetune: Finetune | None = None):
     """Returns ``(chosen model, its row, every row measured)``."""
     usage = calibrate.point_usage(model, calib)
     counts = None if model.config["two_stage"] else calibrate.query_usage(model, calib)
     steps = _steps(model, usage, counts, search.resize)
-    bar = tqdm(total=2 * len(steps) + 1, desc="compress", disable=not progress)
+    tries = 2 * len(steps) + 1 + (len(finetune.budgets) if finetune else 0)
+    bar = tqdm(total=tries, desc="compress", disable=not progress)
     base = search.measure(model, "original", [])
     bar.update()
     alone = []
@@ -114,14 +137,28 @@ def run_search(model, search: Search, calib: list, progress: bool = True):
                              [f"{step.technique} {step.setting}"])
         alone.append((step, row))
         bar.update()
-    within = [(s, r) for s, r in alone if base["AP"] - r["AP"] <= search.max_ap_drop
+    chosen = _combine(model, base, alone, search, search.max_ap_drop, bar)
+    if finetune is not None:
+        chosen = _recover(model, base, alone, search, finetune, chosen, bar)
+    bar.close()
+    return chosen[0], chosen[1], search.rows
+
+
+def _combine(model, base: dict, alone: list, search: Search, budget: float, bar=None,
+             start=None):
+    """Greedy: the steps within ``budget`` alone, best speed per AP first, each kept if
+    the combination stays within ``budget`` and gets faster. ``start``: (model, row) to
+    build on (default the original). Returns ``(model, row)``."""
+    within = [(s, r) for s, r in alone if base["AP"] - r["AP"] <= budget
               and r["latency_ms"] < base["latency_ms"]]
     within.sort(key=lambda sr: -_score(sr[1], base))
-    current, current_row, used = model, base, set()
+    current, current_row = start or (model, base)
+    used = {a.rsplit(" ", 1)[0] for a in current_row["applied"]}
     for step, alone_row in within:
         if search.out_of_time():
             break
-        bar.update()
+        if bar is not None:
+            bar.update()
         if step.technique in used:
             continue
         trial = step.apply(current)
@@ -129,9 +166,37 @@ def run_search(model, search: Search, calib: list, progress: bool = True):
         # on the original model a step is what was measured alone
         row = alone_row if current is model else search.measure(trial, " + ".join(applied),
                                                                  applied)
-        if base["AP"] - row["AP"] <= search.max_ap_drop and \
-                row["latency_ms"] < current_row["latency_ms"]:
+        if base["AP"] - row["AP"] <= budget and row["latency_ms"] < current_row["latency_ms"]:
             current, current_row = trial, row
             used.add(step.technique)
-    bar.close()
-    return current, current_row, search.rows
+    return current, current_row
+
+
+def _recover(model, base: dict, alone: list, search: Search, finetune: Finetune, chosen,
+             bar):
+    """The fastest combination found within a relaxed budget whose AP, after
+    distillation, is back within ``max_ap_drop``; the precision steps are then tried on
+    it. Returns ``(model, row)``: ``chosen`` (the post-hoc choice) if none pays."""
+    from ddetr.compress.distill import distill  # (imports the training engine)
+    structural = [(s, r) for s, r in alone if s.technique != PRECISION]
+    tried = set()
+    for budget in sorted((b for b in finetune.budgets if b > search.max_ap_drop), reverse=True):
+        if search.out_of_time():
+            break
+        bar.update()
+        student, row = _combine(model, base, structural, search, budget)
+        key = tuple(row["applied"])
+        if student is model or key in tried or row["latency_ms"] >= chosen[1]["latency_ms"]:
+            continue
+        tried.add(key)
+        scale = techniques.input_scale(student)
+        student = distill(student, finetune.train_at(scale), finetune.epochs, finetune.lr,
+                          finetune.batch_size, search.device, progress=False,
+                          train_config=finetune.train_config)
+        applied = [*row["applied"], f"distill {finetune.epochs} epochs"]
+        row = search.measure(student, " + ".join(applied), applied)
+        if base["AP"] - row["AP"] <= search.max_ap_drop:
+            precision = [(s, r) for s, r in alone if s.technique == PRECISION]
+            return _combine(model, base, precision, search, search.max_ap_drop,
+                            start=(student, row))
+    return chosen
