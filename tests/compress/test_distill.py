@@ -149,3 +149,14 @@ def test_cli_finetune_writes_the_pseudo_labels(tmp_path):
         assert cli.main(["compress", "--checkpoint", str(out / "checkpoint.pth"),
                          "--finetune_epochs", "-1"]) == 2
     assert "finetune_epochs" in err.getvalue()
+
+
+def test_the_teachers_duplicates_are_dropped():
+    from ddetr.compress.distill import _deduplicate
+    records = [{"image_id": 1, "category_id": 2, "bbox": [10, 10, 20, 20], "score": 0.9},
+               {"image_id": 1, "category_id": 2, "bbox": [11, 10, 20, 20], "score": 0.8},
+               {"image_id": 1, "category_id": 3, "bbox": [11, 10, 20, 20], "score": 0.7},
+               {"image_id": 2, "category_id": 2, "bbox": [11, 10, 20, 20], "score": 0.6},
+               {"image_id": 1, "category_id": 2, "bbox": [40, 40, 5, 5], "score": 0.5}]
+    kept = _deduplicate(records)
+    assert [r["score"] for r in sorted(kept, key=lambda r: -r["score"])] == [0.9, 0.7, 0.6, 0.5]

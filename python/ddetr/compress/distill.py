@@ -22,6 +22,7 @@ from ddetr.engine.config import TrainConfig
 from ddetr.engine.evaluate import finite_records, predict_dataset
 from ddetr.engine.optim import build_optimizer
 from ddetr.engine.train import train_one_epoch
+from ddetr.models.box_ops import box_iou
 from ddetr.models.deformable_detr import DeformableDetr
 
 logger = logging.getLogger(__name__)
@@ -40,13 +41,35 @@ def pseudo_labels(teacher: DeformableDetr, dataset, score_threshold: float = 0.3
     device = device or next(teacher.parameters()).device
     loader = builders.eval_loader(dataset, batch_size, 0)
     records, _ = predict_dataset(teacher, loader, device, progress=progress)
-    kept = [r for r in finite_records(records) if r["score"] >= score_threshold]
+    kept = _deduplicate([r for r in finite_records(records) if r["score"] >= score_threshold])
     source = dataset.coco.dataset
     annotations = [{"id": i + 1, "image_id": r["image_id"], "category_id": r["category_id"],
                     "bbox": r["bbox"], "area": r["bbox"][2] * r["bbox"][3], "iscrowd": 0}
                    for i, r in enumerate(kept) if r["bbox"][2] > 0 and r["bbox"][3] > 0]
     return {"images": source["images"], "categories": source["categories"],
             "annotations": annotations}
+
+
+def _deduplicate(records: list[dict], iou: float = 0.7) -> list[dict]:
+    """Per image and class, drops a detection overlapping a higher-scoring one by more
+    than ``iou`` (the teacher's duplicates would otherwise train the student to repeat
+    them)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["image_id"], r["category_id"]), []).append(r)
+    kept = []
+    for group in groups.values():
+        group.sort(key=lambda r: -r["score"])
+        # (n, 4) xywh -> xyxy
+        xywh = torch.tensor([r["bbox"] for r in group], dtype=torch.float64)
+        overlaps = box_iou(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                           torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))[0]
+        chosen: list[int] = []
+        for i in range(len(group)):
+            if all(overlaps[i, j] <= iou for j in chosen):
+                chosen.append(i)
+        kept += [group[i] for i in chosen]
+    return kept
 
 
 def write_labels(labels: dict, path: str) -> str:
@@ -68,13 +91,16 @@ def _check_student(student) -> None:
 
 def distill(student: DeformableDetr, train_dataset, epochs: int, lr: float = 1e-4,
             batch_size: int = 8, device=None, progress: bool = True,
-            train_config: dict | None = None, seed: int = 0) -> DeformableDetr:
+            train_config: dict | None = None, seed: int = 0,
+            train_backbone: bool = False) -> DeformableDetr:
     """A copy of ``student`` trained ``epochs`` epochs on ``train_dataset`` (a
     ``CocoDetection`` with training transforms at the student's input size, whose
     annotations are ``pseudo_labels`` of the teacher), in eval mode. ``lr``: the
     transformer's (the backbone's is the same, the sampling offsets' a tenth, as in
     training); ``train_config``: the original run's ``TrainConfig`` fields, for the
-    matching costs and loss weights (default: ddetr train's)."""
+    matching costs and loss weights (default: ddetr train's); ``train_backbone``: also
+    train the backbone (by default it stays as it is: the techniques change the
+    transformer, and a frozen backbone needs no backward)."""
     _check_student(student)
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
@@ -85,6 +111,8 @@ def distill(student: DeformableDetr, train_dataset, epochs: int, lr: float = 1e-
     device = device or next(student.parameters()).device
     model = copy.deepcopy(student).to(device)
     model.compression = [*student.compression, {"technique": "distill", "epochs": epochs, "lr": lr}]
+    if not train_backbone:
+        model.backbone.requires_grad_(False)
     torch.manual_seed(seed)
     criterion = builders.build_criterion(config, model.config["num_classes"])
     optimizer, _ = build_optimizer(model, lr, lr, config.lr_linear_proj_mult, config.weight_decay)
