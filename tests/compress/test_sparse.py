@@ -173,3 +173,17 @@ def test_round_trips(tmp_path):
 def test_bad_arguments_named(call, name):
     with pytest.raises(ValueError, match=name):
         call(tiny_model("plain"))
+
+
+def test_combines_with_the_other_techniques():
+    # the scorer and the ratio survive the techniques applied after (or before) it
+    model = tiny_model("box_refine")
+    x, mask = images()
+    sparse = compress.sparsify_encoder(compress.truncate_decoder(model, 1), 0.3)
+    both = compress.prune_points(compress.truncate_decoder(sparse, 1), enc_points=1)
+    assert both.config["encoder_token_ratio"] == 0.3
+    assert torch.equal(both.transformer.token_scorer.linear1.weight,
+                       sparse.transformer.token_scorer.linear1.weight)
+    assert outputs(both, x, mask)["pred_boxes"].shape == (2, model.num_queries, 4)
+    half = compress.to_bfloat16(sparse)
+    assert torch.isfinite(outputs(half, x, mask)["pred_boxes"].float()).all()
