@@ -347,14 +347,15 @@ void bind_layers(py::module_& m) {
       .field("x", &NamedInputs::x, "src (encoder) or tgt (decoder): (N, Lq, C)")
       .field("pos", &NamedInputs::pos, "(N, Lq, C) or 0")
       .field("reference_points", &NamedInputs::reference_points, "(N, Lq, L, ref_dim), Acc<T>")
-      .field("memory", &NamedInputs::memory, "decoder: (N, S, C)")
+      .field("memory", &NamedInputs::memory,
+             "(N, S, C) value input; decoder: required; encoder: 0 = x (Lq = S)")
       .field("mask", &NamedInputs::mask, "(N, S) bytes, nonzero on padding, or 0");
   NamedStruct<NamedInputGrads>(m, "LayerInputGrads",
                                "Gradients of a layer's inputs (0: not wanted; x always).")
       .field("x", &NamedInputGrads::x, "(N, Lq, C)")
       .field("pos", &NamedInputGrads::pos, "(N, Lq, C) or 0")
       .field("reference_points", &NamedInputGrads::reference_points, "Acc<T>, or 0")
-      .field("memory", &NamedInputGrads::memory, "decoder: (N, S, C), or 0");
+      .field("memory", &NamedInputGrads::memory, "(N, S, C) where memory is given, or 0");
   bind_saved<uintptr_t>(m, "LayerSaved", "The activations a training forward saves (0: none).");
   bind_saved<int64_t>(m, "LayerSavedSizes", "Elements of each saved activation (0: not kept).");
   NamedStruct<LayerPlan>(m, "LayerPlan", "What a layer call needs allocated.")
@@ -368,7 +369,7 @@ void bind_layers(py::module_& m) {
       .field("device", &C::device, "where it runs")
       .field("decoder", &C::decoder, "a decoder layer (else an encoder layer)")
       .field("N", &C::N, "batch")
-      .field("Lq", &C::Lq, "queries (the tokens S for an encoder)")
+      .field("Lq", &C::Lq, "queries (the updated tokens for an encoder: S without memory)")
       .field("C", &C::C, "d_model")
       .field("F", &C::F, "dim_feedforward")
       .field("ref_dim", &C::ref_dim, "2 (points) or 4 (boxes)")

@@ -41,7 +41,6 @@ void validate(const LayerShape& s) {
         std::to_string(s.msda.M) + " * " + std::to_string(s.msda.D) + ")");
   if (s.msda.S < 1) bad("the value maps are empty");
   if (s.ref_dim != 2 && s.ref_dim != 4) bad("reference points must have 2 or 4 coordinates");
-  if (!s.decoder && s.msda.S != s.Lq) bad("an encoder layer's queries are its S tokens");
 }
 
 }  // namespace ddetr

@@ -351,12 +351,15 @@ void dense_backward(const LayerPass<T, Ops>& p, const BackwardState<T>& g,
     if (p.in.mask) ops.mask_rows(d.N * d.S, d.C, p.in.mask, g.vg.memory);
     if (gi.memory) storage_copy(ops, d.N * d.S * d.C, g.vg.memory, gi.memory);
     self_attention_backward(p, g, sp.sa);
-  } else {  // value = mask(src W_v^T + b_v): padded rows pass no gradient
+  } else {  // value = mask(memory W_v^T + b_v): padded rows pass no gradient
     if (p.in.mask) ops.mask_rows(d.N * d.S, d.C, p.in.mask, g.vg.value);
     const T* dvalue = storage_copy(ops, d.N * d.S * d.C, g.vg.value, sp.dvalue_t);
     const LinearGrad<T> value_proj{d.C, d.C, p.w.value_w, g.gw.value_w, g.gw.value_b};
-    linear_backward(ops, d.N * d.S, value_proj, {p.in.x, d.C}, {dvalue, d.C}, false,
-                    {gi.x, d.C}, true);
+    // the value input's gradient: written into memory's (where wanted), or, dense, added
+    // to x's, which the blocks wrote
+    const bool sparse = p.in.memory != nullptr;
+    linear_backward(ops, d.N * d.S, value_proj, {encoder_values_in(p.in), d.C}, {dvalue, d.C},
+                    false, {sparse ? gi.memory : gi.x, d.C}, !sparse);
   }
 }
 

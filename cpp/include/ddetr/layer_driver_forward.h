@@ -168,9 +168,9 @@ void layer_forward(const Ops& ops, const LayerArgs<T>& a, T* out, void* workspac
   ValueMaps<T> maps{sp.value, nullptr, nullptr};
   if (s.decoder) {
     maps = memory_maps(ops, d, a.in, sp.memory, sp.ones);
-  } else {  // value = mask(src W_v^T + b_v) over all N * S rows
-    ops.gemm(false, true, d.N * d.S, d.C, d.C, a.in.x, d.C, a.w.value_w, d.C, Acc<T>(0),
-             sp.value, d.C, a.w.value_b, false);
+  } else {  // value = mask(memory W_v^T + b_v) over all N * S rows (memory: x if dense)
+    ops.gemm(false, true, d.N * d.S, d.C, d.C, encoder_values_in(a.in), d.C, a.w.value_w, d.C,
+             Acc<T>(0), sp.value, d.C, a.w.value_b, false);
     if (a.in.mask) ops.mask_rows(d.N * d.S, d.C, a.in.mask, sp.value);
   }
   // the blocks start from x (encoder) or from y0, the self-attention stage's output

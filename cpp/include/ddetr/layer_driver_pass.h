@@ -84,6 +84,11 @@ template <class Fn> void for_each_block(const Dims& d, Fn&& fn) {
       fn(RowBlock{n, n * d.Lq + q0, std::min(d.B, d.Lq - q0)});
 }
 
+// The encoder's value input: the memory, or x itself (the dense layer, Lq = S).
+template <class T> const T* encoder_values_in(const LayerInputs<T>& in) {
+  return in.memory ? in.memory : in.x;
+}
+
 // What the deformable attention samples: the encoder's projected values, or the
 // decoder's masked memory and map of ones (see ddetr/layer_driver.h).
 template <class T> struct ValueMaps {
@@ -218,6 +223,9 @@ template <class T> void check_call(const LayerArgs<T>& a) {
   validate(a.s);
   if (a.s.decoder && !a.in.memory)
     throw std::invalid_argument("layer: a decoder layer needs memory");
+  if (!a.in.memory && a.s.msda.S != a.s.Lq)
+    throw std::invalid_argument("layer: an encoder layer without memory updates all its S "
+                                "tokens (Lq = S); give the memory to update Lq of them");
   if (!a.o.training) return;
   int64_t sizes[kLayerSavedCount];
   layer_saved_sizes(a.s, a.o, sizes);

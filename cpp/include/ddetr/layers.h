@@ -4,9 +4,10 @@
 // transformer_layers.py is the reference with the same parameters). Rows are tokens:
 // t = n * Lq + q, C = d_model, F = dim_feedforward, K = M * L * P.
 //
-// Encoder layer (value input = src, Lq = S):
+// Encoder layer (queries src (N, Lq, C); value input = memory (N, S, C), or src itself
+// with Lq = S when no memory is given):
 //   q      = src + pos
-//   value  = mask(src W_v^T + b_v)                         (N, S, C); padded rows zero
+//   value  = mask(memory W_v^T + b_v)                      (N, S, C); padded rows zero
 //   raw    = q W_oa^T + b_oa                               (rows, 3K): K*2 offsets, K logits
 //   loc    = ref + offset / (W_l, H_l)        (2-d refs)   (rows, M, L, P, 2)
 //          = ref_xy + offset / P * ref_wh / 2 (4-d refs)
@@ -15,6 +16,9 @@
 //   y1     = LN_msda(src + drop_msda_out(a))
 //   hidden = drop_ffn(relu(y1 W_1^T + b_1))                (rows, F)
 //   out    = LN_ffn(y1 + drop_ffn_out(hidden W_2^T + b_2))
+// With memory, src holds the Lq rows of the memory a sparse encoder updates (Sparse
+// DETR: the caller gathers them and scatters out back); every memory token stays a
+// value. Without it, memory = src: the dense encoder layer.
 //
 // Decoder layer (queries tgt (N, Lq, C), value input = memory (N, S, C)):
 //   qk     = tgt + pos;  [Q K] = qk W_qk^T + b_qk;  V = tgt W_v^T + b_v   (qkv saved)
@@ -126,7 +130,8 @@ template <class T> struct LayerInputs {
   const T* x = nullptr;          // src (encoder) or tgt (decoder): (N, Lq, C)
   const T* pos = nullptr;        // (N, Lq, C) or null
   const Acc<T>* ref = nullptr;   // (N, Lq, L, ref_dim), in Acc<T> like MSDA's locations
-  const T* memory = nullptr;     // decoder: (N, S, C); encoder: unused (value input is x)
+  const T* memory = nullptr;     // (N, S, C): the value input; an encoder may leave it
+                                 // null, x (Lq = S) is then the value input
   const uint8_t* mask = nullptr; // (N, S), nonzero on padding, or null
 };
 

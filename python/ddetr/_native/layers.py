@@ -53,7 +53,7 @@ class LayerCall:
     """The sizes and options of one layer call."""
     decoder: bool
     batch: int            # N
-    queries: int          # Lq (the tokens S for an encoder)
+    queries: int          # Lq (an encoder's updated tokens: S without memory)
     d_model: int          # C
     dim_feedforward: int  # F
     ref_dim: int          # 2 (points) or 4 (boxes)

@@ -11,6 +11,9 @@ identity setting returns a model with exactly the original outputs.
   softmax then renormalises over the points kept.
 - ``to_bfloat16(model)``: every parameter and activation in bfloat16.
 - ``resize_inputs(model, scale)``: the same weights on images ``scale`` times the size.
+- ``sparsify_encoder(model, rho, scorer_state)``: every encoder layer updates only the
+  fraction rho of the tokens (Sparse DETR), picked by a scorer that
+  ``train_token_scorer(model, images, rho)`` trains on the decoder attention map.
 
 ``compress(model, val_dataset, max_ap_drop)`` measures each technique alone and combines
 them greedily (``ddetr compress`` on the command line); ``write_report`` writes its
@@ -18,9 +21,11 @@ report.
 """
 
 from ddetr.compress.api import compress, write_report
-from ddetr.compress.calibrate import point_usage, query_usage
+from ddetr.compress.calibrate import encoder_token_saliency, point_usage, query_usage
+from ddetr.compress.sparse import selection_recall, sparsify_encoder, train_token_scorer
 from ddetr.compress.techniques import (prune_points, reduce_queries, resize_inputs, to_bfloat16,
                                        truncate_decoder)
 
-__all__ = ["compress", "point_usage", "prune_points", "query_usage", "reduce_queries",
-           "resize_inputs", "to_bfloat16", "truncate_decoder", "write_report"]
+__all__ = ["compress", "encoder_token_saliency", "point_usage", "prune_points", "query_usage",
+           "reduce_queries", "resize_inputs", "selection_recall", "sparsify_encoder",
+           "to_bfloat16", "train_token_scorer", "truncate_decoder", "write_report"]

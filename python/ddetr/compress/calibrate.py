@@ -1,15 +1,19 @@
 """Statistics of a model on calibration images, for the data-driven techniques:
-how much attention each sampling point gets, and which learned queries detect."""
+how much attention each sampling point gets, which learned queries detect, and how much
+decoder attention each encoder token receives."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ddetr.models.deformable_detr import DeformableDetr
 from ddetr.models.ms_deform_attn import MSDeformAttn
+from ddetr.ops import ms_deform_attn
+from ddetr.ops.levels import as_level_table
 
 
 def _batches(images: Iterable) -> Iterable:
@@ -72,3 +76,72 @@ def query_usage(model: DeformableDetr, images: Iterable, threshold: float = 0.1)
     finally:
         model.train(was_training)
     return counts
+
+
+class TokenSaliency(NamedTuple):
+    """One calibration batch's encoder tokens and the decoder attention they receive."""
+    tokens: Tensor   # (N, S, C) float32 encoder input tokens (features + position/level embedding)
+    padding: Tensor  # (N, S) bool, True on padding
+    dam: Tensor      # (N, S) float32 decoder cross-attention map, 0 on padding
+
+
+def _attention_received(attn: MSDeformAttn, query: Tensor, reference_points: Tensor,
+                        levels, tokens: int) -> Tensor:
+    """(N, S) float32: the attention weight the queries of ``attn`` put on each of the
+    ``tokens`` value tokens, each sampling point's weight shared among its bilinear
+    corners: the gradient of the summed MSDA output with respect to a value of ones."""
+    table = as_level_table(levels, None, query.device)
+    loc, weights = attn.sampling_locations(query, reference_points, table)
+    ones = torch.ones(query.shape[0], tokens, attn.n_heads, 1, device=query.device,
+                      requires_grad=True)
+    with torch.enable_grad():
+        out = ms_deform_attn(ones, table, None, loc.float(), weights.float())
+        (received,) = torch.autograd.grad(out.sum(), ones)
+    # (N, S, M, 1) -> (N, S)
+    return received.sum((2, 3))
+
+
+def _saliency_hooks(model: DeformableDetr, pending: dict) -> list:
+    """Hooks that fill ``pending`` during a forward: the encoder's input tokens and
+    padding, and the decoder's cross-attention map summed over layers, heads, points."""
+    def encoder_inputs(_module, args):
+        src, pos, mask = args[0], args[1], args[5]
+        pending["tokens"] = (src if pos is None else src + pos).float()
+        pending["padding"] = (torch.zeros(src.shape[:2], dtype=torch.bool, device=src.device)
+                              if mask is None else mask)
+        pending["dam"] = torch.zeros(src.shape[:2], device=src.device)
+
+    def cross_attention(module, args, _output):
+        query, reference_points, memory, levels = args[:4]
+        pending["dam"] += _attention_received(module, query, reference_points, levels,
+                                              memory.shape[1])
+
+    hooks = [model.transformer.encoder.register_forward_pre_hook(encoder_inputs)]
+    for layer in model.transformer.decoder.layers:
+        hooks.append(layer.cross_attn.register_forward_hook(cross_attention))
+    return hooks
+
+
+@torch.no_grad()
+def encoder_token_saliency(model: DeformableDetr, images: Iterable) -> list[TokenSaliency]:
+    """Per calibration batch, the encoder's input tokens and the decoder attention map
+    (DAM, Sparse DETR): how much attention weight each encoder token receives from all
+    the decoder's sampling points, summed over layers, heads and points (the decoder
+    layers run on the PyTorch path while hooked)."""
+    pending: dict = {}
+    found = []
+    hooks = _saliency_hooks(model, pending)
+    was_training = model.training
+    try:
+        model.eval()
+        for batch, mask in _batches(images):
+            model(batch, mask)
+            dam = pending["dam"].masked_fill(pending["padding"], 0.0)
+            found.append(TokenSaliency(pending["tokens"], pending["padding"], dam))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not found:
+        raise ValueError("images: no calibration image was given")
+    return found

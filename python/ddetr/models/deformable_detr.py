@@ -29,7 +29,7 @@ CONFIG_KEYS = ("num_classes", "num_queries", "num_feature_levels", "with_box_ref
                "two_stage", "backbone", "d_model", "num_heads", "num_encoder_layers",
                "num_decoder_layers", "dim_feedforward", "dropout", "activation",
                "enc_num_points", "dec_num_points", "two_stage_num_proposals", "dilation",
-               "position_embedding", "aux_loss", "train_backbone")
+               "position_embedding", "aux_loss", "train_backbone", "encoder_token_ratio")
 
 
 class DeformableDetr(nn.Module):
@@ -53,6 +53,9 @@ class DeformableDetr(nn.Module):
         aux_loss: also return every earlier decoder layer's predictions.
         train_backbone: False freezes the whole backbone (the stem and layer1 are
             always frozen).
+        encoder_token_ratio: in (0, 1]; below 1 every encoder layer updates only that
+            fraction of each image's tokens, chosen by ``transformer.token_scorer``
+            (Sparse DETR; see ``ddetr.compress.sparsify_encoder``); 1 is the dense encoder.
         native_layers: run every encoder and decoder layer in one native call per pass
             (``ddetr.ops.native_layers``: same parameters and outputs, faster, fewer saved
             activations); None (default) turns it on when the native extension is
@@ -71,8 +74,8 @@ class DeformableDetr(nn.Module):
                  enc_num_points: int = 4, dec_num_points: int = 4,
                  two_stage_num_proposals: int = 300, dilation: bool = False,
                  position_embedding: str = "sine", aux_loss: bool = True,
-                 train_backbone: bool = True, native_layers: bool | None = None,
-                 recompute_activations: bool = False):
+                 train_backbone: bool = True, encoder_token_ratio: float = 1.0,
+                 native_layers: bool | None = None, recompute_activations: bool = False):
         super().__init__()
         # the architecture's arguments (not the weights file nor the run-time switches),
         # as save_pretrained records them
@@ -99,7 +102,7 @@ class DeformableDetr(nn.Module):
                backbone, d_model, num_heads, num_encoder_layers, num_decoder_layers,
                dim_feedforward, dropout, activation, enc_num_points, dec_num_points,
                two_stage_num_proposals, dilation, position_embedding, aux_loss,
-               train_backbone) -> None:
+               train_backbone, encoder_token_ratio) -> None:
         self.num_queries = two_stage_num_proposals if two_stage else num_queries
         self.num_feature_levels = num_feature_levels
         self.with_box_refine, self.two_stage, self.aux_loss = with_box_refine, two_stage, aux_loss
@@ -108,7 +111,7 @@ class DeformableDetr(nn.Module):
         self.transformer = DeformableTransformer(
             d_model, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout,
             activation, num_feature_levels, enc_num_points, dec_num_points, two_stage,
-            two_stage_num_proposals)
+            two_stage_num_proposals, encoder_token_ratio)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, d_model * 2)
         self.input_proj = _input_proj(body.num_channels, d_model, num_feature_levels)
@@ -234,6 +237,9 @@ def _check_config(cfg: dict) -> None:
                  "two_stage_num_proposals"):
         if not isinstance(cfg[name], int) or cfg[name] < 1:
             raise ValueError(f"{name}: expected a positive int, got {cfg[name]!r}")
+    ratio = cfg["encoder_token_ratio"]
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
+        raise ValueError(f"encoder_token_ratio: expected a number in (0, 1], got {ratio!r}")
 
 
 class _GroupNorm(nn.GroupNorm):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ddetr.models.ms_deform_attn import MSDeformAttn
+from ddetr.models.token_selection import TokenScorer, select_tokens
 from ddetr.models.transformer_layers import (DeformableTransformerDecoder,
                                              DeformableTransformerDecoderLayer,
                                              DeformableTransformerEncoder,
@@ -34,12 +35,16 @@ class DeformableTransformer(nn.Module):
     """Encoder + decoder. ``forward(srcs, masks, pos_embeds, query_embed)``: per level
     (N, C, H_l, W_l) features, (N, H_l, W_l) padding masks (True on padding) and
     (N, C, H_l, W_l) position encodings; ``query_embed`` (Lq, 2C) = (query_pos | tgt),
-    or None in two-stage mode. Returns a ``TransformerOutput``."""
+    or None in two-stage mode. Returns a ``TransformerOutput``.
+
+    ``encoder_token_ratio`` < 1 (Sparse DETR): ``token_scorer`` scores the encoder's
+    input tokens and every encoder layer updates only that fraction of each image's
+    tokens (``ddetr.models.token_selection``); 1 is the dense encoder."""
 
     def __init__(self, d_model=256, num_heads=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=1024, dropout=0.1, activation="relu", num_feature_levels=4,
                  enc_num_points=4, dec_num_points=4, two_stage=False,
-                 two_stage_num_proposals=300):
+                 two_stage_num_proposals=300, encoder_token_ratio=1.0):
         super().__init__()
         self.d_model = d_model
         self.two_stage = two_stage
@@ -61,6 +66,10 @@ class DeformableTransformer(nn.Module):
         else:
             self.reference_points = nn.Linear(d_model, 2)
         self._reset_parameters()
+        # Sparse DETR: built last (the other parameters draw the same initial values)
+        # and only below 1, so a dense model's state dict has no scorer
+        self.encoder_token_ratio = encoder_token_ratio
+        self.token_scorer = TokenScorer(d_model) if encoder_token_ratio < 1 else None
 
     def _reset_parameters(self) -> None:
         # official order: Xavier on every matrix, then MSDeformAttn's own init, the
@@ -87,8 +96,12 @@ class DeformableTransformer(nn.Module):
         value_mask = flat.mask if flat.mask.is_cuda or bool(flat.mask.any()) else None
         # flat.levels (a LevelTable) stands for spatial_shapes from here down: the native
         # calls read its Python ints instead of copying the tensor to the host each time
+        token_index = None
+        if self.token_scorer is not None:
+            scores = self.token_scorer(flat.src + flat.pos)
+            token_index = select_tokens(scores, flat.mask, self.encoder_token_ratio)
         memory = self.encoder(flat.src, flat.pos, enc_refs, flat.levels,
-                              flat.level_start_index, value_mask)
+                              flat.level_start_index, value_mask, token_index)
         enc_class = enc_coord = None
         if self.two_stage:
             query_pos, tgt, reference_points, enc_class, enc_coord = self._proposal_queries(

@@ -200,7 +200,7 @@ def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Te
     if _autocast(x.device.type):  # bfloat16 autocast (supports() says which): run in bf16
         x, pos, memory = (None if t is None else t.to(torch.bfloat16) for t in (x, pos, memory))
         params = {name: t.to(torch.bfloat16) for name, t in params.items()}
-    value_in = memory if decoder else x
+    value_in = x if memory is None else memory  # (a dense encoder layer: x itself)
     _check(attn, x, pos, ref, value_in, spatial_shapes, mask)
     problem = unsupported(layer, x, pos, memory)
     if problem is not None:
@@ -227,11 +227,14 @@ def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Te
 
 def encoder_layer(layer: nn.Module, src: Tensor, pos: Tensor | None, reference_points: Tensor,
                   spatial_shapes, level_start_index, padding_mask: Tensor | None = None,
-                  recompute: bool = False) -> Tensor:
-    """``layer(src, pos, reference_points, ...)`` of a DeformableTransformerEncoderLayer,
-    natively. reference_points (N, S, L, 2); padding_mask (N, S) bool."""
+                  recompute: bool = False, memory: Tensor | None = None) -> Tensor:
+    """``layer(src, pos, reference_points, ..., memory=memory)`` of a
+    DeformableTransformerEncoderLayer, natively. Dense (memory None): src, pos (N, S, C),
+    reference_points (N, S, L, 2). Sparse: src, pos (N, Lq, C) and reference_points
+    (N, Lq, L, 2) are the rows of memory (N, S, C) to update, memory the values.
+    padding_mask (N, S) bool. Returns (N, Lq, C)."""
     params = {**_deform_params(layer.self_attn, layer.norm1), **_ffn_params(layer, layer.norm2)}
-    return _run(layer, False, src, pos, reference_points, None, spatial_shapes,
+    return _run(layer, False, src, pos, reference_points, memory, spatial_shapes,
                 level_start_index, padding_mask, params, recompute)
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ddetr.models.box_ops import inverse_sigmoid
 from ddetr.models import native_layers
 from ddetr.models.ms_deform_attn import MSDeformAttn
+from ddetr.models.token_selection import RowIndex
 from ddetr.ops import dropout, module_linear, relu_dropout
 
 
@@ -83,15 +84,21 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.recompute_activations = False
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
-                level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """src, pos (N, S, C); reference_points (N, S, L, 2); padding_mask (N, S)."""
-        if self.native_layers and native_layers.supports(self, src, pos, reference_points):
+                level_start_index: Tensor, padding_mask: Tensor | None = None,
+                memory: Tensor | None = None) -> Tensor:
+        """Dense (memory None): src, pos (N, S, C); reference_points (N, S, L, 2).
+        Sparse: src, pos (N, Lq, C) and reference_points (N, Lq, L, 2) are the rows of
+        memory (N, S, C) that this layer updates; every memory token is a value.
+        padding_mask (N, S). Returns (N, Lq, C), the updated rows."""
+        if self.native_layers and native_layers.supports(self, src, pos, reference_points,
+                                                         memory):
             # (encoder_layer checks its inputs itself)
             return native_layers.encoder_layer(self, src, pos, reference_points, spatial_shapes,
                                                level_start_index, padding_mask,
-                                               self.recompute_activations)
-        self.self_attn.check_inputs(src, reference_points, src, spatial_shapes, padding_mask)
-        value = self.self_attn.project_value(src, padding_mask)
+                                               self.recompute_activations, memory)
+        memory = src if memory is None else memory
+        self.self_attn.check_inputs(src, reference_points, memory, spatial_shapes, padding_mask)
+        value = self.self_attn.project_value(memory, padding_mask)
         if torch.is_grad_enabled():
             return self._tokens(src, pos, reference_points, value, spatial_shapes,
                                 level_start_index)
@@ -120,12 +127,29 @@ class DeformableTransformerEncoder(nn.Module):
         self.num_layers = len(layers)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
-                padding_mask=None) -> Tensor:
-        """Returns the memory (N, S, C); reference_points (N, S, L, 2) are pixel centres."""
-        out = src
+                padding_mask=None, token_index: Tensor | None = None) -> Tensor:
+        """Returns the memory (N, S, C); reference_points (N, S, L, 2) are pixel centres.
+        ``token_index`` (N, K) int64, distinct per image (``select_tokens``): every layer
+        updates only those tokens (Sparse DETR), the others pass through unchanged and
+        all stay values; None: every token."""
+        if token_index is None:
+            out = src
+            for layer in self.layers:
+                out = layer(out, pos, reference_points, spatial_shapes, level_start_index,
+                            padding_mask)
+            return out
+        rows = RowIndex(token_index, src.shape[1])
+        pos_k = None if pos is None else rows.gather(pos)
+        ref_k = rows.gather(reference_points)
+        # without autograd one copy of src is updated in place, layer after layer
+        grad = torch.is_grad_enabled()
+        out = src if grad else src.clone(memory_format=torch.contiguous_format)
         for layer in self.layers:
-            out = layer(out, pos, reference_points, spatial_shapes, level_start_index,
-                        padding_mask)
+            updated = layer(rows.gather(out), pos_k, ref_k, spatial_shapes, level_start_index,
+                            padding_mask, memory=out)
+            if updated.dtype != out.dtype:  # (bfloat16 autocast: the layers' output dtype)
+                out = out.to(updated.dtype)
+            out = rows.scatter(out, updated, in_place=not grad)
         return out
 
 
