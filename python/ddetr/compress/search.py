@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from ddetr.compress import calibrate, techniques
+from ddetr.compress import calibrate, sparse, techniques
 from ddetr.compress.measure import accuracy, latency
 
 logger = logging.getLogger(__name__)
@@ -28,9 +28,14 @@ class Step:
 
 
 SCALES = (0.875, 0.75, 0.625, 0.5)  # input sizes tried, relative to the model's
+PRECISION = "precision"  # these steps come last: a model after them cannot be trained
 
 
-def _steps(model, usage: dict, query_counts, resize: bool) -> list[Step]:
+RATIOS = (0.5, 0.3, 0.2)  # encoder token ratios tried (Sparse DETR)
+SCORER_SECONDS = 30.0     # training the token scorer on the calibration images
+
+
+def _steps(model, usage: dict, query_counts, resize: bool, scorer: dict | None) -> list[Step]:
     """Every technique at its settings, milder first within a technique."""
     cfg, steps = model.config, []
     if resize:
@@ -53,7 +58,11 @@ def _steps(model, usage: dict, query_counts, resize: bool) -> list[Step]:
             arg = {f"{part[:3]}_points": p}
             steps.append(Step(f"{part} points", str(p),
                               lambda m, arg=arg: techniques.prune_points(m, usage=usage, **arg)))
-    steps.append(Step("precision", "bfloat16", techniques.to_bfloat16))
+    if scorer is not None:
+        for r in RATIOS:
+            steps.append(Step("encoder tokens", f"rho {r}",
+                              lambda m, r=r: sparse.sparsify_encoder(m, r, scorer)))
+    steps.append(Step(PRECISION, "bfloat16", techniques.to_bfloat16))
     return steps
 
 
@@ -116,15 +125,17 @@ class Finetune:
     budgets: tuple = (0.2, 0.1, 0.05)
 
 
-PRECISION = "precision"  # these steps come last: a model after them cannot be trained
-
-
 def run_search(model, search: Search, calib: list, progress: bool = True,
                finetune: Finetune | None = None):
     """Returns ``(chosen model, its row, every row measured)``."""
     usage = calibrate.point_usage(model, calib)
     counts = None if model.config["two_stage"] else calibrate.query_usage(model, calib)
-    steps = _steps(model, usage, counts, search.resize)
+    # one scorer (trained for the middle ratio) serves every ratio
+    scorer = None
+    if model.config.get("encoder_token_ratio", 1.0) == 1.0:
+        scorer = sparse.train_token_scorer(model, calib, RATIOS[1],
+                                           time_budget=SCORER_SECONDS)
+    steps = _steps(model, usage, counts, search.resize, scorer)
     tries = 2 * len(steps) + 1 + (len(finetune.budgets) if finetune else 0)
     bar = tqdm(total=tries, desc="compress", disable=not progress)
     base = search.measure(model, "original", [])
