@@ -15,17 +15,22 @@ identity setting returns a model with exactly the original outputs.
   fraction rho of the tokens (Sparse DETR), picked by a scorer that
   ``train_token_scorer(model, images, rho)`` trains on the decoder attention map.
 
+Recovery: ``pseudo_labels(teacher, dataset)`` labels images with the original model's
+detections; ``distill(student, labelled_dataset, epochs)`` trains a compressed copy on
+them.
+
 ``compress(model, val_dataset, max_ap_drop)`` measures each technique alone and combines
 them greedily (``ddetr compress`` on the command line); ``write_report`` writes its
 report.
 """
 
 from ddetr.compress.api import compress, write_report
+from ddetr.compress.distill import distill, pseudo_labels
 from ddetr.compress.calibrate import encoder_token_saliency, point_usage, query_usage
 from ddetr.compress.sparse import selection_recall, sparsify_encoder, train_token_scorer
 from ddetr.compress.techniques import (prune_points, reduce_queries, resize_inputs, to_bfloat16,
                                        truncate_decoder)
 
-__all__ = ["compress", "encoder_token_saliency", "point_usage", "prune_points", "query_usage",
+__all__ = ["compress", "distill", "pseudo_labels", "encoder_token_saliency", "point_usage", "prune_points", "query_usage",
            "reduce_queries", "resize_inputs", "selection_recall", "sparsify_encoder",
            "to_bfloat16", "train_token_scorer", "truncate_decoder", "write_report"]
