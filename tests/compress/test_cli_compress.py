@@ -40,7 +40,8 @@ def test_report_lists_every_candidate_and_the_choice(compressed):
     assert any(n.startswith("decoder layers") for n in names)
     assert any(n.startswith("input size") for n in names)
     assert report["ap_drop"] <= 0.05 + 1e-9
-    assert report["chosen"]["latency_ms"] <= report["original"]["latency_ms"]
+    assert report["chosen"]["relative_latency"] <= 1.0 == report["original"]["relative_latency"]
+    assert all(r["relative_latency"] > 0 for r in report["rows"])
     assert "chosen:" in printed and (tmp_path / "small" / "report.png").stat().st_size > 1000
 
 

@@ -94,8 +94,9 @@ def _fake_measures(monkeypatch):
         distilled = len(done) < len(model.compression)
         return {"AP": 0.5 if distilled else 0.5 - 0.05 * len(done), "AP50": 0.0, "AP_small": 0.0}
 
-    def latency(model, images, device):
-        return {"latency_ms": 10.0 - len(model.compression), "peak_mem_mb": 0.0}
+    def latency(model, images, device, reference=None):
+        ms = 10.0 - len(model.compression)
+        return {"latency_ms": ms, "peak_mem_mb": 0.0, "relative_latency": ms / 10.0}
 
     monkeypatch.setattr(search, "accuracy", accuracy)
     monkeypatch.setattr(search, "latency", latency)

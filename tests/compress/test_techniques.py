@@ -141,3 +141,13 @@ def test_resize_inputs_records_the_scale():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="scale"):
             compress.resize_inputs(model, bad)
+
+
+def test_latency_against_a_reference_is_a_ratio_of_medians():
+    from ddetr.compress.measure import latency
+    model = tiny_model()
+    images = [torch.randn(3, 64, 64) for _ in range(3)]
+    alone = latency(model, images, torch.device("cpu"))
+    assert "relative_latency" not in alone and alone["latency_ms"] > 0
+    paired = latency(model, images, torch.device("cpu"), reference=(model, images))
+    assert 0.2 < paired["relative_latency"] < 5.0  # the same model on both sides

@@ -19,30 +19,40 @@ def accuracy(model, dataset, device, batch_size: int = 2) -> dict:
     return {name: stats[STAT_NAMES.index(name)] for name in ("AP", "AP50", "AP_small")}
 
 
+def _timed(model, image, device) -> float:
+    x = image[None].to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
-def latency(model, images: list, device, warmup: int = 2, repeats: int = 1) -> dict:
+def latency(model, images: list, device, warmup: int = 2, reference=None) -> dict:
     """Median batch-1 inference time (ms) over ``images`` (each a (3, H, W) tensor) after
     ``warmup`` calls, and the peak memory of the run (CUDA: the allocator's peak; CPU:
-    the process's peak resident size, which only grows)."""
+    the process's peak resident size, which only grows). With ``reference = (model,
+    images)`` the two models alternate image by image, so the machine's drift hits both
+    alike, and ``relative_latency`` is the ratio of their medians (< 1: faster)."""
     model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for image in images[:warmup]:
         model(image[None].to(device))
-    times = []
-    for _ in range(repeats):
-        for image in images:
-            x = image[None].to(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
+    times, reference_times = [], []
+    for i, image in enumerate(images):
+        if reference is not None:
+            reference_times.append(_timed(reference[0], reference[1][i], device))
+        times.append(_timed(model, image, device))
     gc.collect()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"latency_ms": 1000 * statistics.median(times), "peak_mem_mb": peak}
+    row = {"latency_ms": 1000 * statistics.median(times), "peak_mem_mb": peak}
+    if reference is not None:
+        row["relative_latency"] = statistics.median(times) / statistics.median(reference_times)
+    return row

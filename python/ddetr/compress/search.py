@@ -85,6 +85,7 @@ class Search:
     resize: bool = True
     rows: list = field(default_factory=list)
     images: dict = field(default_factory=dict)  # scale -> the decoded latency images
+    reference: object = None  # the original model (the first measured)
 
     def measure(self, model, name: str, applied: list[str]) -> dict:
         """The candidate's row (measured once per combination of steps)."""
@@ -97,8 +98,13 @@ class Search:
             count = min(self.latency_images, len(dataset))
             self.images[scale] = [dataset[i][0] for i in range(count)]
         images = self.images[scale]
+        # timed against the original, image by image: the search compares these ratios
+        if self.reference is None:
+            self.reference = model
+        reference = None if model is self.reference else (self.reference, self.images[1.0])
         row = {"name": name, "applied": applied, **accuracy(model, dataset, self.device),
-               **latency(model, images, self.device)}
+               **latency(model, images, self.device, reference=reference)}
+        row.setdefault("relative_latency", 1.0)
         self.rows.append(row)
         return row
 
@@ -108,7 +114,7 @@ class Search:
 
 def _score(row: dict, base: dict) -> float:
     """Speed gained per AP lost (AP gains count as a tiny loss)."""
-    return (base["latency_ms"] - row["latency_ms"]) / max(base["AP"] - row["AP"], 1e-4)
+    return (1.0 - row["relative_latency"]) / max(base["AP"] - row["AP"], 1e-4)
 
 
 @dataclass
@@ -161,7 +167,7 @@ def _combine(model, base: dict, alone: list, search: Search, budget: float, bar=
     the combination stays within ``budget`` and gets faster. ``start``: (model, row) to
     build on (default the original). Returns ``(model, row)``."""
     within = [(s, r) for s, r in alone if base["AP"] - r["AP"] <= budget
-              and r["latency_ms"] < base["latency_ms"]]
+              and r["relative_latency"] < 1.0]
     within.sort(key=lambda sr: -_score(sr[1], base))
     current, current_row = start or (model, base)
     used = {a.rsplit(" ", 1)[0] for a in current_row["applied"]}
@@ -177,7 +183,8 @@ def _combine(model, base: dict, alone: list, search: Search, budget: float, bar=
         # on the original model a step is what was measured alone
         row = alone_row if current is model else search.measure(trial, " + ".join(applied),
                                                                  applied)
-        if base["AP"] - row["AP"] <= budget and row["latency_ms"] < current_row["latency_ms"]:
+        if base["AP"] - row["AP"] <= budget and \
+                row["relative_latency"] < current_row["relative_latency"]:
             current, current_row = trial, row
             used.add(step.technique)
     return current, current_row
@@ -197,7 +204,8 @@ def _recover(model, base: dict, alone: list, search: Search, finetune: Finetune,
         bar.update()
         student, row = _combine(model, base, structural, search, budget)
         key = tuple(row["applied"])
-        if student is model or key in tried or row["latency_ms"] >= chosen[1]["latency_ms"]:
+        if student is model or key in tried or \
+                row["relative_latency"] >= chosen[1]["relative_latency"]:
             continue
         tried.add(key)
         scale = techniques.input_scale(student)
