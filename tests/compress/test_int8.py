@@ -150,3 +150,17 @@ def test_later_structural_techniques_keep_the_int8_layers():
 def test_bad_arguments_named(call, name):
     with pytest.raises(ValueError, match=name):
         call(tiny_model("plain"))
+
+
+def test_sparse_encoder_and_int8_combine_in_either_order():
+    # the token scorer (which has a linear1 too) stays float
+    model = tiny_model("box_refine")
+    x, mask = images()
+    sparse = compress.sparsify_encoder(model, 0.5)
+    first = compress.to_int8(sparse)
+    second = compress.sparsify_encoder(compress.to_int8(model), 0.5,
+                                       sparse.transformer.token_scorer.state_dict())
+    assert type(first.transformer.token_scorer.linear1) is nn.Linear
+    a, b = outputs(first, x, mask), outputs(second, x, mask)
+    assert torch.equal(a["pred_boxes"], b["pred_boxes"])
+    assert_close_to(a, outputs(sparse, x, mask))

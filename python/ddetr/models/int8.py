@@ -14,6 +14,8 @@ heads without box refinement) stay shared.
 
 from __future__ import annotations
 
+import re
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,6 +29,7 @@ INT8_ROLES = ("value_proj", "output_proj", "sampling_offsets", "attention_weight
 # float unless asked for; the heads are small (300 queries) and stay float too.
 DEFAULT_INT8_ROLES = ("value_proj", "output_proj", "linear1", "linear2", "out_proj")
 _ATTN_ROLES = ("value_proj", "output_proj", "sampling_offsets", "attention_weights")
+_LAYER = re.compile(r"^transformer\.(encoder|decoder)\.layers\.\d+$")
 
 
 class Int8MultiheadAttention(nn.MultiheadAttention):
@@ -90,6 +93,8 @@ def _role(model: nn.Module, path: str, module: nn.Module) -> str | None:
     parent = model.get_submodule(parent_path)
     if leaf in _ATTN_ROLES and isinstance(parent, MSDeformAttn) and type(module) is nn.Linear:
         return leaf
+    if not _LAYER.match(parent_path):  # (a token scorer has a linear1 too)
+        return None
     if leaf in ("linear1", "linear2") and type(module) is nn.Linear:
         return leaf
     if leaf == "self_attn" and type(module) is nn.MultiheadAttention:
