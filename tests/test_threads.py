@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # about 5x the slowest family's time on 2 cores
 
 
-@pytest.mark.parametrize("family", ["msda", "flatten", "layers", "linear", "dropout"])
+@pytest.mark.parametrize("family", ["msda", "flatten", "layers", "linear", "int8",
+                                    "dropout"])
 def test_bitwise_equal_at_every_thread_count(family):
     try:
         run = subprocess.run([sys.executable, "-m", "tests.threads_worker", family], cwd=ROOT,

@@ -3,7 +3,7 @@ head counts and batch sizes, and exits non-zero naming each result that is not b
 equal to the 1-thread one. Started by tests/test_threads.py in a subprocess under a
 timeout, so a kernel that hangs at some thread count fails instead of stalling the run.
 
-    python -m tests.threads_worker {msda,flatten,layers,linear,dropout}
+    python -m tests.threads_worker {msda,flatten,layers,linear,int8,dropout}
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from ddetr.models.transformer_layers import (DeformableTransformerDecoderLayer,
 from ddetr.ops import (dropout, encoder_reference_points, flatten_multiscale, linear,
                        ms_deform_attn, relu_dropout)
 from ddetr.models import native_layers
+from ddetr.ops.int8 import int8_linear, pack, quantize_weight
+from ddetr._native.gemm import int8_kernel_supported
 from ddetr.ops.native_layers import library_ready
 
 THREADS = (2, 3, 5, 6, 7, 8, 12, 16)  # compared with 1 thread
@@ -139,6 +141,19 @@ def linear_cases():
             yield f"linear rows {rows} {dtype}", run
 
 
+def int8_cases():
+    for kernel in [k for k in ("scalar", "avx2", "avx512_vnni") if int8_kernel_supported(k)]:
+        for rows in (1, 5, 517, 1531):
+            def run(rows=rows, kernel=kernel):
+                g = torch.Generator().manual_seed(0)
+                x, w = _rand(g, rows, 257, lo=-1), _rand(g, 301, 257, lo=-1)
+                w_q, w_scale = quantize_weight(w)
+                out = int8_linear(x, w_q, w_scale, _rand(g, 301).detach(), relu=True,
+                                  packed=pack(w_q, kernel))
+                return _grads(out, [x])
+            yield f"int8 linear rows {rows} {kernel}", run
+
+
 def dropout_cases():
     for numel in (65_537, 1_000_003):
         for dtype in (torch.float32, torch.bfloat16):
@@ -151,7 +166,7 @@ def dropout_cases():
 
 
 FAMILIES = {"msda": msda_cases, "flatten": flatten_cases, "layers": layer_cases,
-            "linear": linear_cases, "dropout": dropout_cases}
+            "linear": linear_cases, "int8": int8_cases, "dropout": dropout_cases}
 
 
 def main(family: str) -> int:

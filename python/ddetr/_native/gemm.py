@@ -1,7 +1,10 @@
-"""GEMMs on the CPU (cpp/blas.cpp, cpp/gemm_bf16*.cpp) through one ``_C.GemmCall`` each:
-float32 / float64 through OpenBLAS from the scipy-openblas32 wheel, loaded into the
-extension at run time, and bfloat16 through ddetr's own kernels (``gemm_sizes``, with a
-``Workspace``; the native layers call them inside the extension)."""
+"""GEMMs on the CPU (cpp/blas.cpp, cpp/gemm_bf16*.cpp, cpp/gemm_int8.cpp) through one
+``_C.GemmCall`` each: float32 / float64 through OpenBLAS from the scipy-openblas32 wheel,
+loaded into the extension at run time, and bfloat16 through ddetr's own kernels
+(``gemm_sizes``, with a ``Workspace``; the native layers call them inside the
+extension). The int8 GEMM: ``pack_int8`` packs int8 weights once (``PackedInt8``),
+``gemm_int8`` runs on float32 (or int8) activations, ``quantize_rows_int8`` quantises
+rows alone."""
 
 from __future__ import annotations
 
@@ -122,3 +125,58 @@ def bf16_kernel() -> str:
 def bf16_avx512_supported() -> bool:
     """Whether this CPU runs the AVX512-BF16 kernel."""
     return bool(_C.gemm_bf16_avx512_supported())
+
+
+INT8_KERNELS = ("auto", "scalar", "avx2", "avx512_vnni")
+
+
+class PackedInt8:
+    """Int8 weights (N, K) packed for one int8 kernel (``kernel``, never "auto"): a uint8
+    buffer starting with a header the extension checks on every GEMM."""
+
+    def __init__(self, buffer: Tensor, n: int, k: int, kernel: str):
+        self.buffer, self.n, self.k, self.kernel = buffer, n, k, kernel
+
+
+def int8_kernel() -> str:
+    """The int8 kernel "auto" runs on this CPU: "avx512_vnni", "avx2" or "scalar"."""
+    return _C.gemm_int8_kernel()
+
+
+def int8_kernel_supported(kernel: str) -> bool:
+    """Whether this CPU runs int8 ``kernel`` (one of INT8_KERNELS)."""
+    return bool(_C.gemm_int8_kernel_supported(kernel))
+
+
+def pack_int8(weight: Tensor, kernel: str = "auto", threads: int = 0) -> PackedInt8:
+    """``weight`` (N, K) int8, contiguous, on the CPU, packed for ``kernel``."""
+    n, k = weight.shape
+    nbytes = _C.gemm_int8_packed_bytes(kernel, n, k)
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    _C.gemm_int8_pack(_C.Int8PackCall(kernel=kernel, N=n, K=k, W=ptr(weight), ldw=k,
+                                      packed=ptr(buffer), packed_bytes=nbytes,
+                                      threads=threads or torch.get_num_threads()))
+    return PackedInt8(buffer, n, k, _C.gemm_int8_packed_kernel(ptr(buffer), nbytes))
+
+
+def gemm_int8(a: Tensor, packed: PackedInt8, w_scale: Tensor, out: Tensor,
+              bias: Tensor | None = None, relu: bool = False, a_scale: Tensor | None = None,
+              threads: int = 0) -> None:
+    """out (M, N) float32 = act(int32(a_q w_q^T) a_scale w_scale + bias): ``a`` (M, K)
+    float32 (quantised per row inside) or int8 with its (M,) float32 ``a_scale``; every
+    tensor contiguous on the CPU (checked by the caller, re-checked by the extension)."""
+    m, k = a.shape
+    _C.gemm_int8(_C.Int8GemmCall(
+        a_dtype="int8" if a.dtype == torch.int8 else DTYPE_NAMES.get(a.dtype, str(a.dtype)),
+        M=m, N=packed.n, K=k, A=ptr(a), lda=k, a_scale=ptr(a_scale), packed=ptr(packed.buffer),
+        packed_bytes=packed.buffer.numel(), w_scale=ptr(w_scale), bias=ptr(bias), relu=relu,
+        C=ptr(out), ldc=out.shape[1], threads=threads or torch.get_num_threads()))
+
+
+def quantize_rows_int8(x: Tensor, q: Tensor, scale: Tensor, threads: int = 0) -> None:
+    """q (R, C) int8 and scale (R,) float32 from x (R, C) float32, all contiguous:
+    scale = max |x| / 127 per row, q = round-to-nearest-even(clamp(x / scale, +-127))."""
+    rows, cols = x.shape
+    _C.quantize_rows_int8(_C.Int8QuantizeCall(rows=rows, cols=cols, x=ptr(x), ldx=cols,
+                                              q=ptr(q), ldq=cols, scale=ptr(scale),
+                                              threads=threads or torch.get_num_threads()))

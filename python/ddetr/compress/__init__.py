@@ -27,10 +27,11 @@ report.
 from ddetr.compress.api import compress, write_report
 from ddetr.compress.distill import distill, pseudo_labels
 from ddetr.compress.calibrate import encoder_token_saliency, point_usage, query_usage
+from ddetr.compress.int8 import to_int8
 from ddetr.compress.sparse import selection_recall, sparsify_encoder, train_token_scorer
 from ddetr.compress.techniques import (prune_points, reduce_queries, resize_inputs, to_bfloat16,
                                        truncate_decoder)
 
 __all__ = ["compress", "distill", "pseudo_labels", "encoder_token_saliency", "point_usage", "prune_points", "query_usage",
            "reduce_queries", "resize_inputs", "selection_recall", "sparsify_encoder",
-           "to_bfloat16", "train_token_scorer", "truncate_decoder", "write_report"]
+           "to_bfloat16", "to_int8", "train_token_scorer", "truncate_decoder", "write_report"]

@@ -28,6 +28,7 @@ def _rebuild(model: DeformableDetr, state: dict, record: dict, **changes) -> Def
     config = {**model.config, **changes}
     native = model.transformer.encoder.layers[0].native_layers
     new = DeformableDetr(**config, native_layers=native)
+    new.restore_compression(model.compression)  # the modules of earlier techniques (int8)
     first = next(model.parameters())
     new.to(first.device, first.dtype)
     new.load_state_dict(state, strict=True)
@@ -134,6 +135,10 @@ def prune_points(model: DeformableDetr, enc_points: int | None = None,
             raise ValueError(f"{part[:3]}_points: expected an int in [1, {total}], got {points!r}")
         for name in _attn_modules(model)[part]:
             attn = model.get_submodule(name)
+            if not all(type(m) is torch.nn.Linear for m in (attn.sampling_offsets,
+                                                          attn.attention_weights)):
+                raise ValueError("model: its sampling_offsets / attention_weights are int8; "
+                                 "prune points before to_int8 includes them")
             shape = (attn.n_heads, attn.n_levels, attn.n_points)
             mean = usage[name] if usage is not None else -torch.arange(shape[2]).expand(shape)
             _slice_points(state, name, _keep_points(mean.float(), points))

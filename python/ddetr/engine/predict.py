@@ -40,8 +40,8 @@ def load_detector(path: str, device="cpu", trust_pickle: bool = False) -> Detect
     if "model" not in config:
         raise ValueError(f"checkpoint: {path} has no model config (not written by ddetr train)")
     model = DeformableDetr(**config["model"])
-    ckpt.resume(state, model, restore_rng=False)
     model.restore_compression(config.get("compression", []))  # (ddetr compress)
+    ckpt.resume(state, model, restore_rng=False)
     train = config.get("train", {})
     names = {c["id"]: c["name"] for c in config.get("categories", [])}
     return Detector(model.to(device).eval(), names, train.get("base_size", 800),

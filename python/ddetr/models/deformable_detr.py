@@ -22,6 +22,7 @@ from ddetr.models.backbone import Backbone, load_backbone_weights, resize_mask
 from ddetr.models.box_ops import inverse_sigmoid
 from ddetr.models.deformable_transformer import DeformableTransformer
 from ddetr.models.heads import build_heads
+from ddetr.models.int8 import use_int8
 from ddetr.models.position_encoding import build_position_encoding
 from ddetr.models.postprocess import PostProcess
 
@@ -212,14 +213,18 @@ class DeformableDetr(nn.Module):
                              f"config entries {unknown}")
         config.update(overrides)
         model = cls(**config)
-        weights.load_weights(model, state, strict=strict, source=str(directory))
         model.restore_compression(weights.read_compression(directory))
+        weights.load_weights(model, state, strict=strict, source=str(directory))
         return model
 
     def restore_compression(self, records: list[dict]) -> None:
-        """Sets ``compression`` to what ``ddetr.compress`` recorded for this model, and its
-        dtype with it (weights load into float32 parameters)."""
+        """Sets ``compression`` to what ``ddetr.compress`` recorded for this model, and the
+        modules and dtype that go with it (int8 layers, bfloat16), so that the weights
+        saved from the compressed model load next."""
         self.compression = list(records)
+        for record in self.compression:
+            if record.get("technique") == "to_int8":
+                use_int8(self, record["include"])
         if any(r.get("dtype") == "bfloat16" for r in self.compression):
             self.to(torch.bfloat16)
 

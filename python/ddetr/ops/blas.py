@@ -14,7 +14,8 @@ Anything else (CUDA, bfloat16 or float16, no extension, no scipy-openblas32, tra
 under torch.compile) is ``torch.nn.functional.linear``. ``module_linear`` is how ddetr's
 layers call their ``nn.Linear`` sub-modules: natively only for a plain ``nn.Linear``
 with no hooks, so a replaced or hooked module (LoRA, quantisation, feature capture)
-still runs its own forward.
+still runs its own forward; ddetr's own ``Int8Linear`` (``ddetr.ops.int8``) runs its int8
+kernel with the ReLU fused.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 
 from ddetr._native import gemm as native
+from ddetr.ops.int8 import Int8Linear
 
 blas_available = native.blas_available
 blas_core = native.blas_core
@@ -134,5 +136,7 @@ def module_linear(module: nn.Module, x: Tensor, relu: bool = False) -> Tensor:
     ``linear`` when it is a plain, unhooked ``nn.Linear``, otherwise its own forward."""
     if type(module) is nn.Linear and not _hooked(module):
         return linear(x, module.weight, module.bias, relu)
+    if type(module) is Int8Linear and not _hooked(module):
+        return module.linear(x, relu)
     out = module(x)
     return F.relu(out) if relu else out
