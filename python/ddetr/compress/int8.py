@@ -16,11 +16,20 @@ import copy
 
 import torch
 
-from ddetr.compress.techniques import _check_model
+from ddetr import _native
+from ddetr.compress.techniques import check_model
 from ddetr.models.deformable_detr import DeformableDetr
 from ddetr.models.int8 import DEFAULT_INT8_ROLES, INT8_ROLES, check_roles, use_int8
 
-__all__ = ["DEFAULT_INT8_ROLES", "INT8_ROLES", "to_int8"]
+__all__ = ["DEFAULT_INT8_ROLES", "INT8_ROLES", "int8_ready", "to_int8"]
+
+
+def int8_ready(model: DeformableDetr) -> bool:
+    """Whether ``to_int8`` applies to ``model``: float32 on the CPU, not int8 yet, and
+    the native extension (its int8 GEMM) built."""
+    first = next(model.parameters())
+    return (_native.available() and first.dtype == torch.float32 and first.device.type == "cpu"
+            and not any(r.get("technique") == "to_int8" for r in model.compression))
 
 
 def to_int8(model: DeformableDetr, include=DEFAULT_INT8_ROLES) -> DeformableDetr:
@@ -30,7 +39,7 @@ def to_int8(model: DeformableDetr, include=DEFAULT_INT8_ROLES) -> DeformableDetr
     self-attention's ``out_proj``; ``sampling_offsets`` and ``attention_weights``, and
     the heads ``class_embed`` / ``bbox_embed``, only when included). The original is
     left alone."""
-    _check_model(model)
+    check_model(model)
     roles = check_roles(include)
     first = next(model.parameters())
     if first.dtype != torch.float32 or first.device.type != "cpu":

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ddetr.compress import calibrate, sparse, techniques
+from ddetr.compress.int8 import int8_ready, to_int8
 from ddetr.compress.measure import accuracy, latency
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ def _steps(model, usage: dict, query_counts, resize: bool, scorer: dict | None) 
             steps.append(Step("encoder tokens", f"rho {r}",
                               lambda m, r=r: sparse.sparsify_encoder(m, r, scorer)))
     steps.append(Step(PRECISION, "bfloat16", techniques.to_bfloat16))
+    if int8_ready(model):
+        steps.append(Step(PRECISION, "int8", to_int8))
     return steps
 
 

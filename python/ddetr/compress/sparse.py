@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ddetr.compress.calibrate import TokenSaliency, encoder_token_saliency
-from ddetr.compress.techniques import _check_model, _rebuild, _state
+from ddetr.compress.techniques import check_model, rebuild, state_copy
 from ddetr.models.deformable_detr import DeformableDetr
 from ddetr.models.token_selection import TokenScorer, select_tokens, tokens_kept
 
@@ -58,14 +58,14 @@ def sparsify_encoder(model: DeformableDetr, rho: float, scorer_state: dict | Non
     scorer if it has one, else an untrained one, which selects about at random). Every
     token stays a value; ``rho = 1`` is the dense encoder (the original outputs, no
     scorer). The original is left alone; ``compression`` records the change."""
-    _check_model(model)
+    check_model(model)
     _check_rho(rho)
-    state = {k: v for k, v in _state(model).items() if not k.startswith(SCORER_PREFIX)}
+    state = {k: v for k, v in state_copy(model).items() if not k.startswith(SCORER_PREFIX)}
     if rho < 1:
         scorer = _scorer_state(model, scorer_state)
         state.update({SCORER_PREFIX + k: v.detach().clone() for k, v in scorer.items()})
     record = {"technique": "sparsify_encoder", "rho": rho}
-    return _rebuild(model, state, record, encoder_token_ratio=rho)
+    return rebuild(model, state, record, encoder_token_ratio=rho)
 
 
 def _dam_targets(saliency: TokenSaliency, rho: float) -> Tensor:
@@ -109,7 +109,7 @@ def train_token_scorer(model: DeformableDetr, images: Iterable, rho: float, step
     rest (0); loss: binary cross-entropy on ``batch_tokens`` random tokens per step, AdamW
     at ``lr``, for ``steps`` steps or ``time_budget`` seconds, whichever ends first (the
     model's forward on the images comes on top: one pass each). Seeded by ``seed``."""
-    _check_model(model)
+    check_model(model)
     _check_rho(rho)
     _check_budget(steps, time_budget, batch_tokens)
     tokens, labels = _training_set(encoder_token_saliency(model, images), rho)
@@ -139,8 +139,8 @@ def selection_recall(sparse: DeformableDetr, reference: DeformableDetr,
     dense original) attends to most: the fraction of each image's top-rho DAM tokens
     among the tokens ``sparse`` updates, over all calibration images (rho = sparse's
     ratio; a random choice scores about rho)."""
-    _check_model(sparse)
-    _check_model(reference)
+    check_model(sparse)
+    check_model(reference)
     scorer = sparse.transformer.token_scorer
     if scorer is None:
         raise ValueError("sparse: a model with encoder_token_ratio < 1 (sparsify_encoder)")

@@ -16,12 +16,12 @@ _HEAD_KEY = re.compile(r"^(.*(?:class_embed|bbox_embed))\.(\d+)\.(.*)$")
 _DEC_LAYER_KEY = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.(.*)$")
 
 
-def _check_model(model) -> None:
+def check_model(model) -> None:
     if not isinstance(model, DeformableDetr):
         raise ValueError(f"model: expected a ddetr DeformableDetr, got {type(model).__name__}")
 
 
-def _rebuild(model: DeformableDetr, state: dict, record: dict, **changes) -> DeformableDetr:
+def rebuild(model: DeformableDetr, state: dict, record: dict, **changes) -> DeformableDetr:
     """A DeformableDetr with ``model.config`` updated by ``changes``, holding ``state``,
     on model's device and dtype, in model's train/eval mode and native-layer setting,
     with ``record`` added to what was applied (``compression``)."""
@@ -36,7 +36,7 @@ def _rebuild(model: DeformableDetr, state: dict, record: dict, **changes) -> Def
     return new.train(model.training)
 
 
-def _state(model: DeformableDetr) -> dict:
+def state_copy(model: DeformableDetr) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -44,13 +44,13 @@ def truncate_decoder(model: DeformableDetr, k: int) -> DeformableDetr:
     """The model stopped after decoder layer ``k`` (1 <= k <= num_decoder_layers), its
     outputs read with layer k's heads (every layer has heads; with auxiliary losses
     each was trained to predict). ``k = num_decoder_layers`` is the model itself."""
-    _check_model(model)
+    check_model(model)
     depth = model.config["num_decoder_layers"]
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= depth:
         raise ValueError(f"k: expected an int in [1, {depth}] (the decoder's depth), got {k!r}")
     two_stage = model.config["two_stage"]
     state = {}
-    for key, value in _state(model).items():
+    for key, value in state_copy(model).items():
         layer = _DEC_LAYER_KEY.match(key)
         head = _HEAD_KEY.match(key)
         if layer and int(layer.group(1)) >= k:
@@ -62,7 +62,7 @@ def truncate_decoder(model: DeformableDetr, k: int) -> DeformableDetr:
             elif i >= k:
                 continue
         state[key] = value
-    return _rebuild(model, state, {"technique": "truncate_decoder", "k": k},
+    return rebuild(model, state, {"technique": "truncate_decoder", "k": k},
                     num_decoder_layers=k)
 
 
@@ -71,21 +71,21 @@ def reduce_queries(model: DeformableDetr, k: int, keep: list[int] | None = None
     """``k`` decoder queries: in two-stage mode the top-k encoder proposals (``keep`` not
     allowed); otherwise the learned queries ``keep`` (k indices, e.g. the most used by
     ``query_usage``; default the first k)."""
-    _check_model(model)
+    check_model(model)
     total = model.num_queries
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= total:
         raise ValueError(f"k: expected an int in [1, {total}] (the model's queries), got {k!r}")
-    state = _state(model)
+    state = state_copy(model)
     if model.config["two_stage"]:
         if keep is not None:
             raise ValueError("keep: not used in two-stage mode (the top-k proposals are kept)")
-        return _rebuild(model, state, {"technique": "reduce_queries", "k": k},
+        return rebuild(model, state, {"technique": "reduce_queries", "k": k},
                         two_stage_num_proposals=k)
     keep = list(range(k)) if keep is None else list(keep)
     if len(keep) != k or len(set(keep)) != k or not all(0 <= i < total for i in keep):
         raise ValueError(f"keep: expected {k} distinct query indices in [0, {total}), got {keep}")
     state["query_embed.weight"] = state["query_embed.weight"][sorted(keep)]
-    return _rebuild(model, state, {"technique": "reduce_queries", "k": k, "keep": sorted(keep)},
+    return rebuild(model, state, {"technique": "reduce_queries", "k": k, "keep": sorted(keep)},
                     num_queries=k)
 
 
@@ -123,8 +123,8 @@ def prune_points(model: DeformableDetr, enc_points: int | None = None,
     decoder (None: unchanged), keeping in each layer, head and level the points with the
     largest mean attention weight in ``usage`` (``point_usage``; without it the first
     points). The attention softmax then renormalises over the points kept."""
-    _check_model(model)
-    state = _state(model)
+    check_model(model)
+    state = state_copy(model)
     changes = {}
     for part, points, key in (("encoder", enc_points, "enc_num_points"),
                               ("decoder", dec_points, "dec_num_points")):
@@ -144,7 +144,7 @@ def prune_points(model: DeformableDetr, enc_points: int | None = None,
             _slice_points(state, name, _keep_points(mean.float(), points))
         changes[key] = points
     record = {"technique": "prune_points", "enc_points": enc_points, "dec_points": dec_points}
-    return _rebuild(model, state, record, **changes)
+    return rebuild(model, state, record, **changes)
 
 
 def input_scale(model: DeformableDetr) -> float:
@@ -159,7 +159,7 @@ def resize_inputs(model: DeformableDetr, scale: float) -> DeformableDetr:
     """The same weights, recorded to run on images ``scale`` times the size (shorter and
     longer side) the model was evaluated at: ``ddetr eval`` / ``predict`` of what
     ``ddetr compress`` writes resize by it, and a search measures it at that size."""
-    _check_model(model)
+    check_model(model)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1:
         raise ValueError(f"scale: expected a factor in (0, 1], got {scale!r}")
     new = copy.deepcopy(model)
@@ -170,7 +170,7 @@ def resize_inputs(model: DeformableDetr, scale: float) -> DeformableDetr:
 def to_bfloat16(model: DeformableDetr) -> DeformableDetr:
     """A bfloat16 copy: every parameter and activation in bfloat16, float32 sums (the
     native layers and MSDA accumulate in float32); inputs may stay float32."""
-    _check_model(model)
+    check_model(model)
     new = copy.deepcopy(model).to(torch.bfloat16)
     new.compression = [*model.compression, {"technique": "to_bfloat16", "dtype": "bfloat16"}]
     return new
