@@ -7,7 +7,8 @@ The model is a randomly initialised ``transformers.DeformableDetrForObjectDetect
 ``ddetr.convert.from_hf`` (as in bench_model.py). Random weights say nothing about AP,
 so this measures the speed side only, and how far each setting moves the outputs from
 the uncompressed model's (max |difference| of sigmoid scores and of boxes, over the
-queries both keep; 0 where the setting is exact). The models are timed round robin (each
+queries both keep; 0 where the setting is exact; the sparse encoder's token scorer is
+trained for seconds on the timed image, so its selection is for timing only). The models are timed round robin (each
 once per round) so the machine's drift hits them alike; the median per model is shown. AP is what ``ddetr compress``
 measures on a trained model. Prints a table and writes JSON under ``--out``.
 """
@@ -39,6 +40,7 @@ SETTINGS = (
     ("all four", lambda m, x: _sparse(compress.prune_points(compress.reduce_queries(
         compress.truncate_decoder(m, 3), 100), enc_points=2), x, 0.3)),
     ("bfloat16", lambda m, x: compress.to_bfloat16(m)),
+    ("int8 linears", lambda m, x: compress.to_int8(m)),
 )
 
 
