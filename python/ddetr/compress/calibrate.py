@@ -4,6 +4,7 @@ decoder attention each encoder token receives."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -28,6 +29,20 @@ def _batches(images: Iterable) -> Iterable:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def _hooked_eval(model: DeformableDetr, hooks: list):
+    """The block runs ``model`` in eval mode; afterwards ``hooks`` are removed and the
+    model's train/eval mode is restored, whatever happened."""
+    was_training = model.training
+    try:
+        model.eval()
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
 def point_usage(model: DeformableDetr, images: Iterable) -> dict[str, Tensor]:
     """Mean softmaxed attention weight of every sampling point, per MSDeformAttn module
     name: ``{name: (M, L, P)}``, averaged over the queries of every calibration image."""
@@ -45,15 +60,9 @@ def point_usage(model: DeformableDetr, images: Iterable) -> dict[str, Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, MSDeformAttn):
             hooks.append(module.attention_weights.register_forward_hook(hook(name, module)))
-    was_training = model.training
-    try:
-        model.eval()
+    with _hooked_eval(model, hooks):
         for batch, mask in _batches(images):
             model(batch, mask)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
     if not sums:
         raise ValueError("images: no calibration image was given")
     return {name: (sums[name] / counts[name]).cpu() for name in sums}
@@ -66,15 +75,11 @@ def query_usage(model: DeformableDetr, images: Iterable, threshold: float = 0.1)
     if model.config["two_stage"]:
         raise ValueError("model: two-stage queries are proposals, not learned: use "
                          "reduce_queries(model, k) without keep")
-    was_training = model.training
     counts = torch.zeros(model.num_queries)
-    try:
-        model.eval()
+    with _hooked_eval(model, []):
         for batch, mask in _batches(images):
             logits = model(batch, mask)["pred_logits"].float()
             counts += (logits.sigmoid().amax(-1) >= threshold).sum(0).cpu()
-    finally:
-        model.train(was_training)
     return counts
 
 
@@ -131,17 +136,11 @@ def encoder_token_saliency(model: DeformableDetr, images: Iterable) -> list[Toke
     pending: dict = {}
     found = []
     hooks = _saliency_hooks(model, pending)
-    was_training = model.training
-    try:
-        model.eval()
+    with _hooked_eval(model, hooks):
         for batch, mask in _batches(images):
             model(batch, mask)
             dam = pending["dam"].masked_fill(pending["padding"], 0.0)
             found.append(TokenSaliency(pending["tokens"], pending["padding"], dam))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
     if not found:
         raise ValueError("images: no calibration image was given")
     return found
