@@ -119,22 +119,27 @@ def _add_compress_parser(sub) -> None:
                     "eval / predict), OUTPUT_DIR/model/ (save_pretrained) and report.json / "
                     "report.png (AP against batch-1 latency).")
     comp.add_argument("--checkpoint", required=True, help="a ddetr train checkpoint.pth")
-    for name in ("coco_path", "val_images", "val_annotations", "cache_dir"):
+    trained = " (default: the validation set the checkpoint was trained with)"
+    for name, text in (("coco_path", "a COCO root whose val2017 is the validation set" + trained),
+                       ("val_images", "the validation image folder" + trained),
+                       ("val_annotations", "the validation COCO annotation file" + trained),
+                       ("cache_dir", "where the synthetic dataset of the checkpoint's run is "
+                                     "kept (regenerated if missing; default: where ddetr train "
+                                     "kept it)")):
         comp.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=None,
-                          help="validation set (default: the one the checkpoint was trained "
-                               "with)")
+                          help=text)
     comp.add_argument("--max_ap_drop", "--max-ap-drop", dest="max_ap_drop", type=float,
                       default=0.01, help="largest COCO AP loss accepted (default 0.01)")
     comp.add_argument("--output_dir", "--output-dir", dest="output_dir", default="compressed",
                       help="where the model and the report go (default compressed/)")
     comp.add_argument("--calib_images", "--calib-images", dest="calib_images", type=int,
                       default=16, help="validation images for the attention and query "
-                                       "statistics (default 16)")
+                                       "statistics and the token scorer (default 16)")
     comp.add_argument("--latency_images", "--latency-images", dest="latency_images", type=int,
                       default=20, help="validation images timed at batch 1 (default 20)")
     comp.add_argument("--time_budget", "--time-budget", dest="time_budget", type=float,
-                      default=10.0, help="minutes after which the search stops trying "
-                                         "candidates (default 10)")
+                      default=10.0, help="minutes after which the search starts no new "
+                                         "candidate, distillations included (default 10)")
     comp.add_argument("--finetune_epochs", "--finetune-epochs", dest="finetune_epochs",
                       type=int, default=0,
                       help="recovery: also try combinations beyond --max_ap_drop after this "
@@ -144,10 +149,12 @@ def _add_compress_parser(sub) -> None:
     comp.add_argument("--finetune_lr", "--finetune-lr", dest="finetune_lr", type=float,
                       default=None, help="learning rate of the distillation (default: a "
                                          "tenth of the checkpoint's training lr)")
-    for name in ("train_images", "train_annotations"):
+    for name, text in (("train_images", "the folder of the images to distill on"),
+                       ("train_annotations", "a COCO file listing them (only its image list "
+                                             "is read: the original model labels them)")):
         comp.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=None,
-                          help="images to distill on with --finetune_epochs (default: the "
-                               "checkpoint's training set; only the image list is read)")
+                          help=f"{text}, with --finetune_epochs (default: the checkpoint's "
+                               f"training set)")
     comp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                       help="a tqdm bar over the search (default on)")
     _add_run_flags(comp, for_eval=False)
