@@ -92,8 +92,9 @@ class DeformableTransformer(nn.Module):
         sizes = [tuple(src.shape[-2:]) for src in srcs]
         enc_refs = encoder_reference_points(sizes, flat.valid_ratios)
         # without padding anywhere (one image, or equal sizes) the values need no masking:
-        # skipped on the CPU, where asking costs no device sync
-        value_mask = flat.mask if flat.mask.is_cuda or bool(flat.mask.any()) else None
+        # skipped on the CPU, where asking costs no device sync (a traced graph cannot ask)
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        value_mask = flat.mask if tracing or flat.mask.is_cuda or bool(flat.mask.any()) else None
         # flat.levels (a LevelTable) stands for spatial_shapes from here down: the native
         # calls read its Python ints instead of copying the tensor to the host each time
         token_index = None
