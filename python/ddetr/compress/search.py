@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ddetr.compress import calibrate, sparse, techniques
+from ddetr.compress.distill import distill
 from ddetr.compress.int8 import int8_ready, to_int8
 from ddetr.compress.measure import accuracy, latency
 
@@ -26,6 +27,11 @@ class Step:
     technique: str
     setting: str
     apply: Callable = field(compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """How the report's ``applied`` lists name it."""
+        return f"{self.technique} {self.setting}"
 
 
 SCALES = (0.875, 0.75, 0.625, 0.5)  # input sizes tried, relative to the model's
@@ -88,7 +94,7 @@ class Search:
     resize: bool = True
     rows: list = field(default_factory=list)
     images: dict = field(default_factory=dict)  # scale -> the decoded latency images
-    reference: object = None  # the original model (the first measured)
+    reference: tuple | None = None  # (the original model, its latency images): the first measured
 
     def measure(self, model, name: str, applied: list[str]) -> dict:
         """The candidate's row (measured once per combination of steps)."""
@@ -102,11 +108,12 @@ class Search:
             self.images[scale] = [dataset[i][0] for i in range(count)]
         images = self.images[scale]
         # timed against the original, image by image: the search compares these ratios
-        if self.reference is None:
-            self.reference = model
-        reference = None if model is self.reference else (self.reference, self.images[1.0])
+        first = self.reference is None
+        if first:
+            self.reference = (model, images)
         row = {"name": name, "applied": applied, **accuracy(model, dataset, self.device),
-               **latency(model, images, self.device, reference=reference)}
+               **latency(model, images, self.device,
+                         reference=None if first else self.reference)}
         row.setdefault("relative_latency", 1.0)
         self.rows.append(row)
         return row
@@ -153,8 +160,7 @@ def run_search(model, search: Search, calib: list, progress: bool = True,
     for step in steps:
         if search.out_of_time():
             break
-        row = search.measure(step.apply(model), f"{step.technique} {step.setting}",
-                             [f"{step.technique} {step.setting}"])
+        row = search.measure(step.apply(model), step.name, [step.name])
         alone.append((step, row))
         bar.update()
     chosen = _combine(model, base, alone, search, search.max_ap_drop, bar)
@@ -173,7 +179,7 @@ def _combine(model, base: dict, alone: list, search: Search, budget: float, bar=
               and r["relative_latency"] < 1.0]
     within.sort(key=lambda sr: -_score(sr[1], base))
     current, current_row = start or (model, base)
-    used = {a.rsplit(" ", 1)[0] for a in current_row["applied"]}
+    used = {s.technique for s, _ in alone if s.name in current_row["applied"]}
     for step, alone_row in within:
         if search.out_of_time():
             break
@@ -182,7 +188,7 @@ def _combine(model, base: dict, alone: list, search: Search, budget: float, bar=
         if step.technique in used:
             continue
         trial = step.apply(current)
-        applied = current_row["applied"] + [f"{step.technique} {step.setting}"]
+        applied = current_row["applied"] + [step.name]
         # on the original model a step is what was measured alone
         row = alone_row if current is model else search.measure(trial, " + ".join(applied),
                                                                  applied)
@@ -198,7 +204,6 @@ def _recover(model, base: dict, alone: list, search: Search, finetune: Finetune,
     """The fastest combination found within a relaxed budget whose AP, after
     distillation, is back within ``max_ap_drop``; the precision steps are then tried on
     it. Returns ``(model, row)``: ``chosen`` (the post-hoc choice) if none pays."""
-    from ddetr.compress.distill import distill  # (imports the training engine)
     structural = [(s, r) for s, r in alone if s.technique != PRECISION]
     tried = set()
     for budget in sorted((b for b in finetune.budgets if b > search.max_ap_drop), reverse=True):
