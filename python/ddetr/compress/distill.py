@@ -62,8 +62,8 @@ def _deduplicate(records: list[dict], iou: float = 0.7) -> list[dict]:
         group.sort(key=lambda r: -r["score"])
         # (n, 4) xywh -> xyxy
         xywh = torch.tensor([r["bbox"] for r in group], dtype=torch.float64)
-        overlaps = box_iou(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
-                           torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))[0]
+        boxes_xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        overlaps = box_iou(boxes_xyxy, boxes_xyxy)[0]
         chosen: list[int] = []
         for i in range(len(group)):
             if all(overlaps[i, j] <= iou for j in chosen):

@@ -24,12 +24,21 @@ from ddetr.models.int8 import DEFAULT_INT8_ROLES, INT8_ROLES, check_roles, use_i
 __all__ = ["DEFAULT_INT8_ROLES", "INT8_ROLES", "int8_ready", "to_int8"]
 
 
+def _problem(model: DeformableDetr) -> str | None:
+    """Why ``to_int8`` cannot apply to ``model`` (None: it can)."""
+    first = next(model.parameters())
+    if first.dtype != torch.float32 or first.device.type != "cpu":
+        return (f"int8 layers run in float32 on the CPU; got a {first.dtype} model on "
+                f"{first.device} (quantise before to_bfloat16, and on the CPU)")
+    if any(r.get("technique") == "to_int8" for r in model.compression):
+        return "already int8 (to_int8 was applied)"
+    return None
+
+
 def int8_ready(model: DeformableDetr) -> bool:
     """Whether ``to_int8`` applies to ``model``: float32 on the CPU, not int8 yet, and
     the native extension (its int8 GEMM) built."""
-    first = next(model.parameters())
-    return (_native.available() and first.dtype == torch.float32 and first.device.type == "cpu"
-            and not any(r.get("technique") == "to_int8" for r in model.compression))
+    return _native.available() and _problem(model) is None
 
 
 def to_int8(model: DeformableDetr, include=DEFAULT_INT8_ROLES) -> DeformableDetr:
@@ -41,12 +50,9 @@ def to_int8(model: DeformableDetr, include=DEFAULT_INT8_ROLES) -> DeformableDetr
     left alone."""
     check_model(model)
     roles = check_roles(include)
-    first = next(model.parameters())
-    if first.dtype != torch.float32 or first.device.type != "cpu":
-        raise ValueError(f"model: int8 layers run in float32 on the CPU; got a {first.dtype} "
-                         f"model on {first.device} (quantise before to_bfloat16, and on the CPU)")
-    if any(r.get("technique") == "to_int8" for r in model.compression):
-        raise ValueError("model: already int8 (to_int8 was applied)")
+    problem = _problem(model)
+    if problem is not None:
+        raise ValueError(f"model: {problem}")
     new = copy.deepcopy(model)
     use_int8(new, roles)
     new.compression = [*model.compression,
