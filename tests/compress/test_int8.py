@@ -18,16 +18,11 @@ from ddetr.engine.predict import load_detector
 from ddetr.models import native_layers
 from ddetr.models.int8 import DEFAULT_INT8_ROLES, INT8_ROLES, Int8MultiheadAttention
 from ddetr.ops import Int8Linear
-from tests.models.detr_cases import VARIANTS, images, tiny_model
+from tests.models.detr_cases import VARIANTS, assert_same, images, outputs, tiny_model
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason="native extension not built")
 
 LOGITS_ATOL, BOXES_ATOL = 0.06, 0.002
-
-
-def outputs(model, x, mask):
-    with torch.no_grad():
-        return model(x, mask)
 
 
 def assert_close_to(got: dict, want: dict) -> None:
@@ -109,8 +104,7 @@ def test_save_pretrained_round_trip_gives_identical_outputs(tmp_path, variant):
     assert isinstance(again.transformer.encoder.layers[0].linear1, Int8Linear)
     x, mask = images()
     a, b = outputs(small, x, mask), outputs(again, x, mask)
-    assert torch.equal(a["pred_logits"], b["pred_logits"])
-    assert torch.equal(a["pred_boxes"], b["pred_boxes"])
+    assert_same(a, b)
 
 
 def test_compress_checkpoint_round_trip_gives_identical_outputs(tmp_path):
@@ -120,8 +114,7 @@ def test_compress_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     again = load_detector(path).model
     x, mask = images()
     a, b = outputs(small, x, mask), outputs(again, x, mask)
-    assert torch.equal(a["pred_logits"], b["pred_logits"])
-    assert torch.equal(a["pred_boxes"], b["pred_boxes"])
+    assert_same(a, b)
 
 
 def test_later_structural_techniques_keep_the_int8_layers():

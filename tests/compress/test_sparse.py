@@ -10,20 +10,10 @@ from ddetr.engine.compress import save_detector
 from ddetr.engine.predict import load_detector
 from ddetr.models.token_selection import select_tokens
 from ddetr.ops.native_layers import library_ready
-from tests.models.detr_cases import VARIANTS, images, tiny_model
+from tests.models.detr_cases import VARIANTS, assert_same, images, outputs, tiny_model
 
 native_ready = pytest.mark.skipif(not library_ready(torch.zeros(1)),
                                   reason="native extension or OpenBLAS missing")
-
-
-def outputs(model, x, mask):
-    with torch.no_grad():
-        return model(x, mask)
-
-
-def assert_same(a, b):
-    assert torch.equal(a["pred_logits"], b["pred_logits"])
-    assert torch.equal(a["pred_boxes"], b["pred_boxes"])
 
 
 def calibration(count=4, seed=5):

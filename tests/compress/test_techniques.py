@@ -5,12 +5,7 @@ import pytest
 import torch
 
 from ddetr import DeformableDetr, compress
-from tests.models.detr_cases import VARIANTS, images, tiny_model
-
-
-def outputs(model, x, mask):
-    with torch.no_grad():
-        return model(x, mask)
+from tests.models.detr_cases import VARIANTS, assert_same, images, outputs, tiny_model
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -84,8 +79,7 @@ def test_compressed_model_round_trips(tmp_path):
     small.save_pretrained(tmp_path)
     again = DeformableDetr.from_pretrained(tmp_path).eval()
     a, b = outputs(small, x, mask), outputs(again, x, mask)
-    assert torch.equal(a["pred_logits"], b["pred_logits"])
-    assert torch.equal(a["pred_boxes"], b["pred_boxes"])
+    assert_same(a, b)
 
 
 def test_bfloat16_close_to_float32():

@@ -39,3 +39,15 @@ def images(n=2, h=64, w=96, seed=1):
         mask[1, :, 70:] = True
         x[1][:, mask[1]] = 0.0
     return x, mask
+
+
+def outputs(model, x, mask):
+    """The model's outputs on (x, mask), without autograd."""
+    with torch.no_grad():
+        return model(x, mask)
+
+
+def assert_same(a: dict, b: dict) -> None:
+    """Bitwise the same logits and boxes."""
+    assert torch.equal(a["pred_logits"], b["pred_logits"])
+    assert torch.equal(a["pred_boxes"], b["pred_boxes"])
