@@ -33,7 +33,7 @@ def save_detector(model, state: dict, path: str) -> None:
         train = dict(config["train"])
         for key in ("base_size", "max_size"):
             if key in train:
-                train[key] = max(1, round(train[key] * scale))
+                train[key] = _scaled(train[key], scale)
         config["train"] = train
     write_atomic({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                   "config": config, "epoch": state.get("epoch", -1)}, path)
@@ -89,8 +89,13 @@ def compress_checkpoint(run: CompressRun) -> dict:
     return report
 
 
+def _scaled(size: int, scale: float) -> int:
+    """An image size (shorter or longer side) at ``scale`` times, as resize_inputs means."""
+    return max(1, round(size * scale))
+
+
 def _sizes(detector, scale: float) -> tuple[int, int]:
-    return (max(1, round(detector.base_size * scale)), max(1, round(detector.max_size * scale)))
+    return _scaled(detector.base_size, scale), _scaled(detector.max_size, scale)
 
 
 def _finetune(detector, run: CompressRun, device) -> Finetune:
