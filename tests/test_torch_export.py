@@ -35,3 +35,17 @@ def test_torch_compile_fullgraph_of_a_two_stage_model():
     compiled = torch.compile(model, fullgraph=True)  # a graph break would raise
     with torch.no_grad():
         _close(compiled(x, mask), model(x, mask))
+
+
+@pytest.mark.slow
+def test_torch_export_with_dynamic_batch_and_image_size():
+    model = tiny_model("two_stage")
+    x, mask = images(2, 160, 224)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    height, width = (torch.export.Dim(n, min=65, max=4096) for n in ("height", "width"))
+    program = torch.export.export(model, (x, mask), dynamic_shapes=(
+        {0: batch, 2: height, 3: width}, {0: batch, 1: height, 2: width}))
+    with torch.no_grad():
+        for n, h, w in ((3, 96, 130), (1, 200, 90)):
+            x, mask = images(n, h, w)
+            _close(program.module()(x, mask), model(x, mask))

@@ -1,4 +1,5 @@
-"""The ``ddetr`` command: ``train``, ``eval``, ``predict`` and ``plot``.
+"""The ``ddetr`` command: ``train``, ``eval``, ``predict``, ``plot``, ``compress`` and
+``export``.
 
 ``ddetr train`` with no dataset generates the synthetic shapes dataset in a cache
 directory and trains the small CPU configuration on it (see ``engine/config.py``);
@@ -105,7 +106,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(pred, for_eval=False)
     _add_plot_parser(sub)
     _add_compress_parser(sub)
+    _add_export_parser(sub)
     return parser
+
+
+def _add_export_parser(sub) -> None:
+    exp = sub.add_parser(
+        "export", help="write the detector as an ONNX file (ONNX Runtime, TensorRT)",
+        description="Trace the detector into an ONNX file. Inputs: images (N, 3, H, W) "
+                    "float32 normalised as in training, mask (N, H, W) bool (True on "
+                    "padding) and, with --with_postprocess, target_sizes (N, 2) int64. "
+                    "Needs the export extra: pip install \"ddetr[export]\".")
+    exp.add_argument("--checkpoint", required=True,
+                     help="a ddetr train / compress checkpoint.pth or a save_pretrained directory")
+    exp.add_argument("--output", required=True, help="the ONNX file to write")
+    exp.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 23 (default 18)")
+    exp.add_argument("--height", type=int, default=None,
+                     help="input height (default: the checkpoint's training size, 800 for a "
+                          "save_pretrained directory); with --dynamic only the traced size")
+    exp.add_argument("--width", type=int, default=None,
+                     help="input width (default: the checkpoint's maximum size, 1333 for a "
+                          "save_pretrained directory)")
+    exp.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=1,
+                     help="input batch size of a fixed-size graph (default 1)")
+    exp.add_argument("--dynamic", action="store_true",
+                     help="batch, height and width as dynamic axes: one file for every input "
+                          "size (sides above the coarsest feature stride, 65 for 4 levels)")
+    exp.add_argument("--with_postprocess", "--with-postprocess", dest="with_postprocess",
+                     action="store_true",
+                     help="top-K scores, labels and xyxy pixel boxes (of target_sizes) in the "
+                          "graph instead of pred_logits and pred_boxes")
+    exp.add_argument("--num_select", "--num-select", dest="num_select", type=int, default=100,
+                     help="K, the detections per image with --with_postprocess (default 100)")
+    exp.add_argument("--msda", default="standard", choices=("standard", "trt"),
+                     help="standard (default): deformable attention as ONNX gathers, any "
+                          "runtime; trt: TensorRT's MultiscaleDeformableAttnPlugin_TRT node "
+                          "(TensorRT with that plugin only; ONNX Runtime cannot run it)")
+    exp.add_argument("--trust_pickle", "--trust-pickle", dest="trust_pickle",
+                     action="store_true",
+                     help="also load a checkpoint holding pickled Python objects (runs any "
+                          "code in the file: only for files you trust)")
 
 
 def _add_compress_parser(sub) -> None:
@@ -191,10 +231,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     command = {"train": run_train, "eval": run_eval, "predict": run_predict,
-               "plot": run_plot, "compress": run_compress}[args.command]
+               "plot": run_plot, "compress": run_compress,
+               "export": run_export}[args.command]
     try:
         return command(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         if args.verbose:
             raise
         print(f"ddetr {args.command}: error: {e}", file=sys.stderr)
@@ -298,6 +339,22 @@ def run_compress(args) -> int:
     print(f"chosen: {c['name']}: {report['speedup']:.2f}x faster at batch 1 (timed side by "
           f"side with the original), AP {o['AP']:.3f} -> {c['AP']:.3f}; wrote "
           f"{os.path.abspath(args.output_dir)}")
+    return 0
+
+
+def run_export(args) -> int:
+    from ddetr.engine.predict import load_detector
+    from ddetr.export import to_onnx
+    detector = load_detector(args.checkpoint, "cpu", args.trust_pickle)
+    height = args.height if args.height is not None else detector.base_size
+    width = args.width if args.width is not None else detector.max_size
+    print(f"exporting {height}x{width}{' (dynamic)' if args.dynamic else ''} with the "
+          f"{args.msda} deformable attention: this takes a minute or more")
+    path = to_onnx(detector.model, args.output, opset=args.opset, height=height, width=width,
+                   batch_size=args.batch_size, dynamic=args.dynamic,
+                   with_postprocess=args.with_postprocess, num_select=args.num_select,
+                   msda=args.msda)
+    print(f"wrote {os.path.abspath(path)} ({os.path.getsize(path) / 1e6:.1f} MB)")
     return 0
 
 

@@ -166,8 +166,10 @@ class ResNet(nn.Module):
         # channels-last (NHWC) activations on large images: the convolution kernels run
         # without layout reorders (1.5x faster at 800x1333 on the CPU); on small ones
         # torch sends most convolutions to its reference kernel, which copies NHWC to
-        # NCHW and back (1.45x slower at 128x128), so they stay NCHW; results are the same
-        if x.shape[-2] * x.shape[-1] >= CHANNELS_LAST_MIN_PIXELS:
+        # NCHW and back (1.45x slower at 128x128), so they stay NCHW; results are the same.
+        # An exported graph (dynamic sizes, ONNX) has no layout: no guard on the size there
+        if not torch.compiler.is_exporting() and \
+                x.shape[-2] * x.shape[-1] >= CHANNELS_LAST_MIN_PIXELS:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
         outs = []

@@ -26,10 +26,18 @@ class PostProcess(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: dict, target_sizes) -> list[dict]:
+        found = self.batched(outputs, target_sizes)
+        return [{"scores": s, "labels": lb, "boxes": b}
+                for s, lb, b in zip(found["scores"], found["labels"], found["boxes"])]
+
+    def batched(self, outputs: dict, target_sizes) -> dict:
+        """The same detections as (N, K) ``scores``, (N, K) ``labels`` and (N, K, 4)
+        ``boxes`` tensors (what an exported graph returns)."""
         logits, boxes_cxcywh = outputs["pred_logits"], outputs["pred_boxes"]
         n, q, c = logits.shape
         target_sizes = torch.as_tensor(target_sizes, device=logits.device)
-        if tuple(target_sizes.shape) != (n, 2):
+        if target_sizes.dim() != 2 or target_sizes.shape[1] != 2 or (
+                not torch.compiler.is_exporting() and target_sizes.shape[0] != n):
             raise ValueError(f"target_sizes: expected ({n}, 2) (height, width), "
                              f"got {tuple(target_sizes.shape)}")
         k = min(self.num_select, q * c)
@@ -41,6 +49,4 @@ class PostProcess(nn.Module):
         h, w = target_sizes.to(boxes_xyxy.dtype).unbind(1)
         # (N, 4) per-image (w, h, w, h) -> (N, 1, 4)
         scale = torch.stack([w, h, w, h], dim=1)[:, None, :]
-        boxes_xyxy = boxes_xyxy * scale
-        return [{"scores": s, "labels": lb, "boxes": b}
-                for s, lb, b in zip(scores, labels, boxes_xyxy)]
+        return {"scores": scores, "labels": labels, "boxes": boxes_xyxy * scale}

@@ -99,7 +99,10 @@ class DeformableTransformerEncoderLayer(nn.Module):
         memory = src if memory is None else memory
         self.self_attn.check_inputs(src, reference_points, memory, spatial_shapes, padding_mask)
         value = self.self_attn.project_value(memory, padding_mask)
-        if torch.is_grad_enabled():
+        # a traced graph (torch.export, ONNX) takes all rows at once: a loop over blocks
+        # would fix the number of tokens it is valid for
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or \
+                torch.compiler.is_exporting():
             return self._tokens(src, pos, reference_points, value, spatial_shapes,
                                 level_start_index)
         # every token's output depends on the values and its own row only: blocks of rows

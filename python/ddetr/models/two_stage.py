@@ -30,9 +30,10 @@ def proposal_boxes(padding_mask: Tensor, spatial_shapes, dtype=torch.float32) ->
         level_mask = padding_mask[:, start:start + h * w].view(n, h, w)
         valid_h = torch.sum(~level_mask[:, :, 0], 1)
         valid_w = torch.sum(~level_mask[:, 0, :], 1)
-        ys, xs = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=dtype, device=device),
-                                torch.linspace(0, w - 1, w, dtype=dtype, device=device),
-                                indexing="ij")
+        # arange, not the official linspace(0, h - 1, h): the same integers, and a
+        # symbolic h (torch.export with dynamic sizes) stays symbolic
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype, device=device),
+                                torch.arange(w, dtype=dtype, device=device), indexing="ij")
         grid = torch.stack([xs, ys], -1)  # (H, W, 2) as (x, y)
         # (N, 2) valid (w, h) -> (N, 1, 1, 2)
         valid = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ddetr import _native
 from ddetr._native import flatten as native
-from ddetr.ops import flatten_checks
+from ddetr.ops import flatten_checks, portable
 from ddetr.ops.flatten_reference import (Flattened, common_dtype, flatten_multiscale_reference,
                                          ratio_dtype, reference_points_of_sizes)
 from ddetr.ops.levels import LevelTable, fail
@@ -112,7 +112,7 @@ def flatten_multiscale(features: Sequence[Tensor], masks: Sequence[Tensor] | Non
     """
     flatten_checks.check_pyramid(features, masks, pos_embeds, level_embed)
     dtype = common_dtype(features, pos_embeds, level_embed)
-    if not _native.runs_natively(features[0], "flatten_multiscale"):
+    if portable.active() or not _native.runs_natively(features[0], "flatten_multiscale"):
         return flatten_multiscale_reference(features, masks, pos_embeds, level_embed)
     device = features[0].device
     # The CPU kernels have no float16 path; float32 gives the same numbers.
@@ -212,7 +212,7 @@ def encoder_reference_points(spatial_shapes, valid_ratios: Tensor) -> Tensor:
     """
     sizes = _level_sizes(spatial_shapes)
     flatten_checks.check_reference_points(sizes, valid_ratios)
-    if not _native.runs_natively(valid_ratios, "encoder_reference_points"):
+    if portable.active() or not _native.runs_natively(valid_ratios, "encoder_reference_points"):
         return reference_points_of_sizes(sizes, valid_ratios)
     run = ratio_dtype(valid_ratios.dtype)
     out = _reference_points_op(valid_ratios.to(run).contiguous(),

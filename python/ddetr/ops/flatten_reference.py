@@ -1,7 +1,7 @@
 """Pure-PyTorch multi-scale flattening and encoder reference points.
 
 Written the way the official Deformable DETR code does it (flatten, transpose, add,
-cat per level; meshgrid and linspace per level), with the one documented departure of
+cat per level; meshgrid per level), with the one documented departure of
 the native op: a level whose first row or column is entirely padding counts one valid
 row / column, so its valid ratio is 1 / size instead of 0 (the official code would
 turn that level's reference points into NaN). Used by the tests, the benchmark and as
@@ -99,9 +99,11 @@ def reference_points_of_sizes(sizes, valid_ratios: Tensor) -> Tensor:
     dtype, device = valid_ratios.dtype, valid_ratios.device
     points = []
     for lvl, (h, w) in enumerate(sizes):
-        ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=dtype, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=dtype, device=device), indexing="ij")
+        # arange + 0.5: the official linspace(0.5, h - 0.5, h)'s exact values, and a
+        # symbolic h (torch.export with dynamic sizes) stays symbolic
+        ref_y, ref_x = torch.meshgrid(torch.arange(h, dtype=dtype, device=device) + 0.5,
+                                      torch.arange(w, dtype=dtype, device=device) + 0.5,
+                                      indexing="ij")
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)  # (N, HW)
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
         points.append(torch.stack((ref_x, ref_y), -1))                        # (N, HW, 2)

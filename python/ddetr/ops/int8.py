@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ddetr import _native
 from ddetr._native import gemm as native
+from ddetr.ops import portable
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,6 +133,23 @@ def int8_linear(x: Tensor, weight_int8: Tensor, weight_scale: Tensor,
     return out.view(*lead, n)
 
 
+def int8_linear_portable(x: Tensor, weight_int8: Tensor, weight_scale: Tensor,
+                         bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """``int8_linear`` in standard operations, the form exported graphs hold: the same
+    per-row quantisation (scale max |x| / 127, round to nearest even, a non-finite row
+    gives NaN), the integer products summed as float32 (exact while in_features * 127^2
+    < 2^24, i.e. in_features <= 1040), then the two scales and the bias."""
+    scale = x.abs().amax(-1, keepdim=True) / 127  # (..., 1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((x / safe).clamp(-127, 127))
+    q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))
+    # (..., K) @ (K, N): integer-valued float32 products
+    out = (q @ weight_int8.to(q.dtype).t()) * (scale * weight_scale)
+    if bias is not None:
+        out = out + bias
+    return torch.relu(out) if relu else out
+
+
 def pack(weight_int8: Tensor, kernel: str = "auto") -> native.PackedInt8:
     """``weight_int8`` (N, K) packed for the int8 ``kernel`` (default: this CPU's best)."""
     _check_native()
@@ -178,6 +196,8 @@ class Int8Linear(nn.Module):
 
     def linear(self, x: Tensor, relu: bool = False) -> Tensor:
         """The layer on x (..., in_features) float32 on the CPU, then ReLU with ``relu``."""
+        if portable.active():
+            return int8_linear_portable(x, self.weight_int8, self.weight_scale, self.bias, relu)
         _check_native()
         check_int8_linear(x, self.weight_int8, self.weight_scale, self.bias)
         return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, relu,

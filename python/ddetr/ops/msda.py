@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ddetr import _native
 from ddetr._native import msda as native
+from ddetr.ops import portable
 from ddetr.ops.levels import LevelTable, as_level_table
 from ddetr.ops.msda_checks import check_inputs
 from ddetr.ops.reference import ms_deform_attn_reference
@@ -116,6 +117,9 @@ def ms_deform_attn(value: Tensor, spatial_shapes, level_start_index: Tensor | No
     """
     value, table, loc, attn = _prepare(value, spatial_shapes, level_start_index,
                                        sampling_locations, attention_weights)
+    if portable.active():
+        return portable.ms_deform_attn(value, table.spatial_shapes, table.level_start_index,
+                                       loc, attn)
     if not _native.runs_natively(value, "ms_deform_attn"):
         return ms_deform_attn_reference(value, table.spatial_shapes, None, loc, attn)
     flat = [size for row in table.rows for size in row]
