@@ -142,10 +142,7 @@ def _add_export_parser(sub) -> None:
                      help="standard (default): deformable attention as ONNX gathers, any "
                           "runtime; trt: TensorRT's MultiscaleDeformableAttnPlugin_TRT node "
                           "(TensorRT with that plugin only; ONNX Runtime cannot run it)")
-    exp.add_argument("--trust_pickle", "--trust-pickle", dest="trust_pickle",
-                     action="store_true",
-                     help="also load a checkpoint holding pickled Python objects (runs any "
-                          "code in the file: only for files you trust)")
+    _add_trust_pickle(exp)
 
 
 def _add_compress_parser(sub) -> None:
@@ -210,13 +207,17 @@ def _add_plot_parser(sub) -> None:
     plot.add_argument("--height", type=int, default=400, help="pixels (default 400)")
 
 
-def _add_run_flags(parser, for_eval: bool = True) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+def _add_trust_pickle(parser) -> None:
     parser.add_argument("--trust_pickle", "--trust-pickle", dest="trust_pickle",
                         action="store_true",
                         help="also load a checkpoint holding pickled Python objects (an "
                              "older ddetr's): this runs any code in the file, so only for "
                              "files you trust (default: tensors and plain data only)")
+
+
+def _add_run_flags(parser, for_eval: bool = True) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    _add_trust_pickle(parser)
     if for_eval:
         parser.add_argument("--amp", default="off",
                             help="mixed precision: off (default), bf16 (autocast; the native "
