@@ -66,3 +66,11 @@ def test_cli_trains_evaluates_and_predicts_with_arch_detr(tmp_path, capsys):
     assert len(found["scores"]) == 10 and found["labels"].max() < classes  # no "no object"
     with pytest.raises(ValueError, match="record_sampling"):
         detect(detector, image, record_sampling=True)
+    capsys.readouterr()
+    checkpoint = str(out / "checkpoint.pth")
+    assert cli.main(["eval", "--checkpoint", checkpoint, "--num_workers", "0",
+                     "--no-progress"]) == 0
+    assert "Average Precision" in capsys.readouterr().out
+    assert cli.main(["export", "--checkpoint", checkpoint, "--output",
+                     str(tmp_path / "detr.onnx")]) == 2
+    assert "Deformable DETR models only" in capsys.readouterr().err

@@ -51,6 +51,14 @@ def load_detector(path: str, device="cpu", trust_pickle: bool = False) -> Detect
                     train.get("max_size", 1333), dict(train))
 
 
+def require_deformable(detector: Detector, path: str, command: str) -> None:
+    """ValueError naming ``path`` when its model is not a ``DeformableDetr`` (the DETR
+    baseline trains, evaluates and predicts, but ``command`` is Deformable DETR's only)."""
+    if not isinstance(detector.model, DeformableDetr):
+        raise ValueError(f"checkpoint: {path} holds a {type(detector.model).__name__}; "
+                         f"{command} takes Deformable DETR models only")
+
+
 def read_image(path: str) -> Image.Image:
     """The image as RGB; ``ValueError`` naming ``path`` if it cannot be decoded
     (including a decompression bomb)."""
