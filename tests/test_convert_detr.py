@@ -71,6 +71,17 @@ def test_from_hf_learned_position_embedding():
     assert (out["pred_boxes"] - expected.pred_boxes).abs().max() < 1e-4
 
 
+def test_from_hf_warns_that_auxiliary_loss_changes_transformers_decoder(caplog, hf):
+    # same weights; transformers' auxiliary_loss=True model feeds its layers normed states
+    aux = transformers.DetrForObjectDetection(hf_config(auxiliary_loss=True)).eval()
+    aux.load_state_dict(hf.state_dict())
+    with caplog.at_level(logging.WARNING):
+        ours = convert.detr_from_hf(aux).eval()
+    assert "auxiliary_loss=True" in caplog.text
+    x, mask = images()
+    assert (outputs(ours, x, mask)["pred_logits"] - hf_outputs(hf, x, mask).logits).abs().max() < 1e-4
+
+
 def test_from_hf_state_dict_without_config(hf):
     ours = convert.detr_from_hf(hf.state_dict(), num_heads=4).eval()
     assert {k: ours.config[k] for k in TINY_DETR} == TINY_DETR

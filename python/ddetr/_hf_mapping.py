@@ -173,6 +173,12 @@ def is_detr(config) -> bool:
     return _get(config, "model_type") == "detr"
 
 
+def feeds_normed_decoder_states(config) -> bool:
+    """transformers' DETR decoder with ``auxiliary_loss`` passes each layer the previous
+    layer's output after the final LayerNorm (the official DETR passes it before)."""
+    return bool(_get(config, "auxiliary_loss", False))
+
+
 def uses_hf_resnet(config) -> bool:
     return _get(_get(config, "backbone_config"), "model_type") == "resnet"
 

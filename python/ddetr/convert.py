@@ -32,6 +32,7 @@ warning otherwise.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 
@@ -44,6 +45,8 @@ from ddetr.models.weights import load_torch_file, load_weights
 
 __all__ = ["from_official", "to_official", "from_hf", "infer_official_config",
            "detr_from_official", "detr_from_hf", "infer_detr_config"]
+
+logger = logging.getLogger(__name__)
 
 # official argparse names -> DeformableDetr arguments (read from a checkpoint's "args")
 _OFFICIAL_ARGS = {
@@ -138,6 +141,10 @@ def detr_from_hf(model_or_state_dict, config=None, strict: bool = True, **kwargs
     state = _hf_mapping.convert_detr_state_dict(hf_state, _uses_hf_resnet(hf_state, config))
     if config is not None:
         model_config = _hf_mapping.detr_config_to_kwargs(config)
+        if _hf_mapping.feeds_normed_decoder_states(config):
+            logger.warning("detr_from_hf: the transformers model has auxiliary_loss=True, so "
+                           "its decoder layers read the previous layer's normed output; the "
+                           "converted Detr computes the official way, and its outputs differ")
     else:
         model_config = infer_detr_config(state)
     model_config.update(kwargs)
