@@ -22,9 +22,10 @@ from ddetr.models.criterion import SetCriterion
 from ddetr.models.matcher import HungarianMatcher
 from ddetr.models.postprocess import PostProcess, SoftmaxPostProcess
 
-ARCHS = ("deformable-detr", "detr")
-
 logger = logging.getLogger(__name__)
+
+# TrainConfig.arch: DeformableDetr, or the DETR baseline (Detr)
+ARCHS = ("deformable-detr", "detr")
 
 # Backbone names beyond DeformableDetr's own: narrow ResNets for CPU training from scratch.
 EXTRA_BACKBONES = {

@@ -47,6 +47,8 @@ class Detr(nn.Module):
             always frozen).
     """
 
+    # how its logits are read (SetCriterion, HungarianMatcher, the engine's
+    # post-processing); a model without the attribute is a sigmoid one
     classification = "softmax"
 
     def __init__(self, num_classes: int = 91, num_queries: int = 100, backbone="resnet50",
