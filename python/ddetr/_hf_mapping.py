@@ -11,6 +11,15 @@ Key renames (transformers 5.x names, with the 4.x spellings accepted):
 into ``self_attn.in_proj_{weight,bias}``, ``self_attn.o_proj`` (4.x ``out_proj``) ->
 ``self_attn.out_proj``. Both: ``mlp.fc1/fc2`` (4.x ``fc1/fc2``) -> ``linear1/linear2``.
 timm ResNet keys are torchvision's already; HF ResNet keys are renamed to them.
+
+transformers' DETR (``detr_*``) -> facebookresearch/detr's layout: the same backbone and
+``query_embed`` renames; ``input_projection`` -> ``input_proj``; ``encoder``/``decoder``
+under ``transformer.``, ``decoder.layernorm`` -> ``transformer.decoder.norm``;
+``class_labels_classifier`` -> ``class_embed``, ``bbox_predictor`` -> ``bbox_embed``.
+Encoder layers as Deformable DETR's; decoder layers: ``self_attn_layer_norm`` ->
+``norm1``, ``encoder_attn_layer_norm`` -> ``norm2``, ``final_layer_norm`` -> ``norm3``,
+``encoder_attn`` -> ``multihead_attn``. Every attention's ``{q,k,v}_proj`` is
+concatenated into ``in_proj_{weight,bias}`` and ``o_proj`` becomes ``out_proj``.
 """
 
 from __future__ import annotations
@@ -53,6 +62,23 @@ _RESNET_RULES = [
 ]
 
 
+_DETR_TOP_RULES = [
+    (r"^input_projection\.", "input_proj."),
+    (r"^decoder\.layernorm\.", "transformer.decoder.norm."),
+    (r"^class_labels_classifier\.", "class_embed."),
+    (r"^bbox_predictor\.", "bbox_embed."),
+]
+_DETR_ATTN_RULES = [("self_attn.o_proj.", "self_attn.out_proj."),
+                    ("encoder_attn.o_proj.", "multihead_attn.out_proj."),
+                    ("encoder_attn.out_proj.", "multihead_attn.out_proj."),
+                    ("encoder_attn.", "multihead_attn.")]
+_DETR_LAYER_RULES = {
+    "encoder": _LAYER_RULES["encoder"] + _DETR_ATTN_RULES,
+    "decoder": [("self_attn_layer_norm.", "norm1."), ("encoder_attn_layer_norm.", "norm2."),
+                ("final_layer_norm.", "norm3.")] + _FFN_RULES + _DETR_ATTN_RULES,
+}
+
+
 def convert_state_dict(hf_state: dict, hf_resnet: bool) -> dict:
     """A transformers Deformable DETR state dict in the official key layout."""
     with_prefix = any(k.startswith("model.") for k in hf_state)
@@ -64,8 +90,30 @@ def convert_state_dict(hf_state: dict, hf_resnet: bool) -> dict:
     return _merge_qkv(out)
 
 
-def rename(key: str, hf_resnet: bool = False) -> str:
-    """One key (without the ``model.`` prefix) in the official layout."""
+def convert_detr_state_dict(hf_state: dict, hf_resnet: bool) -> dict:
+    """A transformers DETR state dict in facebookresearch/detr's key layout."""
+    with_prefix = any(k.startswith("model.") for k in hf_state)
+    out = {}
+    for key, value in hf_state.items():
+        if with_prefix and key.startswith("model."):
+            key = key[len("model."):]
+        out[rename_detr(key, hf_resnet)] = value
+    return _merge_qkv(out)
+
+
+def rename_detr(key: str, hf_resnet: bool = False) -> str:
+    """One DETR key (without the ``model.`` prefix) in facebookresearch/detr's layout."""
+    for pattern, repl in _DETR_TOP_RULES:
+        key, hits = re.subn(pattern, repl, key)
+        if hits:
+            return key
+    return rename(key, hf_resnet, _DETR_LAYER_RULES)
+
+
+def rename(key: str, hf_resnet: bool = False, layer_rules: dict | None = None) -> str:
+    """One key (without the ``model.`` prefix) in the official layout; ``layer_rules``
+    (default Deformable DETR's) rename what follows ``{encoder,decoder}.layers.{i}.``."""
+    layer_rules = layer_rules or _LAYER_RULES
     if key.startswith("decoder.bbox_embed.") or key.startswith("decoder.class_embed."):
         return "transformer." + key
     for pattern, repl in _TOP_RULES:
@@ -77,7 +125,7 @@ def rename(key: str, hf_resnet: bool = False) -> str:
     match = _LAYER_KEY.match(key)
     if match:
         part, index, rest = match.groups()
-        for old, new in _LAYER_RULES[part]:
+        for old, new in layer_rules[part]:
             if rest.startswith(old):
                 rest = new + rest[len(old):]
                 break
@@ -94,10 +142,11 @@ def _rename_resnet(key: str) -> str:
 
 
 def _merge_qkv(state: dict) -> dict:
-    """Decoder ``self_attn.{q,k,v}_proj.{weight,bias}`` -> ``self_attn.in_proj_{weight,bias}``."""
+    """``{self_attn,multihead_attn}.{q,k,v}_proj.{weight,bias}`` ->
+    ``{self_attn,multihead_attn}.in_proj_{weight,bias}`` (rows q, k, v)."""
     out = {}
     for key, value in state.items():
-        match = re.match(r"^(.*\.self_attn\.)([qkv])_proj\.(weight|bias)$", key)
+        match = re.match(r"^(.*\.(?:self_attn|multihead_attn)\.)([qkv])_proj\.(weight|bias)$", key)
         if not match:
             out[key] = value
             continue
@@ -119,17 +168,24 @@ def _get(cfg, name: str, default=None):
     return getattr(cfg, name, default)
 
 
+def is_detr(config) -> bool:
+    """The config is a transformers ``DetrConfig`` (or its dict)."""
+    return _get(config, "model_type") == "detr"
+
+
+def feeds_normed_decoder_states(config) -> bool:
+    """transformers' DETR decoder with ``auxiliary_loss`` passes each layer the previous
+    layer's output after the final LayerNorm (the official DETR passes it before)."""
+    return bool(_get(config, "auxiliary_loss", False))
+
+
 def uses_hf_resnet(config) -> bool:
     return _get(_get(config, "backbone_config"), "model_type") == "resnet"
 
 
 def config_to_kwargs(config) -> dict:
     """``DeformableDetr`` arguments from a ``DeformableDetrConfig``."""
-    for enc, dec in (("encoder_attention_heads", "decoder_attention_heads"),
-                     ("encoder_ffn_dim", "decoder_ffn_dim")):
-        if _get(config, enc) != _get(config, dec):
-            raise ValueError(f"config: {enc} ({_get(config, enc)}) != {dec} "
-                             f"({_get(config, dec)}); ddetr uses one value for both")
+    _check_same_encoder_decoder(config)
     kwargs = dict(
         num_classes=_get(config, "num_labels"), num_queries=_get(config, "num_queries"),
         num_feature_levels=_get(config, "num_feature_levels"),
@@ -148,11 +204,40 @@ def config_to_kwargs(config) -> dict:
     return kwargs
 
 
-def _backbone_kwargs(config, num_levels: int) -> dict:
+def detr_config_to_kwargs(config) -> dict:
+    """``Detr`` arguments from a ``DetrConfig``."""
+    _check_same_encoder_decoder(config)
+    if _get(config, "position_embedding_type", "sine") not in ("sine", "learned"):
+        raise ValueError(f"config: position_embedding_type "
+                         f"{_get(config, 'position_embedding_type')!r} is not supported")
+    kwargs = dict(
+        num_classes=_get(config, "num_labels"), num_queries=_get(config, "num_queries"),
+        d_model=_get(config, "d_model"), num_heads=_get(config, "encoder_attention_heads"),
+        num_encoder_layers=_get(config, "encoder_layers"),
+        num_decoder_layers=_get(config, "decoder_layers"),
+        dim_feedforward=_get(config, "encoder_ffn_dim"), dropout=_get(config, "dropout"),
+        activation=_get(config, "activation_function"),
+        position_embedding=_get(config, "position_embedding_type", "sine"))
+    kwargs.update(_backbone_kwargs(config, 1, last_stage_only=True))
+    return kwargs
+
+
+def _check_same_encoder_decoder(config) -> None:
+    for enc, dec in (("encoder_attention_heads", "decoder_attention_heads"),
+                     ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if _get(config, enc) != _get(config, dec):
+            raise ValueError(f"config: {enc} ({_get(config, enc)}) != {dec} "
+                             f"({_get(config, dec)}); ddetr uses one value for both")
+
+
+def _backbone_kwargs(config, num_levels: int, last_stage_only: bool = False) -> dict:
+    """``backbone`` and ``dilation``. ``last_stage_only``: the model reads only the last
+    returned stage (DETR), which must then be stage 4; earlier ones may be returned."""
     backbone = _get(config, "backbone_config")
     kind = _get(backbone, "model_type", "timm_backbone")
     if kind == "resnet":
-        return {"backbone": _hf_resnet_spec(backbone, num_levels), "dilation": False}
+        return {"backbone": _hf_resnet_spec(backbone, num_levels, last_stage_only),
+                "dilation": False}
     if kind != "timm_backbone":
         raise ValueError(f"config: backbone model_type {kind!r} is not supported (only ResNets)")
     name = _get(backbone, "backbone") or _get(config, "backbone") or "resnet50"
@@ -161,6 +246,8 @@ def _backbone_kwargs(config, num_levels: int) -> dict:
                          f"expected one of {sorted(RESNET_SPECS)}")
     wanted = [2, 3, 4] if num_levels > 1 else [4]
     out_indices = _get(backbone, "out_indices")
+    if out_indices is not None and last_stage_only:
+        out_indices = list(out_indices)[-1:]
     if out_indices is not None and list(out_indices) != wanted:
         raise ValueError(f"config: backbone_config.out_indices {list(out_indices)} must be "
                          f"{wanted} for num_feature_levels={num_levels}")
@@ -168,9 +255,11 @@ def _backbone_kwargs(config, num_levels: int) -> dict:
     return {"backbone": name, "dilation": dilation}
 
 
-def _hf_resnet_spec(backbone, num_levels: int):
+def _hf_resnet_spec(backbone, num_levels: int, last_stage_only: bool = False):
     wanted = ["stage2", "stage3", "stage4"] if num_levels > 1 else ["stage4"]
     out_features = list(_get(backbone, "out_features") or [])
+    if last_stage_only:
+        out_features = out_features[-1:]
     if out_features != wanted:
         raise ValueError(f"config: backbone_config.out_features {out_features} must be {wanted} "
                          f"for num_feature_levels={num_levels}")

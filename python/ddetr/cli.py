@@ -344,9 +344,10 @@ def run_compress(args) -> int:
 
 
 def run_export(args) -> int:
-    from ddetr.engine.predict import load_detector
-    from ddetr.export import to_onnx
+    from ddetr.engine.predict import load_detector, require_deformable
     detector = load_detector(args.checkpoint, "cpu", args.trust_pickle)
+    require_deformable(detector, args.checkpoint, "ddetr export")
+    from ddetr.export import to_onnx
     height = args.height if args.height is not None else detector.base_size
     width = args.width if args.width is not None else detector.max_size
     print(f"exporting {height}x{width}{' (dynamic)' if args.dynamic else ''} with the "

@@ -14,7 +14,17 @@ else from ``kwargs`` or the official defaults; ``kwargs`` always win.
 5.x key names), reading its config, or, for a bare state dict, inferring the variant
 as ``from_official`` does.
 
-Both check every tensor's shape (a mismatch names the tensor) and report missing and
+DETR (``ddetr.Detr``, the baseline): ``detr_from_official`` loads a facebookresearch/detr
+checkpoint (its keys are ``Detr``'s own; the variant is read from the tensors and the saved
+``args`` as above), and ``detr_from_hf`` converts a transformers
+``DetrForObjectDetection`` (or ``DetrModel``, or a state dict of either); ``from_hf``
+hands a DETR model (``config.model_type == "detr"``) to ``detr_from_hf`` itself. The one
+difference a conversion cannot remove: transformers' decoder with
+``auxiliary_loss=True`` feeds each layer the previous layer's output after the final
+norm, where the official DETR (and ``Detr``) feeds the output before it; the converted
+model computes the official way.
+
+All of them check every tensor's shape (a mismatch names the tensor) and report missing and
 unexpected keys: a ValueError listing them when ``strict`` (the default), a logged
 warning otherwise.
 """
@@ -22,15 +32,21 @@ warning otherwise.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 
 from ddetr import _hf_mapping
 from ddetr.models.backbone import RESNET_SPECS
 from ddetr.models.deformable_detr import DeformableDetr
+from ddetr.models.detr import CONFIG_KEYS as DETR_CONFIG_KEYS
+from ddetr.models.detr import Detr
 from ddetr.models.weights import load_torch_file, load_weights
 
-__all__ = ["from_official", "to_official", "from_hf", "infer_official_config"]
+__all__ = ["from_official", "to_official", "from_hf", "infer_official_config",
+           "detr_from_official", "detr_from_hf", "infer_detr_config"]
+
+logger = logging.getLogger(__name__)
 
 # official argparse names -> DeformableDetr arguments (read from a checkpoint's "args")
 _OFFICIAL_ARGS = {
@@ -78,19 +94,10 @@ def from_hf(model_or_state_dict, config=None, strict: bool = True, **kwargs) -> 
             class and box heads: load it with ``strict=False``.
         kwargs: ``DeformableDetr`` arguments overriding the config.
     """
-    if hasattr(model_or_state_dict, "state_dict"):
-        config = config if config is not None else getattr(model_or_state_dict, "config", None)
-        hf_state = model_or_state_dict.state_dict()
-    elif isinstance(model_or_state_dict, dict):
-        hf_state = model_or_state_dict
-    else:
-        raise ValueError(f"model_or_state_dict: expected a transformers model or a state dict, "
-                         f"got {type(model_or_state_dict).__name__}")
-    if config is not None:
-        hf_resnet = _hf_mapping.uses_hf_resnet(config)
-    else:  # an HF ResNet's stem is the only "embedder.embedder" in the model
-        hf_resnet = any(".embedder.embedder." in k for k in hf_state)
-    state = _hf_mapping.convert_state_dict(hf_state, hf_resnet)
+    hf_state, config = _hf_state(model_or_state_dict, config)
+    if _hf_mapping.is_detr(config):
+        return detr_from_hf(hf_state, config, strict, **kwargs)
+    state = _hf_mapping.convert_state_dict(hf_state, _uses_hf_resnet(hf_state, config))
     if config is not None:
         model_config = _hf_mapping.config_to_kwargs(config)
     else:
@@ -99,6 +106,94 @@ def from_hf(model_or_state_dict, config=None, strict: bool = True, **kwargs) -> 
     model = DeformableDetr(**model_config)
     load_weights(model, state, strict=strict, source="transformers state dict")
     return model
+
+
+def detr_from_official(path_or_state_dict, strict: bool = True, **kwargs) -> Detr:
+    """A ``Detr`` holding a facebookresearch/detr checkpoint's weights.
+
+    Args:
+        path_or_state_dict: a ``.pth`` path, the loaded checkpoint dict (``{"model": ...,
+            "args": ...}``) or a state dict.
+        strict: raise on missing or unexpected keys (else log them).
+        kwargs: ``Detr`` arguments overriding what is inferred.
+    """
+    state, args = _read_official(path_or_state_dict)
+    config = infer_detr_config(state, args)
+    config.update(kwargs)
+    model = Detr(**config)
+    load_weights(model, state, strict=strict, source="official DETR checkpoint")
+    return model
+
+
+def detr_from_hf(model_or_state_dict, config=None, strict: bool = True, **kwargs) -> Detr:
+    """A ``Detr`` equal to a transformers DETR model (see the module doc).
+
+    Args:
+        model_or_state_dict: a ``DetrForObjectDetection`` or ``DetrModel`` (its
+            ``config`` is read), or a state dict of one.
+        config: a ``DetrConfig`` to use with a bare state dict (without one the variant
+            is read from the tensors; pass ``num_heads`` and ``dilation`` then).
+        strict: raise on missing or unexpected keys. A ``DetrModel`` has no class and box
+            heads: load it with ``strict=False``.
+        kwargs: ``Detr`` arguments overriding the config.
+    """
+    hf_state, config = _hf_state(model_or_state_dict, config)
+    state = _hf_mapping.convert_detr_state_dict(hf_state, _uses_hf_resnet(hf_state, config))
+    if config is not None:
+        model_config = _hf_mapping.detr_config_to_kwargs(config)
+        if _hf_mapping.feeds_normed_decoder_states(config):
+            logger.warning("detr_from_hf: the transformers model has auxiliary_loss=True, so "
+                           "its decoder layers read the previous layer's normed output; the "
+                           "converted Detr computes the official way, and its outputs differ")
+    else:
+        model_config = infer_detr_config(state)
+    model_config.update(kwargs)
+    model = Detr(**model_config)
+    load_weights(model, state, strict=strict, source="transformers DETR state dict")
+    return model
+
+
+def infer_detr_config(state: dict, args: dict | None = None) -> dict:
+    """``Detr`` arguments for a facebookresearch/detr state dict: sizes from the tensors,
+    ``num_heads``, ``dilation`` and ``dropout`` from ``args`` (the checkpoint's saved
+    argparse namespace as a dict) when given, else ``Detr``'s defaults."""
+    config = {ours: args[theirs] for theirs, ours in _OFFICIAL_ARGS.items()
+              if args and theirs in args and ours in DETR_CONFIG_KEYS}
+    key = "transformer.encoder.layers.0.linear1.weight"
+    if key not in state or "transformer.decoder.norm.weight" not in state:
+        raise ValueError("path_or_state_dict: no 'transformer.decoder.norm' or encoder "
+                         "layer 0 tensors; this is not a DETR state dict")
+    config.update(d_model=state[key].shape[1], dim_feedforward=state[key].shape[0],
+                  num_encoder_layers=_count(state, "transformer.encoder.layers."),
+                  num_decoder_layers=_count(state, "transformer.decoder.layers."),
+                  position_embedding="learned" if "backbone.1.row_embed.weight" in state
+                  else "sine")
+    if "class_embed.weight" in state:
+        config["num_classes"] = state["class_embed.weight"].shape[0] - 1
+    if "query_embed.weight" in state:
+        config["num_queries"] = state["query_embed.weight"].shape[0]
+    backbone = _infer_backbone(state)
+    if backbone is not None:
+        config["backbone"] = backbone
+    return config
+
+
+def _hf_state(model_or_state_dict, config) -> tuple[dict, object]:
+    """``(state dict, config)`` of a transformers model or a bare state dict."""
+    if hasattr(model_or_state_dict, "state_dict"):
+        config = config if config is not None else getattr(model_or_state_dict, "config", None)
+        return model_or_state_dict.state_dict(), config
+    if isinstance(model_or_state_dict, dict):
+        return model_or_state_dict, config
+    raise ValueError(f"model_or_state_dict: expected a transformers model or a state dict, "
+                     f"got {type(model_or_state_dict).__name__}")
+
+
+def _uses_hf_resnet(hf_state: dict, config) -> bool:
+    if config is not None:
+        return _hf_mapping.uses_hf_resnet(config)
+    # an HF ResNet's stem is the only "embedder.embedder" in the model
+    return any(".embedder.embedder." in k for k in hf_state)
 
 
 def _read_official(source) -> tuple[dict, dict | None]:

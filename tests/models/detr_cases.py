@@ -1,8 +1,9 @@
-"""Tiny Deformable DETR configurations shared by the model and conversion tests."""
+"""Tiny Deformable DETR (and DETR) configurations shared by the model and conversion
+tests."""
 
 import torch
 
-from ddetr import DeformableDetr
+from ddetr import DeformableDetr, Detr
 
 # A 4-stage bottleneck ResNet with one block per stage and narrow widths.
 TINY_BACKBONE = {"block": "bottleneck", "depths": [1, 1, 1, 1], "widths": [16, 32, 64, 128],
@@ -23,6 +24,21 @@ def tiny_model(variant="plain", seed=0, jitter=0.02, **overrides):
     ``jitter`` so every weight matters (zero-initialised heads would hide mistakes)."""
     torch.manual_seed(seed)
     model = DeformableDetr(**{**TINY, **VARIANTS[variant], **overrides})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * jitter)
+    return model.eval()
+
+
+# DETR reads only C5: the same tiny ResNet, a 2+2-layer transformer
+TINY_DETR = dict(num_classes=5, num_queries=10, backbone=TINY_BACKBONE, d_model=32, num_heads=4,
+                 num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64)
+
+
+def tiny_detr(seed=0, jitter=0.02, **overrides):
+    """A tiny ``Detr`` in eval mode, parameters moved off their init by ``jitter``."""
+    torch.manual_seed(seed)
+    model = Detr(**{**TINY_DETR, **overrides})
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * jitter)

@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -80,3 +81,34 @@ def test_bad_arguments():
     outputs, targets = random_case(0)
     with pytest.raises(ValueError, match="targets"):
         HungarianMatcher()(outputs, targets[:1])
+
+
+def test_softmax_cost_matrix_hand_computed():
+    # DETR's costs: class 1 (minus the softmax probability of the target class), L1 5,
+    # GIoU 2; the softmax runs over the two real classes and "no object"
+    matcher = HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2, classification="softmax")
+    logits = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.6, 0.2, 0.2]])
+    tgt = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]])
+    cost = matcher.cost_matrix(logits, boxes, torch.tensor([0, 1]), tgt)
+    e = math.e
+    p0 = [e / (e + 1 + e ** 2), 1 / (e + 1 + e ** 2)]  # query 0: classes 0 and 1
+    # query 1 is 0.1 below both targets (L1 0.1, IoU 1/3, GIoU 1/3), query 0 on them
+    # query 1's logits are all 0: p = 1/3 for every class
+    expected = torch.tensor([[-p0[0] - 2, -p0[1] - 2],
+                             [-1 / 3 + 5 * 0.1 - 2 / 3, -1 / 3 + 5 * 0.1 - 2 / 3]])
+    torch.testing.assert_close(cost, expected, atol=1e-5, rtol=0)
+
+
+def test_softmax_matching_prefers_the_probable_class():
+    # same boxes: only the class cost decides; query 1 is sure of class 1, query 0 of 0
+    outputs = {"pred_logits": torch.tensor([[[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]]),
+               "pred_boxes": torch.full((1, 2, 4), 0.3)}
+    targets = [{"labels": torch.tensor([1, 0]), "boxes": torch.full((2, 4), 0.3)}]
+    rows, cols = HungarianMatcher(1, 5, 2, classification="softmax")(outputs, targets)[0]
+    assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 1: 0}
+
+
+def test_bad_classification():
+    with pytest.raises(ValueError, match="classification"):
+        HungarianMatcher(classification="focal")

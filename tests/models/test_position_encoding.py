@@ -30,6 +30,20 @@ def test_sine_frequencies():
     torch.testing.assert_close(pos[0, :4, 0, 0], torch.tensor(expected), atol=1e-5, rtol=0)
 
 
+def test_detr_sine_has_no_half_pixel_shift():
+    # DETR: y / (y_last + eps) * 2pi, so the last valid row and column sit at 2pi
+    mask = torch.zeros(1, 2, 3, dtype=torch.bool)
+    mask[0, :, 2] = True
+    pos = PositionEmbeddingSine(num_pos_feats=2, offset=0.0)(mask)
+    for i in range(2):
+        for j in range(2):
+            y = (i + 1) / 2 * 2 * math.pi
+            x = (j + 1) / 2 * 2 * math.pi
+            expected = torch.tensor([math.sin(y), math.cos(y), math.sin(x), math.cos(x)])
+            torch.testing.assert_close(pos[0, :, i, j], expected, atol=1e-5, rtol=0)
+    assert build_position_encoding("sine", 64, sine_offset=0.0).offset == 0.0
+
+
 def test_sine_normalises_by_the_valid_area():
     # The valid part of a padded map is encoded like an unpadded map of its size.
     mask = torch.zeros(1, 4, 6, dtype=torch.bool)
@@ -44,6 +58,8 @@ def test_sine_normalises_by_the_valid_area():
 def test_sine_rejects_scale_without_normalize():
     with pytest.raises(ValueError, match="scale"):
         PositionEmbeddingSine(normalize=False, scale=1.0)
+    with pytest.raises(ValueError, match="offset"):
+        PositionEmbeddingSine(normalize=False, offset=0.0)
 
 
 def test_learned_reads_row_and_column_tables():

@@ -16,12 +16,16 @@ from ddetr.data import synthetic
 from ddetr.data.coco import CocoDetection
 from ddetr.data.collate import collate_fn
 from ddetr.data.transforms import train_transforms, val_transforms
-from ddetr.models import DeformableDetr
+from ddetr.models import DeformableDetr, Detr
 from ddetr.models.backbone import FrozenBatchNorm2d
 from ddetr.models.criterion import SetCriterion
 from ddetr.models.matcher import HungarianMatcher
+from ddetr.models.postprocess import PostProcess, SoftmaxPostProcess
 
 logger = logging.getLogger(__name__)
+
+# TrainConfig.arch: DeformableDetr, or the DETR baseline (Detr)
+ARCHS = ("deformable-detr", "detr")
 
 # Backbone names beyond DeformableDetr's own: narrow ResNets for CPU training from scratch.
 EXTRA_BACKBONES = {
@@ -93,13 +97,44 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int =
                       num_workers=num_workers)
 
 
-def build_model(config, num_classes: int) -> DeformableDetr:
-    """The detector for a ``TrainConfig``. The backbone is trained unless lr_backbone is
-    0; one trained from scratch (no backbone_weights) also trains its stem and first
-    stage; ``backbone_norm="batch"`` trains its batch norms (batch statistics) instead of
-    keeping them frozen."""
+def build_model(config, num_classes: int) -> DeformableDetr | Detr:
+    """The detector for a ``TrainConfig`` (``arch``: ``DeformableDetr`` or ``Detr``). The
+    backbone is trained unless lr_backbone is 0; one trained from scratch (no
+    backbone_weights) also trains its stem and first stage; ``backbone_norm="batch"``
+    trains its batch norms (batch statistics) instead of keeping them frozen."""
     backbone = EXTRA_BACKBONES.get(config.backbone, config.backbone)
-    model = DeformableDetr(
+    if check_arch(config.arch) == "detr":
+        model = _detr(config, num_classes, backbone)
+    else:
+        model = _deformable_detr(config, num_classes, backbone)
+    if config.backbone_weights is None and config.lr_backbone > 0:
+        model.backbone[0].body.requires_grad_(True)
+    if config.backbone_norm == "batch":
+        unfreeze_batch_norm(model.backbone[0].body)
+    elif config.backbone_norm != "frozen":
+        raise ValueError(f"backbone_norm: expected 'frozen' or 'batch', got {config.backbone_norm!r}")
+    return model
+
+
+def check_arch(arch: str) -> str:
+    """``arch`` if it names a detector of ``ARCHS``, else ValueError."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, got {arch!r}")
+    return arch
+
+
+def _detr(config, num_classes: int, backbone) -> Detr:
+    return Detr(
+        num_classes=num_classes, num_queries=config.num_queries, backbone=backbone,
+        backbone_weights=config.backbone_weights, d_model=config.d_model,
+        num_heads=config.num_heads, num_encoder_layers=config.enc_layers,
+        num_decoder_layers=config.dec_layers, dim_feedforward=config.dim_feedforward,
+        dropout=config.dropout, dilation=config.dilation, aux_loss=config.aux_loss,
+        train_backbone=config.lr_backbone > 0)
+
+
+def _deformable_detr(config, num_classes: int, backbone) -> DeformableDetr:
+    return DeformableDetr(
         num_classes=num_classes, num_queries=config.num_queries,
         num_feature_levels=config.num_feature_levels, with_box_refine=config.with_box_refine,
         two_stage=config.two_stage, backbone=backbone, backbone_weights=config.backbone_weights,
@@ -111,13 +146,6 @@ def build_model(config, num_classes: int) -> DeformableDetr:
         aux_loss=config.aux_loss, train_backbone=config.lr_backbone > 0,
         native_layers=None if config.native_layers else False,  # None: when built
         recompute_activations=config.recompute_activations)
-    if config.backbone_weights is None and config.lr_backbone > 0:
-        model.backbone[0].body.requires_grad_(True)
-    if config.backbone_norm == "batch":
-        unfreeze_batch_norm(model.backbone[0].body)
-    elif config.backbone_norm != "frozen":
-        raise ValueError(f"backbone_norm: expected 'frozen' or 'batch', got {config.backbone_norm!r}")
-    return model
 
 
 def unfreeze_batch_norm(module: nn.Module) -> None:
@@ -138,8 +166,21 @@ def unfreeze_batch_norm(module: nn.Module) -> None:
 
 
 def build_criterion(config, num_classes: int) -> SetCriterion:
+    """The losses of ``arch``: focal (deformable-detr) or softmax with ``eos_coef``
+    (detr), with the config's matching costs and loss weights."""
+    classification = "softmax" if check_arch(config.arch) == "detr" else "sigmoid"
     matcher = HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou,
-                               focal_alpha=config.focal_alpha)
+                               focal_alpha=config.focal_alpha, classification=classification)
     weights = {"loss_ce": config.cls_loss_coef, "loss_bbox": config.bbox_loss_coef,
                "loss_giou": config.giou_loss_coef}
-    return SetCriterion(num_classes, matcher, weights, focal_alpha=config.focal_alpha)
+    return SetCriterion(num_classes, matcher, weights, focal_alpha=config.focal_alpha,
+                        classification=classification, eos_coef=config.eos_coef)
+
+
+def build_postprocess(model: nn.Module) -> nn.Module:
+    """The post-processing of ``model`` (or of the model a DDP wrapper holds): per-query
+    softmax scores for a softmax classifier (``Detr``), else the official top-100."""
+    model = getattr(model, "module", model)
+    if getattr(model, "classification", "sigmoid") == "softmax":
+        return SoftmaxPostProcess()
+    return PostProcess()

@@ -18,7 +18,7 @@ from ddetr.engine.config import TrainConfig
 from ddetr.engine.checkpoint import read_checkpoint, write_atomic
 from ddetr.engine.distributed import pick_device
 from ddetr.engine.evaluate import validation_dataset
-from ddetr.engine.predict import load_detector
+from ddetr.engine.predict import load_detector, require_deformable
 
 
 def save_detector(model, state: dict, path: str) -> None:
@@ -69,6 +69,7 @@ def compress_checkpoint(run: CompressRun) -> dict:
         raise ValueError(f"finetune_epochs: expected an int >= 0, got {run.finetune_epochs!r}")
     dev = pick_device(run.device)
     detector = load_detector(run.checkpoint, dev, run.trust_pickle)
+    require_deformable(detector, run.checkpoint, "ddetr compress")
     dataset = validation_dataset(detector, run.checkpoint, run.coco_path, run.val_images,
                                  run.val_annotations, run.cache_dir)
     classes = detector.model.config["num_classes"]

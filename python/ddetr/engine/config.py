@@ -45,6 +45,9 @@ class TrainConfig:
     max_size: int = _f(1333, "longer image side cap")
     num_workers: int = _f(2, "data loading processes per training process")
     # model
+    arch: str = _f("deformable-detr", "the detector: deformable-detr, or detr (the DETR "
+                                      "baseline: one C5 level, dense attention, softmax "
+                                      "classes; the deformable-only fields are unused)")
     num_classes: int | None = _f(None, "classification outputs (default: largest category id + 1)")
     backbone: str = _f("resnet50", "resnet18, resnet34, resnet50, resnet101, or resnet18-tiny "
                                    "(narrow widths, for the CPU demo)")
@@ -73,13 +76,16 @@ class TrainConfig:
                                             "attention probabilities in the backward (less "
                                             "memory, a little slower)")
     # loss and matching
-    set_cost_class: float = _f(2.0, "matching cost weight of the focal class cost")
+    set_cost_class: float = _f(2.0, "matching cost weight of the class cost (focal; detr: "
+                                    "minus the softmax probability; DETR's weight is 1)")
     set_cost_bbox: float = _f(5.0, "matching cost weight of the L1 box distance")
     set_cost_giou: float = _f(2.0, "matching cost weight of the generalised IoU")
-    cls_loss_coef: float = _f(2.0, "weight of the focal classification loss")
+    cls_loss_coef: float = _f(2.0, "weight of the classification loss (focal; detr: "
+                                   "cross-entropy, DETR's weight is 1)")
     bbox_loss_coef: float = _f(5.0, "weight of the L1 box loss")
     giou_loss_coef: float = _f(2.0, "weight of the GIoU box loss")
     focal_alpha: float = _f(0.25, "focal loss alpha")
+    eos_coef: float = _f(0.1, "detr: cross-entropy weight of the no-object class")
     # optimisation
     lr: float = _f(2e-4, "learning rate of the transformer and heads")
     lr_backbone: float = _f(2e-5, "backbone learning rate (0 freezes the backbone)")
@@ -124,6 +130,10 @@ SYNTHETIC_PRESET = dict(CPU_SMALL, output_dir="output-synthetic")
 # The paper's configurations (the official configs/r50_deformable_detr*.sh): the
 # defaults plus these fields.
 _PAPER = dict(backbone="resnet50", num_feature_levels=4, num_queries=300)
+# DETR's recipe (facebookresearch/detr's defaults, the 500-epoch schedule)
+_DETR = dict(arch="detr", backbone="resnet50", num_queries=100,
+             dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0, eos_coef=0.1,
+             lr=1e-4, lr_backbone=1e-5, epochs=500, lr_drop=400)
 PRESETS = {
     "cpu-small": CPU_SMALL,
     "deformable-detr": _PAPER,
@@ -131,6 +141,8 @@ PRESETS = {
     "++two-stage": dict(_PAPER, with_box_refine=True, two_stage=True),
     "single-scale": dict(_PAPER, num_feature_levels=1),
     "dc5": dict(_PAPER, num_feature_levels=1, dilation=True),
+    "detr": _DETR,
+    "detr-dc5": dict(_DETR, dilation=True),
 }
 PRESET_HELP = {
     "cpu-small": "the synthetic demo's recipe (resnet18-tiny trained from scratch, two-stage "
@@ -141,6 +153,9 @@ PRESET_HELP = {
     "++two-stage": "deformable-detr with box refinement and two stages",
     "single-scale": "deformable-detr on ResNet C5 only (1 level)",
     "dc5": "single-scale with a dilated last stage (stride 16)",
+    "detr": "the DETR baseline (Carion et al. 2020): ResNet-50 C5, 100 queries, FFN 2048, "
+            "class cost and loss weight 1, lr 1e-4 (backbone 1e-5), 500 epochs, drop at 400",
+    "detr-dc5": "detr with a dilated last stage (stride 16)",
 }
 
 

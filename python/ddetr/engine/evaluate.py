@@ -19,7 +19,6 @@ from ddetr.engine import amp as amp_mode
 from ddetr.data.coco import CocoDetection
 from ddetr.data.transforms import val_transforms
 from ddetr.engine import builders, distributed
-from ddetr.models.postprocess import PostProcess
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
 
 
 def to_coco_results(detections: list[dict], image_ids) -> list[dict]:
-    """PostProcess outputs (boxes_xyxy in original pixels) -> COCO result records
+    """Post-processed outputs (boxes_xyxy in original pixels) -> COCO result records
     ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``."""
     records = []
     for det, image_id in zip(detections, image_ids):
@@ -46,7 +45,7 @@ def predict_dataset(model, loader, device, amp: str = "off",
     """COCO result records for every image ``loader`` yields, and the ids of the images
     scored."""
     model.eval()
-    postprocess = PostProcess()
+    postprocess = builders.build_postprocess(model)
     records, seen = [], set()
     bar = tqdm(loader, desc="eval", disable=not (progress and distributed.is_main()), leave=False)
     for images, mask, targets in bar:

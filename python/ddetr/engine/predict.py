@@ -15,13 +15,13 @@ from ddetr.data.transforms import val_transforms
 from ddetr.engine import checkpoint as ckpt
 from ddetr.engine.draw import draw_detections, draw_sampling_points
 from ddetr.engine.sampling_points import SamplingPointRecorder
-from ddetr.models import DeformableDetr
+from ddetr.models import DeformableDetr, Detr
 from ddetr.models.box_ops import box_cxcywh_to_xyxy
 
 
 @dataclass
 class Detector:
-    model: DeformableDetr
+    model: DeformableDetr | Detr
     names: dict          # category id -> name
     base_size: int
     max_size: int
@@ -39,13 +39,24 @@ def load_detector(path: str, device="cpu", trust_pickle: bool = False) -> Detect
     config = state.get("config") or {}
     if "model" not in config:
         raise ValueError(f"checkpoint: {path} has no model config (not written by ddetr train)")
-    model = DeformableDetr(**config["model"])
-    model.restore_compression(config.get("compression", []))  # (ddetr compress)
+    if config.get("train", {}).get("arch") == "detr":
+        model = Detr(**config["model"])
+    else:
+        model = DeformableDetr(**config["model"])
+        model.restore_compression(config.get("compression", []))  # (ddetr compress)
     ckpt.resume(state, model, restore_rng=False)
     train = config.get("train", {})
     names = {c["id"]: c["name"] for c in config.get("categories", [])}
     return Detector(model.to(device).eval(), names, train.get("base_size", 800),
                     train.get("max_size", 1333), dict(train))
+
+
+def require_deformable(detector: Detector, path: str, command: str) -> None:
+    """ValueError naming ``path`` when its model is not a ``DeformableDetr`` (the DETR
+    baseline trains, evaluates and predicts, but ``command`` is Deformable DETR's only)."""
+    if not isinstance(detector.model, DeformableDetr):
+        raise ValueError(f"checkpoint: {path} holds a {type(detector.model).__name__}; "
+                         f"{command} takes Deformable DETR models only")
 
 
 def read_image(path: str) -> Image.Image:
@@ -73,12 +84,17 @@ def detect(detector: Detector, image: Image.Image, threshold: float = 0.5,
     ``sampling``: the last decoder layer's ``locations`` (Lq, M, L, P, 2) normalised to
     the image and ``weights`` (Lq, M, L, P)."""
     model = detector.model
+    softmax = getattr(model, "classification", "sigmoid") == "softmax"
+    if record_sampling and softmax:
+        raise ValueError("record_sampling: DETR has no sampling points (dense attention)")
     device = next(model.parameters()).device
     tensor, _ = val_transforms(detector.base_size, detector.max_size)(image, empty_target(image))
-    recorder = SamplingPointRecorder(model)
+    recorder = SamplingPointRecorder(model) if record_sampling else None
     with recorder if record_sampling else contextlib.nullcontext():
         outputs = model(tensor[None].to(device))
-    scores, labels = outputs["pred_logits"][0].float().sigmoid().max(-1)
+    logits = outputs["pred_logits"][0].float()
+    # the best real class per query ("no object", DETR's last class, is never a label)
+    scores, labels = logits.softmax(-1)[:, :-1].max(-1) if softmax else logits.sigmoid().max(-1)
     keep = torch.nonzero(scores >= threshold).flatten()
     keep = keep[scores[keep].argsort(descending=True)]
     scale = torch.tensor([image.width, image.height] * 2, dtype=torch.float32)

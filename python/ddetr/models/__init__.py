@@ -1,9 +1,12 @@
-"""Deformable DETR building blocks, the detector and its training criterion."""
+"""Deformable DETR building blocks, the detector, the DETR baseline and their training
+criterion."""
 
 from ddetr.models.criterion import SetCriterion
 from ddetr.models.deformable_detr import DeformableDetr
+from ddetr.models.detr import Detr
 from ddetr.models.matcher import HungarianMatcher
 from ddetr.models.ms_deform_attn import MSDeformAttn
-from ddetr.models.postprocess import PostProcess
+from ddetr.models.postprocess import PostProcess, SoftmaxPostProcess
 
-__all__ = ["DeformableDetr", "HungarianMatcher", "MSDeformAttn", "PostProcess", "SetCriterion"]
+__all__ = ["DeformableDetr", "Detr", "HungarianMatcher", "MSDeformAttn", "PostProcess",
+           "SetCriterion", "SoftmaxPostProcess"]

@@ -1,4 +1,4 @@
-"""``SetCriterion``: the Deformable DETR training losses.
+"""``SetCriterion``: the Deformable DETR (sigmoid) and DETR (softmax) training losses.
 
 After Hungarian matching, per output head (the last decoder layer, each earlier layer in
 ``aux_outputs`` with suffix ``_{i}``, and the two-stage encoder proposals in
@@ -14,6 +14,14 @@ and, logged only (no gradient, last layer): ``class_error`` (percent of matched 
 whose best class is wrong) and ``cardinality_error`` (mean absolute difference between
 the number of queries scoring above 0.5 and the number of targets).
 Official weights: ``loss_ce`` 2, ``loss_bbox`` 5, ``loss_giou`` 2.
+
+With ``classification="softmax"`` (DETR) the logits have a last "no object" class and
+``loss_ce`` is the cross-entropy over the C + 1 classes of every query, unmatched queries
+targeting "no object", each query weighted by its target class's weight (1, and
+``eos_coef`` = 0.1 for "no object") and the sum divided by the sum of those weights;
+``cardinality_error`` counts the queries whose best class is a real one. DETR's
+weights: ``loss_ce`` 1, ``loss_bbox`` 5, ``loss_giou`` 2, matching costs class 1, L1 5,
+GIoU 2.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddetr.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from ddetr.models.matcher import HungarianMatcher, matched_indices
+from ddetr.models.matcher import HungarianMatcher, check_classification, matched_indices
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25,
@@ -56,14 +64,18 @@ class SetCriterion(nn.Module):
     """The losses of a Deformable DETR output dict against per-image targets.
 
     Args:
-        num_classes: classification outputs of the model.
-        matcher: a ``HungarianMatcher`` (default: the official costs).
+        num_classes: real classes (the sigmoid model's outputs; the softmax model has
+            one more, "no object").
+        matcher: a ``HungarianMatcher`` (default: the official costs of the mode).
         weight_dict: loss name -> weight, for the last layer; default
-            ``{"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2}``, repeated for every
-            auxiliary layer (``_{i}``) and the encoder (``_enc``).
-        focal_alpha, focal_gamma: the focal loss's parameters.
+            ``{"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2}`` (softmax: ``loss_ce`` 1),
+            repeated for every auxiliary layer (``_{i}``) and the encoder (``_enc``).
+        focal_alpha, focal_gamma: the focal loss's parameters (sigmoid).
+        classification: ``"sigmoid"`` (focal loss, Deformable DETR) or ``"softmax"``
+            (cross-entropy with a "no object" class, DETR).
+        eos_coef: the cross-entropy weight of the "no object" class (softmax).
 
-    ``forward(outputs, targets)``: ``outputs`` as ``DeformableDetr`` returns it;
+    ``forward(outputs, targets)``: ``outputs`` as ``DeformableDetr`` (or ``Detr``) returns it;
     ``targets`` a list of dicts with ``labels`` (T_i,) int64 in [0, num_classes) and
     ``boxes`` (T_i, 4) boxes_cxcywh normalised. Returns a dict of scalar tensors (every
     loss and the logged errors); ``total(losses)`` is the weighted sum to minimise.
@@ -71,11 +83,21 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None,
                  weight_dict: dict | None = None, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0):
+                 focal_gamma: float = 2.0, classification: str = "sigmoid",
+                 eos_coef: float = 0.1):
         super().__init__()
-        self.num_classes = num_classes
-        self.matcher = matcher or HungarianMatcher(focal_alpha=focal_alpha, focal_gamma=focal_gamma)
-        self.base_weights = dict(weight_dict or {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0})
+        softmax = check_classification(classification) == "softmax"
+        if not 0 <= eos_coef <= 1:
+            raise ValueError(f"eos_coef: expected a weight in [0, 1], got {eos_coef!r}")
+        self.num_classes, self.classification, self.eos_coef = num_classes, classification, eos_coef
+        self.matcher = matcher or HungarianMatcher(
+            cost_class=1.0 if softmax else 2.0, focal_alpha=focal_alpha,
+            focal_gamma=focal_gamma, classification=classification)
+        if getattr(self.matcher, "classification", classification) != classification:
+            raise ValueError(f"matcher: its classification {self.matcher.classification!r} is "
+                             f"not the criterion's {classification!r}")
+        self.base_weights = dict(weight_dict or {"loss_ce": 1.0 if softmax else 2.0,
+                                                 "loss_bbox": 5.0, "loss_giou": 2.0})
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
     def weight(self, name: str) -> float:
@@ -92,6 +114,7 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict:
         self._check_targets(targets)
+        self._check_logits(outputs["pred_logits"])
         num_boxes = global_num_boxes(targets, outputs["pred_logits"].device)
         indices = self.matcher(outputs, targets)
         losses = self.head_losses(outputs, targets, indices, num_boxes)
@@ -112,15 +135,32 @@ class SetCriterion(nn.Module):
         logits = outputs["pred_logits"].float()
         batch, query = matched_indices(indices)
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
-        onehot = torch.zeros_like(logits)
-        onehot[batch.to(logits.device), query.to(logits.device), labels] = 1.0
-        loss_ce = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma).sum() / num_boxes
+        at = (batch.to(logits.device), query.to(logits.device))
+        if self.classification == "softmax":
+            loss_ce = self.softmax_class_loss(logits, *at, labels)
+        else:
+            onehot = torch.zeros_like(logits)
+            onehot[at + (labels,)] = 1.0
+            loss_ce = sigmoid_focal_loss(logits, onehot, self.focal_alpha,
+                                         self.focal_gamma).sum() / num_boxes
         src = outputs["pred_boxes"].float()[batch, query]
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)
         loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
         giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def softmax_class_loss(self, logits: Tensor, batch: Tensor, query: Tensor,
+                           labels: Tensor) -> Tensor:
+        """Weighted cross-entropy of (N, Q, C + 1) logits: the matched (batch, query)
+        pairs target ``labels``, every other query the last class, "no object"."""
+        target = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64,
+                            device=logits.device)
+        target[batch, query] = labels
+        weight = torch.ones(self.num_classes + 1, device=logits.device)
+        weight[-1] = self.eos_coef
+        # (N, Q, C + 1) -> (N, C + 1, Q): cross_entropy takes the classes on axis 1
+        return F.cross_entropy(logits.transpose(1, 2), target, weight)
 
     @torch.no_grad()
     def logged_errors(self, outputs: dict, targets: list[dict], indices) -> dict:
@@ -132,9 +172,19 @@ class SetCriterion(nn.Module):
             class_error = 100.0 * (1 - correct)
         else:
             class_error = logits.new_zeros(())
-        predicted = (logits.sigmoid().max(-1).values > 0.5).sum(1).float()
+        if self.classification == "softmax":
+            predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        else:
+            predicted = (logits.sigmoid().max(-1).values > 0.5).sum(1).float()
         counts = torch.tensor([float(len(t["labels"])) for t in targets], device=logits.device)
         return {"class_error": class_error, "cardinality_error": (predicted - counts).abs().mean()}
+
+    def _check_logits(self, logits: Tensor) -> None:
+        expected = self.num_classes + (self.classification == "softmax")
+        if logits.shape[-1] != expected:
+            raise ValueError(f"outputs: pred_logits has {logits.shape[-1]} classes, "
+                             f"{self.classification} classification of num_classes="
+                             f"{self.num_classes} expects {expected}")
 
     def _check_targets(self, targets: list[dict]) -> None:
         for i, t in enumerate(targets):

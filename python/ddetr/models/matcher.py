@@ -4,7 +4,9 @@ The cost of pairing query q with target t is (official weights in brackets)
 ``cost_class [2] * focal(q, label_t) + cost_bbox [5] * L1(box_q, box_t)
 - cost_giou [2] * GIoU(box_q, box_t)``, where the focal class cost is
 ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))`` with p the sigmoid score
-of the target's class. Boxes are boxes_cxcywh normalised to [0, 1]; GIoU is taken on
+of the target's class. With ``classification="softmax"`` (DETR: weights class 1, L1 5,
+GIoU 2) the class cost is instead ``-softmax(logits)[label_t]``, the softmax taken over
+the C real classes and the last "no object" class. Boxes are boxes_cxcywh normalised to [0, 1]; GIoU is taken on
 their xyxy form. ``scipy.optimize.linear_sum_assignment`` solves each image.
 """
 
@@ -24,8 +26,11 @@ class HungarianMatcher(nn.Module):
         cost_class, cost_bbox, cost_giou: weights of the focal class cost, the L1 box
             distance and the negative generalised IoU.
         focal_alpha, focal_gamma: the focal class cost's parameters.
+        classification: ``"sigmoid"`` (focal class cost, Deformable DETR) or
+            ``"softmax"`` (negative probability of the target class, DETR).
 
-    ``forward(outputs, targets)``: ``outputs["pred_logits"]`` (N, Q, C),
+    ``forward(outputs, targets)``: ``outputs["pred_logits"]`` (N, Q, C) (sigmoid) or
+    (N, Q, C + 1) (softmax),
     ``outputs["pred_boxes"]`` (N, Q, 4) boxes_cxcywh; ``targets`` a list of N dicts with
     ``labels`` (T_i,) int64 and ``boxes`` (T_i, 4) boxes_cxcywh. Returns a list of N
     ``(query_index, target_index)`` int64 tensor pairs of length min(Q, T_i), sorted by
@@ -33,10 +38,12 @@ class HungarianMatcher(nn.Module):
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 classification: str = "sigmoid"):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("cost_class, cost_bbox, cost_giou: at least one must be non-zero")
+        self.classification = check_classification(classification)
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
@@ -65,15 +72,30 @@ class HungarianMatcher(nn.Module):
 
     def cost_matrix(self, logits: Tensor, boxes_cxcywh: Tensor, labels: Tensor,
                     tgt_boxes_cxcywh: Tensor) -> Tensor:
-        """(P, C) logits and (P, 4) boxes against T targets -> (P, T) matching cost."""
+        """(P, C) logits (P, C + 1 with softmax) and (P, 4) boxes against T targets
+        -> (P, T) matching cost."""
+        l1 = torch.cdist(boxes_cxcywh, tgt_boxes_cxcywh, p=1)
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(boxes_cxcywh),
+                                   box_cxcywh_to_xyxy(tgt_boxes_cxcywh))
+        return self.cost_class * self.class_cost(logits, labels) + self.cost_bbox * l1 \
+            - self.cost_giou * giou
+
+    def class_cost(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """(P, C) or (P, C + 1) logits against T target labels -> (P, T) class cost."""
+        if self.classification == "softmax":
+            return -logits.softmax(-1)[:, labels]
         prob = logits.sigmoid()[:, labels]
         alpha, gamma = self.focal_alpha, self.focal_gamma
         pos = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
         neg = (1 - alpha) * prob ** gamma * -(1 - prob + 1e-8).log()
-        l1 = torch.cdist(boxes_cxcywh, tgt_boxes_cxcywh, p=1)
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(boxes_cxcywh),
-                                   box_cxcywh_to_xyxy(tgt_boxes_cxcywh))
-        return self.cost_class * (pos - neg) + self.cost_bbox * l1 - self.cost_giou * giou
+        return pos - neg
+
+
+def check_classification(classification: str) -> str:
+    """``classification`` if it is ``"sigmoid"`` or ``"softmax"``, else ValueError."""
+    if classification not in ("sigmoid", "softmax"):
+        raise ValueError(f"classification: expected 'sigmoid' or 'softmax', got {classification!r}")
+    return classification
 
 
 def _empty_pair() -> tuple[Tensor, Tensor]:

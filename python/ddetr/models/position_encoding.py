@@ -1,8 +1,8 @@
 """2-d position encodings of feature maps (the official ``position_encoding.py`` semantics).
 
 ``PositionEmbeddingSine``: for each valid pixel, its 1-based row and column counted over
-the non-padded area, shifted by -0.5 to the pixel centre, normalised by the valid height
-(width) and scaled to [0, 2*pi]; then ``num_pos_feats`` sinusoids of each, at
+the non-padded area, shifted by ``offset`` (-0.5, the pixel centre, in Deformable DETR;
+0 in DETR), normalised by the valid height (width) and scaled to [0, 2*pi]; then ``num_pos_feats`` sinusoids of each, at
 frequencies ``temperature ** (2*floor(i/2) / num_pos_feats)``, sin on even and cos on odd
 channels. The output is ``cat(y features, x features)`` on the channel axis.
 """
@@ -23,13 +23,18 @@ class PositionEmbeddingSine(nn.Module):
         temperature: base of the frequencies.
         normalize: divide positions by the valid extent (the official model: True).
         scale: the normalised range (2*pi).
+        offset: added to the 1-based positions before normalising: -0.5 (Deformable
+            DETR, the pixel centre) or 0.0 (DETR: y / (y_last + eps) * scale).
     """
 
     def __init__(self, num_pos_feats: int = 128, temperature: float = 10000,
-                 normalize: bool = True, scale: float | None = None):
+                 normalize: bool = True, scale: float | None = None, offset: float = -0.5):
         super().__init__()
         if scale is not None and not normalize:
             raise ValueError("scale: only used with normalize=True")
+        if offset != -0.5 and not normalize:
+            raise ValueError("offset: only used with normalize=True")
+        self.offset = float(offset)
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
@@ -41,8 +46,8 @@ class PositionEmbeddingSine(nn.Module):
         x = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6
-            y = (y - 0.5) / (y[:, -1:, :] + eps) * self.scale
-            x = (x - 0.5) / (x[:, :, -1:] + eps) * self.scale
+            y = (y + self.offset) / (y[:, -1:, :] + eps) * self.scale
+            x = (x + self.offset) / (x[:, :, -1:] + eps) * self.scale
         return torch.cat((self._sinusoids(y), self._sinusoids(x)), dim=3).permute(0, 3, 1, 2)
 
     def _sinusoids(self, pos: Tensor) -> Tensor:
@@ -76,9 +81,11 @@ class PositionEmbeddingLearned(nn.Module):
         return grid.permute(2, 0, 1)[None].expand(n, -1, -1, -1)
 
 
-def build_position_encoding(kind: str, d_model: int) -> nn.Module:
+def build_position_encoding(kind: str, d_model: int, sine_offset: float = -0.5) -> nn.Module:
+    """``"sine"`` (positions shifted by ``sine_offset``, see ``PositionEmbeddingSine``) or
+    ``"learned"`` encoding of d_model // 2 channels per axis."""
     if kind == "sine":
-        return PositionEmbeddingSine(d_model // 2, normalize=True)
+        return PositionEmbeddingSine(d_model // 2, normalize=True, offset=sine_offset)
     if kind == "learned":
         return PositionEmbeddingLearned(d_model // 2)
     raise ValueError(f"position_embedding: expected 'sine' or 'learned', got {kind!r}")

@@ -1,4 +1,6 @@
-"""Detections from raw model outputs: the official top-k over sigmoid scores."""
+"""Detections from raw model outputs: the official top-k over sigmoid scores (Deformable
+DETR, ``PostProcess``), or one detection per query from softmax scores (DETR,
+``SoftmaxPostProcess``)."""
 
 from __future__ import annotations
 
@@ -35,18 +37,59 @@ class PostProcess(nn.Module):
         ``boxes`` tensors (what an exported graph returns)."""
         logits, boxes_cxcywh = outputs["pred_logits"], outputs["pred_boxes"]
         n, q, c = logits.shape
-        target_sizes = torch.as_tensor(target_sizes, device=logits.device)
-        if target_sizes.dim() != 2 or target_sizes.shape[1] != 2 or (
-                not torch.compiler.is_exporting() and target_sizes.shape[0] != n):
-            raise ValueError(f"target_sizes: expected ({n}, 2) (height, width), "
-                             f"got {tuple(target_sizes.shape)}")
+        target_sizes = _check_sizes(target_sizes, n, logits.device)
         k = min(self.num_select, q * c)
         # (N, Q, C) -> (N, Q*C): index = query * C + class
         scores, index = torch.topk(logits.sigmoid().view(n, -1), k, dim=1)
         queries, labels = index // c, index % c
         boxes_xyxy = box_cxcywh_to_xyxy(boxes_cxcywh)
         boxes_xyxy = torch.gather(boxes_xyxy, 1, queries[..., None].expand(-1, -1, 4))
-        h, w = target_sizes.to(boxes_xyxy.dtype).unbind(1)
-        # (N, 4) per-image (w, h, w, h) -> (N, 1, 4)
-        scale = torch.stack([w, h, w, h], dim=1)[:, None, :]
-        return {"scores": scores, "labels": labels, "boxes": boxes_xyxy * scale}
+        return {"scores": scores, "labels": labels, "boxes": _to_pixels(boxes_xyxy, target_sizes)}
+
+
+class SoftmaxPostProcess(nn.Module):
+    """Per-image detections of a softmax classifier whose last class is "no object"
+    (DETR): every query is one detection, scored by its most probable real class (the
+    softmax taken over all classes, "no object" included, then left out of the max).
+
+    ``forward(outputs, target_sizes)``: ``outputs["pred_logits"]`` (N, Q, C + 1),
+    ``outputs["pred_boxes"]`` (N, Q, 4) boxes_cxcywh; ``target_sizes`` (N, 2) each image's
+    (height, width) in pixels. Returns a list of N dicts: ``scores`` (Q,), ``labels``
+    (Q,) int64 in [0, C), ``boxes`` (Q, 4) boxes_xyxy in pixels of that size.
+    """
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, target_sizes) -> list[dict]:
+        found = self.batched(outputs, target_sizes)
+        return [{"scores": s, "labels": lb, "boxes": b}
+                for s, lb, b in zip(found["scores"], found["labels"], found["boxes"])]
+
+    def batched(self, outputs: dict, target_sizes) -> dict:
+        """The same detections as (N, Q) ``scores``, (N, Q) ``labels`` and (N, Q, 4)
+        ``boxes`` tensors."""
+        logits, boxes_cxcywh = outputs["pred_logits"], outputs["pred_boxes"]
+        if logits.dim() != 3 or logits.shape[-1] < 2:
+            raise ValueError(f"outputs: pred_logits must be (N, Q, C + 1) with C >= 1 real "
+                             f"classes, got {tuple(logits.shape)}")
+        target_sizes = _check_sizes(target_sizes, logits.shape[0], logits.device)
+        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+        return {"scores": scores, "labels": labels,
+                "boxes": _to_pixels(box_cxcywh_to_xyxy(boxes_cxcywh), target_sizes)}
+
+
+def _check_sizes(target_sizes, n: int, device) -> Tensor:
+    """``target_sizes`` as an (N, 2) tensor on ``device``; ValueError for another shape."""
+    target_sizes = torch.as_tensor(target_sizes, device=device)
+    if target_sizes.dim() != 2 or target_sizes.shape[1] != 2 or (
+            not torch.compiler.is_exporting() and target_sizes.shape[0] != n):
+        raise ValueError(f"target_sizes: expected ({n}, 2) (height, width), "
+                         f"got {tuple(target_sizes.shape)}")
+    return target_sizes
+
+
+def _to_pixels(boxes_xyxy: Tensor, target_sizes: Tensor) -> Tensor:
+    """(N, K, 4) normalised boxes_xyxy -> the same in pixels of each (height, width)."""
+    h, w = target_sizes.to(boxes_xyxy.dtype).unbind(1)
+    # (N, 4) per-image (w, h, w, h) -> (N, 1, 4)
+    scale = torch.stack([w, h, w, h], dim=1)[:, None, :]
+    return boxes_xyxy * scale
