@@ -11,6 +11,7 @@ import torch
 from ddetr import DeformableDetr, convert
 from ddetr.models.backbone import ResNet
 
+from tests.hf_cases import jittered
 from tests.models.detr_cases import TINY, VARIANTS, images, tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -43,15 +44,7 @@ def hf_model(variant):
     its initial value so that each one takes part in the comparison."""
     torch.manual_seed(0)
     model = transformers.DeformableDetrForObjectDetection(hf_config(**HF_VARIANTS[variant]))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-            elif name.endswith(("running_mean", "bias", "weight")):
-                b.add_(torch.randn_like(b) * 0.1)
-    return model.eval()
+    return jittered(model)
 
 
 @pytest.mark.parametrize("variant", list(HF_VARIANTS))

@@ -9,6 +9,7 @@ import torch
 
 from ddetr import Detr, convert
 
+from tests.hf_cases import jittered
 from tests.models.detr_cases import TINY_DETR, assert_same, images, outputs, tiny_detr
 
 transformers = pytest.importorskip("transformers")
@@ -31,15 +32,7 @@ def hf_model(**overrides):
     its initial value so that each one takes part in the comparison."""
     torch.manual_seed(0)
     model = transformers.DetrForObjectDetection(hf_config(**overrides))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-            elif name.endswith(("running_mean", "bias", "weight")):
-                b.add_(torch.randn_like(b) * 0.1)
-    return model.eval()
+    return jittered(model)
 
 
 @pytest.fixture(scope="module")

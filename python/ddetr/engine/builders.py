@@ -31,6 +31,9 @@ ARCHS = ("deformable-detr", "detr")
 EXTRA_BACKBONES = {
     "resnet18-tiny": {"block": "basic", "depths": [2, 2, 2, 2], "widths": [32, 64, 128, 256],
                       "stem_width": 32},
+    # bottleneck blocks (so DC5 can dilate its last stage), of about the same cost
+    "resnet26-tiny": {"block": "bottleneck", "depths": [2, 2, 2, 2],
+                      "widths": [64, 128, 256, 512], "stem_width": 32},
 }
 
 

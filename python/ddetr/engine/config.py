@@ -49,8 +49,9 @@ class TrainConfig:
                                       "baseline: one C5 level, dense attention, softmax "
                                       "classes; the deformable-only fields are unused)")
     num_classes: int | None = _f(None, "classification outputs (default: largest category id + 1)")
-    backbone: str = _f("resnet50", "resnet18, resnet34, resnet50, resnet101, or resnet18-tiny "
-                                   "(narrow widths, for the CPU demo)")
+    backbone: str = _f("resnet50", "resnet18, resnet34, resnet50, resnet101, resnet18-tiny "
+                                   "(narrow widths, for the CPU demo) or resnet26-tiny (the "
+                                   "same with bottleneck blocks, which DC5 needs)")
     backbone_weights: str | None = _f(None, "torchvision ImageNet ResNet weights file")
     backbone_norm: str = _f("frozen", "backbone batch norm: frozen (official, for pretrained "
                                       "weights) or batch (trained; for training from scratch)")

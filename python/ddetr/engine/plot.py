@@ -14,7 +14,8 @@ from ddetr.engine.evaluate import STAT_NAMES
 
 # (panel title, log values drawn in it)
 PANELS = (("training loss", ("train_loss",)), ("COCO bbox AP", ("AP", "AP50", "AP_small")))
-COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
+COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127))
 INK, GRID = (0, 0, 0), (225, 225, 225)
 # room around a panel's plot area for the title, the tick labels and the axis label
 MARGIN_LEFT, MARGIN_TOP, MARGIN_RIGHT, MARGIN_BOTTOM = 56, 28, 16, 40
@@ -78,9 +79,11 @@ def _span(values: list[float]) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def draw_panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict) -> None:
-    """One line chart in ``box`` (x0, y0, x1, y1): axes with ticks, a line and dots
-    per series, the legend in the title row, right-aligned."""
+def draw_panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict,
+               xlabel: str = "epoch") -> None:
+    """One line chart in ``box`` (x0, y0, x1, y1): axes with ticks (integers on x,
+    labelled ``xlabel``), a line and dots per series, the legend in the title row,
+    right-aligned."""
     left, top = box[0] + MARGIN_LEFT, box[1] + MARGIN_TOP
     right, bottom = box[2] - MARGIN_RIGHT, box[3] - MARGIN_BOTTOM
     draw.text((left, box[1] + 8), title, fill=INK)
@@ -94,7 +97,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict) -> None
         return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
                 bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
 
-    _axes(draw, (left, top, right, bottom), (x_lo, x_hi), (y_lo, y_hi), to_pixels)
+    _axes(draw, (left, top, right, bottom), (x_lo, x_hi), (y_lo, y_hi), to_pixels, xlabel)
     legend_x = right
     for k, (name, pts) in reversed(list(enumerate(series.items()))):
         colour = COLOURS[k % len(COLOURS)]
@@ -115,8 +118,8 @@ def ticks(lo: float, hi: float, count: int = 6) -> list[float]:
     return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 
-def _axes(draw, area, x_range, y_range, to_pixels) -> None:
-    """Frame, grid lines and labels: round values on y, integer epochs on x."""
+def _axes(draw, area, x_range, y_range, to_pixels, xlabel: str) -> None:
+    """Frame, grid lines and labels: round values on y, integers on x."""
     left, top, right, bottom = area
     draw.rectangle(area, outline=INK)
     for y in ticks(*y_range):
@@ -129,4 +132,4 @@ def _axes(draw, area, x_range, y_range, to_pixels) -> None:
         px = to_pixels(epoch, y_range[0])[0]
         draw.line([(px, bottom), (px, bottom + 4)], fill=INK)
         draw.text((px, bottom + 6), str(epoch), fill=INK, anchor="mt")
-    draw.text(((left + right) / 2, bottom + 22), "epoch", fill=INK, anchor="mt")
+    draw.text(((left + right) / 2, bottom + 22), xlabel, fill=INK, anchor="mt")

@@ -10,7 +10,17 @@ from torch import Tensor, nn
 from ddetr.models.box_ops import box_cxcywh_to_xyxy
 
 
-class PostProcess(nn.Module):
+class _Detections(nn.Module):
+    """``forward`` as a list of per-image dicts of what ``batched`` returns as tensors."""
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, target_sizes) -> list[dict]:
+        found = self.batched(outputs, target_sizes)
+        return [{"scores": s, "labels": lb, "boxes": b}
+                for s, lb, b in zip(found["scores"], found["labels"], found["boxes"])]
+
+
+class PostProcess(_Detections):
     """Turns ``{"pred_logits", "pred_boxes"}`` into per-image detections.
 
     The top ``num_select`` (default 100) (query, class) pairs by sigmoid score over all
@@ -25,12 +35,6 @@ class PostProcess(nn.Module):
     def __init__(self, num_select: int = 100):
         super().__init__()
         self.num_select = num_select
-
-    @torch.no_grad()
-    def forward(self, outputs: dict, target_sizes) -> list[dict]:
-        found = self.batched(outputs, target_sizes)
-        return [{"scores": s, "labels": lb, "boxes": b}
-                for s, lb, b in zip(found["scores"], found["labels"], found["boxes"])]
 
     def batched(self, outputs: dict, target_sizes) -> dict:
         """The same detections as (N, K) ``scores``, (N, K) ``labels`` and (N, K, 4)
@@ -47,7 +51,7 @@ class PostProcess(nn.Module):
         return {"scores": scores, "labels": labels, "boxes": _to_pixels(boxes_xyxy, target_sizes)}
 
 
-class SoftmaxPostProcess(nn.Module):
+class SoftmaxPostProcess(_Detections):
     """Per-image detections of a softmax classifier whose last class is "no object"
     (DETR): every query is one detection, scored by its most probable real class (the
     softmax taken over all classes, "no object" included, then left out of the max).
@@ -57,12 +61,6 @@ class SoftmaxPostProcess(nn.Module):
     (height, width) in pixels. Returns a list of N dicts: ``scores`` (Q,), ``labels``
     (Q,) int64 in [0, C), ``boxes`` (Q, 4) boxes_xyxy in pixels of that size.
     """
-
-    @torch.no_grad()
-    def forward(self, outputs: dict, target_sizes) -> list[dict]:
-        found = self.batched(outputs, target_sizes)
-        return [{"scores": s, "labels": lb, "boxes": b}
-                for s, lb, b in zip(found["scores"], found["labels"], found["boxes"])]
 
     def batched(self, outputs: dict, target_sizes) -> dict:
         """The same detections as (N, Q) ``scores``, (N, Q) ``labels`` and (N, Q, 4)
