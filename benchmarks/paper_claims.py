@@ -69,9 +69,9 @@ AP, AP50, AP_SMALL = (STAT_NAMES.index(n) for n in ("AP", "AP50", "AP_small"))
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=10, help="epochs of every run (default 10)")
-    p.add_argument("--train_images", type=int, default=1000,
-                   help="synthetic training images, seen once per epoch (default 1000)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of every run (default 8)")
+    p.add_argument("--train_images", type=int, default=800,
+                   help="synthetic training images, seen once per epoch (default 800)")
     p.add_argument("--val_images", type=int, default=200,
                    help="synthetic validation images (default 200)")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
