@@ -133,9 +133,8 @@ def train(name: str, args) -> None:
         f" ({r['epoch_time_s']:.0f} s)", flush=True))
 
 
-def inference_ms(checkpoint: str, side: int, repeats: int = 10) -> float:
-    """Median batch-1 inference time of a trained run at ``side`` x ``side``."""
-    model = load_detector(checkpoint).model
+def inference_ms(model, side: int, repeats: int = 10) -> float:
+    """Median batch-1 inference time of a trained model at ``side`` x ``side``."""
     x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
     times = []
     with torch.no_grad():
@@ -163,7 +162,7 @@ def summarise(name: str, args) -> dict | None:
             "curve": [(r["epoch"] + 1, r["coco_eval_bbox"][AP], float(m))
                       for r, m in zip(records, minutes) if "coco_eval_bbox" in r],
             "epoch_s": statistics.mean(r["epoch_time_s"] for r in records),
-            "inference_ms": inference_ms(checkpoint, config.base_size),
+            "inference_ms": inference_ms(model, config.base_size),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 

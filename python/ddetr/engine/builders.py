@@ -20,7 +20,7 @@ from ddetr.models import DeformableDetr, Detr
 from ddetr.models.backbone import FrozenBatchNorm2d
 from ddetr.models.criterion import SetCriterion
 from ddetr.models.matcher import HungarianMatcher
-from ddetr.models.postprocess import PostProcess, SoftmaxPostProcess
+from ddetr.models.postprocess import PostProcess, SoftmaxPostProcess, classification_of
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,6 @@ def build_criterion(config, num_classes: int) -> SetCriterion:
 def build_postprocess(model: nn.Module) -> nn.Module:
     """The post-processing of ``model`` (or of the model a DDP wrapper holds): per-query
     softmax scores for a softmax classifier (``Detr``), else the official top-100."""
-    model = getattr(model, "module", model)
-    if getattr(model, "classification", "sigmoid") == "softmax":
+    if classification_of(model) == "softmax":
         return SoftmaxPostProcess()
     return PostProcess()

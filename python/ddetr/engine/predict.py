@@ -17,6 +17,7 @@ from ddetr.engine.draw import draw_detections, draw_sampling_points
 from ddetr.engine.sampling_points import SamplingPointRecorder
 from ddetr.models import DeformableDetr, Detr
 from ddetr.models.box_ops import box_cxcywh_to_xyxy
+from ddetr.models.postprocess import classification_of, query_scores
 
 
 @dataclass
@@ -84,17 +85,15 @@ def detect(detector: Detector, image: Image.Image, threshold: float = 0.5,
     ``sampling``: the last decoder layer's ``locations`` (Lq, M, L, P, 2) normalised to
     the image and ``weights`` (Lq, M, L, P)."""
     model = detector.model
-    softmax = getattr(model, "classification", "sigmoid") == "softmax"
-    if record_sampling and softmax:
+    classification = classification_of(model)
+    if record_sampling and classification == "softmax":
         raise ValueError("record_sampling: DETR has no sampling points (dense attention)")
     device = next(model.parameters()).device
     tensor, _ = val_transforms(detector.base_size, detector.max_size)(image, empty_target(image))
     recorder = SamplingPointRecorder(model) if record_sampling else None
-    with recorder if record_sampling else contextlib.nullcontext():
+    with recorder if recorder is not None else contextlib.nullcontext():
         outputs = model(tensor[None].to(device))
-    logits = outputs["pred_logits"][0].float()
-    # the best real class per query ("no object", DETR's last class, is never a label)
-    scores, labels = logits.softmax(-1)[:, :-1].max(-1) if softmax else logits.sigmoid().max(-1)
+    scores, labels = query_scores(outputs["pred_logits"][0].float(), classification)
     keep = torch.nonzero(scores >= threshold).flatten()
     keep = keep[scores[keep].argsort(descending=True)]
     scale = torch.tensor([image.width, image.height] * 2, dtype=torch.float32)
@@ -104,14 +103,6 @@ def detect(detector: Detector, image: Image.Image, threshold: float = 0.5,
     if record_sampling:
         result["sampling"] = {k: v[0].cpu() for k, v in recorder.records[-1].items()}
     return result
-
-
-def level_strides(model: DeformableDetr) -> list[int]:
-    """The stride of every feature level: the backbone's, then doubling."""
-    strides = list(model.backbone[0].strides)
-    while len(strides) < model.num_feature_levels:
-        strides.append(strides[-1] * 2)
-    return strides
 
 
 def save_drawings(detector: Detector, image: Image.Image, result: dict, out_path: str,
@@ -124,7 +115,7 @@ def save_drawings(detector: Detector, image: Image.Image, result: dict, out_path
     if "sampling" in result and len(result["queries"]):
         q = result["queries"][:top_queries]
         loc, w = result["sampling"]["locations"][q], result["sampling"]["weights"][q]
-        levels = [f"level {i}, stride {s}" for i, s in enumerate(level_strides(detector.model))]
+        levels = [f"level {i}, stride {s}" for i, s in enumerate(detector.model.level_strides())]
         path = os.path.splitext(out_path)[0] + "_sampling.png"
         draw_sampling_points(image, loc, w, result["boxes"][:top_queries], levels).save(path)
         written.append(path)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import os
 import warnings
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ddetr.models.deformable_detr import DeformableDetr
+from ddetr.models.deformable_detr import DeformableDetr, check_positive_ints
 from ddetr.models.postprocess import PostProcess
 from ddetr.ops.portable import MSDA_FORMS, portable_forms
 
@@ -55,13 +54,7 @@ class DetectorGraph(nn.Module):
 
 def coarsest_stride(model: DeformableDetr) -> int:
     """The stride of the model's coarsest feature level (64 for 4 levels on a ResNet)."""
-    side = 512
-    with torch.no_grad():
-        param = next(model.parameters())
-        image = torch.zeros(1, 3, side, side, dtype=param.dtype, device=param.device)
-        srcs, _, _ = model._pyramid(image, torch.zeros(1, side, side, dtype=torch.bool,
-                                                       device=param.device))
-    return math.ceil(side / min(min(s.shape[-2:]) for s in srcs))
+    return model.level_strides()[-1]
 
 
 def _require_onnx():
@@ -91,9 +84,7 @@ def _check_arguments(model, path, opset, msda, sizes: dict, num_select) -> Path:
                          f"{SUPPORTED_OPSETS.stop - 1}, got {opset!r}")
     if msda not in MSDA_FORMS:
         raise ValueError(f"msda: expected one of {', '.join(MSDA_FORMS)}, got {msda!r}")
-    for name, value in {**sizes, "num_select": num_select}.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    check_positive_ints({**sizes, "num_select": num_select})
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):

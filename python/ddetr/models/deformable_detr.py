@@ -193,6 +193,13 @@ class DeformableDetr(nn.Module):
             boxes.append(coord.sigmoid())
         return logits, boxes
 
+    def level_strides(self) -> list[int]:
+        """The stride of every feature level: the backbone's, then doubling."""
+        strides = list(self.backbone[0].strides)
+        while len(strides) < self.num_feature_levels:
+            strides.append(strides[-1] * 2)
+        return strides
+
     def postprocess(self, outputs: dict, target_sizes, num_select: int = 100) -> list[dict]:
         """``PostProcess(num_select)(outputs, target_sizes)``: per image the top
         ``num_select`` ``scores``, ``labels`` and ``boxes`` (boxes_xyxy in pixels)."""
@@ -229,6 +236,14 @@ class DeformableDetr(nn.Module):
             self.to(torch.bfloat16)
 
 
+def check_positive_ints(values: dict) -> None:
+    """ValueError naming the first of ``values`` (name -> value) that is not an int >= 1
+    (a bool is not taken for an int)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
 def _check_config(cfg: dict) -> None:
     if cfg["d_model"] % 32:
         raise ValueError(f"d_model: must be a multiple of 32 (GroupNorm(32) in the input "
@@ -238,10 +253,9 @@ def _check_config(cfg: dict) -> None:
                          f"extra levels), got {cfg['num_feature_levels']}")
     if cfg["two_stage"] and not cfg["with_box_refine"]:
         raise ValueError("two_stage: needs with_box_refine=True (as the official model)")
-    for name in ("num_classes", "num_queries", "num_decoder_layers", "num_heads",
-                 "two_stage_num_proposals"):
-        if not isinstance(cfg[name], int) or cfg[name] < 1:
-            raise ValueError(f"{name}: expected a positive int, got {cfg[name]!r}")
+    check_positive_ints({name: cfg[name] for name in (
+        "num_classes", "num_queries", "num_decoder_layers", "num_heads",
+        "two_stage_num_proposals")})
     ratio = cfg["encoder_token_ratio"]
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
         raise ValueError(f"encoder_token_ratio: expected a number in (0, 1], got {ratio!r}")

@@ -17,7 +17,7 @@ import copy
 from torch import Tensor, nn
 
 from ddetr.models.backbone import Backbone, load_backbone_weights
-from ddetr.models.deformable_detr import batch_images
+from ddetr.models.deformable_detr import batch_images, check_positive_ints
 from ddetr.models.detr_transformer import DetrTransformer
 from ddetr.models.heads import MLP
 from ddetr.models.position_encoding import build_position_encoding
@@ -113,11 +113,9 @@ class Detr(nn.Module):
 
 
 def _check_config(cfg: dict) -> None:
-    for name in ("num_classes", "num_queries", "num_encoder_layers", "num_decoder_layers",
-                 "num_heads", "d_model", "dim_feedforward"):
-        value = cfg[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    check_positive_ints({name: cfg[name] for name in (
+        "num_classes", "num_queries", "num_encoder_layers", "num_decoder_layers", "num_heads",
+        "d_model", "dim_feedforward")})
     if cfg["d_model"] % 2:
         raise ValueError(f"d_model: must be even (half the channels encode each axis), "
                          f"got {cfg['d_model']}")

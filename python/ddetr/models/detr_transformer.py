@@ -16,16 +16,9 @@ at zero. Letters: N batch, S = H*W pixels, Lq queries, D = d_model.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _activation(name: str):
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    raise ValueError(f"activation: expected 'relu' or 'gelu', got {name!r}")
+from ddetr.models.transformer_layers import activation_fn
 
 
 class DetrEncoderLayer(nn.Module):
@@ -43,7 +36,7 @@ class DetrEncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
-        self.activation = _activation(activation)
+        self.activation = activation_fn(activation)
 
     def forward(self, src: Tensor, padding_mask: Tensor, pos: Tensor) -> Tensor:
         """src, pos (N, S, D); padding_mask (N, S) True on padding -> (N, S, D)."""
@@ -74,7 +67,7 @@ class DetrDecoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
-        self.activation = _activation(activation)
+        self.activation = activation_fn(activation)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, padding_mask: Tensor,
                 pos: Tensor) -> Tensor:

@@ -70,9 +70,23 @@ class SoftmaxPostProcess(_Detections):
             raise ValueError(f"outputs: pred_logits must be (N, Q, C + 1) with C >= 1 real "
                              f"classes, got {tuple(logits.shape)}")
         target_sizes = _check_sizes(target_sizes, logits.shape[0], logits.device)
-        scores, labels = logits.softmax(-1)[..., :-1].max(-1)
+        scores, labels = query_scores(logits, "softmax")
         return {"scores": scores, "labels": labels,
                 "boxes": _to_pixels(box_cxcywh_to_xyxy(boxes_cxcywh), target_sizes)}
+
+
+def classification_of(model: nn.Module) -> str:
+    """How ``model``'s logits are read (a DDP wrapper's model too): ``"softmax"`` with a
+    last "no object" class (``Detr``), else ``"sigmoid"``."""
+    return getattr(getattr(model, "module", model), "classification", "sigmoid")
+
+
+def query_scores(logits: Tensor, classification: str) -> tuple[Tensor, Tensor]:
+    """(..., Q, classes) logits -> each query's best real class: its (..., Q) score and
+    label (softmax: over every class, "no object" included, then left out of the max)."""
+    if classification == "softmax":
+        return logits.softmax(-1)[..., :-1].max(-1)
+    return logits.sigmoid().max(-1)
 
 
 def _check_sizes(target_sizes, n: int, device) -> Tensor:

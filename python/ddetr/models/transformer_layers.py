@@ -55,7 +55,8 @@ def _ffn(layer: nn.Module, x: Tensor, drop: nn.Dropout) -> Tensor:
     return module_linear(layer.linear2, hidden)
 
 
-def _activation(name: str):
+def activation_fn(name: str):
+    """The activation called ``name`` ("relu" or "gelu"); ValueError otherwise."""
     if name == "relu":
         return _relu
     if name == "gelu":
@@ -75,7 +76,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.activation = _activation(activation)
+        self.activation = activation_fn(activation)
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout3 = nn.Dropout(dropout)
@@ -168,7 +169,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.activation = _activation(activation)
+        self.activation = activation_fn(activation)
         self.dropout3 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout4 = nn.Dropout(dropout)
