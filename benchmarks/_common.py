@@ -186,6 +186,28 @@ def time_step(step, device: torch.device, warmup: int, repeats: int) -> list[flo
     return times
 
 
+class BusyProcesses:
+    """``count`` other processes that each keep one core busy (a Python loop) while the
+    block runs: the load a data-loader worker or a second job puts on the machine.
+    They are started before the block and killed after it."""
+
+    def __init__(self, count: int):
+        self.count, self.procs = count, []
+
+    def __enter__(self):
+        loop = "while True:\n    pass\n"
+        self.procs = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(self.count)]
+        time.sleep(0.5)  # let the scheduler see them
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
+        self.procs = []
+
+
 def _proc_status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -24,6 +24,10 @@ ddetr runs twice: ``ddetr`` with its native encoder / decoder layers (the defaul
 the extension is built) and ``ddetr-pytorch-layers`` with the layers' PyTorch path
 (``--no-layers-off`` skips the second).
 
+With ``--busy N`` the inference measurements run once more, for transformers and ddetr,
+while N other processes each keep a core busy (the benchmark starts and stops them):
+how much each implementation slows down when it does not have the machine to itself.
+
 Time is the median of ``--repeats`` calls after ``--warmup`` untimed ones. Prints tables
 and writes JSON under ``--out``.
 """
@@ -47,7 +51,7 @@ import ddetr  # noqa: E402
 from ddetr import convert  # noqa: E402
 from ddetr.models import SetCriterion, HungarianMatcher  # noqa: E402
 from ddetr.models import deformable_transformer  # noqa: E402
-from _common import (PeakMemory, blas_note, device_name, extension_built, git,  # noqa: E402
+from _common import (BusyProcesses, PeakMemory, blas_note, device_name, extension_built, git,  # noqa: E402
                      time_step)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest |difference| of logits and boxes accepted in the parity check")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="also time inference with N other processes keeping a core busy "
+                        "each (started by the benchmark), for transformers and ddetr side "
+                        "by side: each one's slowdown against the idle machine")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--no-profile", action="store_true", help="skip the per-part breakdown")
     p.add_argument("--no-layers-off", action="store_true",
@@ -85,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("repeats", "train_batch", "targets"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected a positive int")
+    if args.busy < 0:
+        p.error("--busy: expected a count >= 0")
     args.sizes = [_size(p, s) for s in args.sizes]
     args.train_size = _size(p, args.train_size)
     return args
@@ -321,6 +331,8 @@ def run(args) -> dict:
             row["times_ms"][impl], row["median_ms"][impl] = times, statistics.median(times)
             print(f"  {name:<28} {impl:<12} {row['median_ms'][impl]:10.1f} ms", flush=True)
         rows.append(row)
+    if args.busy:
+        _time_busy(rows[:len(args.sizes)], jobs, args, device)
     if not args.no_profile:
         for row, (name, make) in zip(rows, jobs):
             row["ddetr_parts_ms"] = breakdown(make("ddetr"), ours, work.criterion, device)
@@ -334,6 +346,35 @@ def run(args) -> dict:
                 row["peak_mb"][impl] = mem.peak_bytes / 2**20
                 row["memory_method"] = mem.method
     return {"rows": rows, "parity": parity, "blas": blas_note()}
+
+
+def _time_busy(rows: list, jobs: list, args, device) -> None:
+    """Inference again with ``args.busy`` busy processes beside it: ``busy_median_ms`` of
+    transformers and ddetr in each inference row."""
+    with BusyProcesses(args.busy):
+        for row, (name, make) in zip(rows, jobs):
+            row["busy_median_ms"] = {}
+            for impl in IMPLS[:2]:
+                times = time_step(make(impl), device, args.warmup, args.repeats)
+                row["busy_median_ms"][impl] = statistics.median(times)
+                print(f"  {name:<28} {impl:<12} {row['busy_median_ms'][impl]:10.1f} ms "
+                      f"with {args.busy} busy", flush=True)
+
+
+def print_busy(rows: list, busy: int) -> None:
+    rows = [r for r in rows if "busy_median_ms" in r]
+    if not rows:
+        return
+    print(f"\nwith {busy} busy process(es) beside it (slowdown: busy / idle time; "
+          f"speed-up: transformers / ddetr under the same load)")
+    print(f"{'measurement':<28} {'implementation':<14} {'idle':>11} {'busy':>11} "
+          f"{'slowdown':>9} {'speed-up':>9}")
+    for r in rows:
+        base = r["busy_median_ms"]["transformers"]
+        for impl, t in r["busy_median_ms"].items():
+            idle = r["median_ms"][impl]
+            print(f"{r['measurement']:<28} {impl:<14} {idle:8.1f} ms {t:8.1f} ms "
+                  f"{t / idle:8.2f}x {base / t:8.2f}x")
 
 
 def print_tables(result: dict) -> None:
@@ -370,6 +411,7 @@ def main(argv=None) -> None:
     started = datetime.datetime.now()
     result = run(args)
     print_tables(result)
+    print_busy(result["rows"], args.busy)
     record = {
         "benchmark": "bench_model", "started": started.isoformat(timespec="seconds"),
         "device": device_name(args.device), "torch": torch.__version__,

@@ -542,3 +542,27 @@ def test_cuda_matches_cpu(kind, ref_dim, deterministic):
     assert_close_relative([g.cpu() for g in got], want, 1e-10)
     if deterministic:
         assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_inference_sees_changed_offset_weights(kind):
+    """Without autograd the joined offset / attention-weight matrix is reused between
+    calls; an in-place change of either part, or a new parameter, must be seen."""
+    levels = SHAPES["three"]
+    layer, inp = make_layer(kind, levels).eval(), make_inputs(kind, levels)
+    attn = layer.cross_attn if kind == "decoder" else layer.self_attn
+    with torch.no_grad():
+        first = call(layer, kind, inp, native=True)
+        assert torch.equal(call(layer, kind, inp, native=True), first)
+        attn.sampling_offsets.weight.mul_(1.5)
+        changed = call(layer, kind, inp, native=True)
+        assert not torch.allclose(changed, first)
+        torch.testing.assert_close(changed, call(layer, kind, inp, native=False),
+                                   rtol=1e-10, atol=1e-10)
+        layer.native_layers = True
+        attn.attention_weights.bias = torch.nn.Parameter(
+            attn.attention_weights.bias + torch.randn_like(attn.attention_weights.bias))
+        replaced = call(layer, kind, inp, native=True)
+        assert not torch.allclose(replaced, changed)
+        torch.testing.assert_close(replaced, call(layer, kind, inp, native=False),
+                                   rtol=1e-10, atol=1e-10)

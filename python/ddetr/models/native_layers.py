@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddetr.models.derived import derived
 from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.ops import native_layers as ops_layers
 from ddetr.ops.levels import as_level_table
@@ -48,7 +49,9 @@ def _plain(module: nn.Module, kind: type) -> bool:
 
 
 def _dropouts(layer: nn.Module) -> list[float]:
-    ps = [m.p for m in layer.modules() if isinstance(m, nn.Dropout)]
+    # the layer's own children (the attention modules hold no nn.Dropout): a walk of
+    # every sub-module on each call cost more than the native layer at small sizes
+    ps = [m.p for m in layer.children() if isinstance(m, nn.Dropout)]
     attn = getattr(layer, "self_attn", None)
     if isinstance(attn, nn.MultiheadAttention):
         ps.append(attn.dropout)
@@ -123,10 +126,17 @@ def unsupported(layer: nn.Module, x: Tensor, *others: Tensor | None) -> str | No
     return _dtype_problem(layer, x, tensors) or _module_problem(layer)
 
 
+def _cat(*parts: Tensor) -> Tensor:
+    return torch.cat(parts)
+
+
 def _deform_params(attn: nn.Module, norm: nn.LayerNorm) -> dict[str, Tensor]:
     # (M*L*P*2 + M*L*P, C): one GEMM for the offsets and the attention logits
-    oa_w = torch.cat([attn.sampling_offsets.weight, attn.attention_weights.weight])
-    oa_b = torch.cat([attn.sampling_offsets.bias, attn.attention_weights.bias])
+    # (joined once per weight change when nothing needs gradients: derived())
+    oa_w = derived(attn, "joined_weight", (attn.sampling_offsets.weight,
+                                           attn.attention_weights.weight), _cat)
+    oa_b = derived(attn, "joined_bias", (attn.sampling_offsets.bias,
+                                         attn.attention_weights.bias), _cat)
     return {"value_proj_weight": attn.value_proj.weight, "value_proj_bias": attn.value_proj.bias,
             "sampling_offsets_attention_weights_weight": oa_w,
             "sampling_offsets_attention_weights_bias": oa_b,
@@ -192,7 +202,7 @@ def _check_params(layer: nn.Module, decoder: bool, x: Tensor, params: dict) -> N
 
 def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Tensor,
          memory: Tensor | None, spatial_shapes, level_start_index, mask: Tensor | None,
-         params: dict, recompute: bool) -> Tensor:
+         params: dict, recompute: bool, supported: bool = False) -> Tensor:
     attn = layer.cross_attn if decoder else layer.self_attn
     if not isinstance(x, Tensor) or x.dtype not in _LAYER_DTYPES:
         raise ValueError(f"x: expected a float32, float64 or bfloat16 tensor, got "
@@ -202,7 +212,7 @@ def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Te
         params = {name: t.to(torch.bfloat16) for name, t in params.items()}
     value_in = x if memory is None else memory  # (a dense encoder layer: x itself)
     _check(attn, x, pos, ref, value_in, spatial_shapes, mask)
-    problem = unsupported(layer, x, pos, memory)
+    problem = None if supported else unsupported(layer, x, pos, memory)
     if problem is not None:
         raise ValueError(f"this layer cannot run natively: {problem}")
     _check_params(layer, decoder, x, params)
@@ -227,22 +237,26 @@ def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Te
 
 def encoder_layer(layer: nn.Module, src: Tensor, pos: Tensor | None, reference_points: Tensor,
                   spatial_shapes, level_start_index, padding_mask: Tensor | None = None,
-                  recompute: bool = False, memory: Tensor | None = None) -> Tensor:
+                  recompute: bool = False, memory: Tensor | None = None, *,
+                  supported: bool = False) -> Tensor:
     """``layer(src, pos, reference_points, ..., memory=memory)`` of a
     DeformableTransformerEncoderLayer, natively. Dense (memory None): src, pos (N, S, C),
     reference_points (N, S, L, 2). Sparse: src, pos (N, Lq, C) and reference_points
     (N, Lq, L, 2) are the rows of memory (N, S, C) to update, memory the values.
-    padding_mask (N, S) bool. Returns (N, Lq, C)."""
+    padding_mask (N, S) bool. ``supported``: the caller has just had ``supports`` say yes
+    for these inputs (it is not asked again). Returns (N, Lq, C)."""
     params = {**_deform_params(layer.self_attn, layer.norm1), **_ffn_params(layer, layer.norm2)}
     return _run(layer, False, src, pos, reference_points, memory, spatial_shapes,
-                level_start_index, padding_mask, params, recompute)
+                level_start_index, padding_mask, params, recompute, supported)
 
 
 def decoder_layer(layer: nn.Module, tgt: Tensor, query_pos: Tensor | None,
                   reference_points: Tensor, memory: Tensor, spatial_shapes, level_start_index,
-                  memory_padding_mask: Tensor | None = None, recompute: bool = False) -> Tensor:
+                  memory_padding_mask: Tensor | None = None, recompute: bool = False, *,
+                  supported: bool = False) -> Tensor:
     """``layer(tgt, query_pos, reference_points, memory, ...)`` of a
-    DeformableTransformerDecoderLayer, natively. reference_points (N, Lq, L, 2 or 4)."""
+    DeformableTransformerDecoderLayer, natively. reference_points (N, Lq, L, 2 or 4);
+    ``supported`` as for ``encoder_layer``."""
     sa = layer.self_attn
     params = {"self_attn_in_proj_weight": sa.in_proj_weight,
               "self_attn_in_proj_bias": sa.in_proj_bias,
@@ -252,4 +266,4 @@ def decoder_layer(layer: nn.Module, tgt: Tensor, query_pos: Tensor | None,
               "self_attn_norm_bias": layer.norm2.bias,
               **_deform_params(layer.cross_attn, layer.norm1), **_ffn_params(layer, layer.norm3)}
     return _run(layer, True, tgt, query_pos, reference_points, memory, spatial_shapes,
-                level_start_index, memory_padding_mask, params, recompute)
+                level_start_index, memory_padding_mask, params, recompute, supported)

@@ -96,7 +96,8 @@ class DeformableTransformerEncoderLayer(nn.Module):
             # (encoder_layer checks its inputs itself)
             return native_layers.encoder_layer(self, src, pos, reference_points, spatial_shapes,
                                                level_start_index, padding_mask,
-                                               self.recompute_activations, memory)
+                                               self.recompute_activations, memory,
+                                               supported=True)
         memory = src if memory is None else memory
         self.self_attn.check_inputs(src, reference_points, memory, spatial_shapes, padding_mask)
         value = self.self_attn.project_value(memory, padding_mask)
@@ -185,7 +186,8 @@ class DeformableTransformerDecoderLayer(nn.Module):
                                                                  memory):
             return native_layers.decoder_layer(self, tgt, query_pos, reference_points, memory,
                                                spatial_shapes, level_start_index,
-                                               memory_padding_mask, self.recompute_activations)
+                                               memory_padding_mask, self.recompute_activations,
+                                               supported=True)
         q = k = _with_pos(tgt, query_pos)
         attn = self.self_attn(q, k, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + _drop(self.dropout2, attn))
