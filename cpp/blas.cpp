@@ -160,7 +160,7 @@ void gemm(DType dtype, const GemmArgs& g, int num_threads) {
   const int64_t elem = dtype == DType::f32 ? 4 : 8;
   const int ta = g.trans_a ? kTrans : kNoTrans, tb = g.trans_b ? kTrans : kNoTrans;
   const int64_t chunk = chunk_rows(M), chunks = (M + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) DDETR_SHARE_ITEMS
   for (int64_t i = 0; i < chunks; ++i) {
     const int64_t r0 = i * chunk;
     const int rows = int(std::min<int64_t>(M - r0, chunk));

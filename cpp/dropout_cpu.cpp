@@ -71,7 +71,7 @@ template <class Op>
 void for_each_block(const DropoutArgs& a, int num_threads, Op&& op) {
   const int64_t blocks = (a.n + 3) / 4;
   const int threads = resolve_threads(num_threads, a.n, kSerialBelowElements);
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) DDETR_SHARE_ROWS
   for (int64_t start = 0; start < blocks; start += kBatch) {
     uint32_t bits[4 * kBatch];
     const int64_t count = std::min(kBatch, blocks - start);
@@ -114,7 +114,7 @@ void relu_dropout_backward_cpu(const DropoutArgs& a, const T* out, const T* grad
   const KeepRule rule = keep_rule(a.p);
   const Acc<T> scale = Acc<T>(rule.scale);
   const int threads = resolve_threads(num_threads, a.n, kSerialBelowElements);
-#pragma omp parallel for simd num_threads(threads) schedule(static)
+#pragma omp parallel for simd num_threads(threads) DDETR_SHARE_ELEMENTS
   for (int64_t i = 0; i < a.n; ++i) {
     const bool pass = to_acc(out[i]) > Acc<T>(0);
     grad_x[i] = from_acc<T>(pass ? to_acc(grad_out[i]) * scale : Acc<T>(0));

@@ -190,9 +190,9 @@ void flatten_forward_cpu(const FlattenShape& s, const FlattenForwardArgs& a, int
   A* ratios = static_cast<A*>(a.valid_ratios);
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static) nowait
+#pragma omp for DDETR_SHARE_ROWS nowait
     for (int64_t id = 0; id < total; ++id) forward_item<T>(s, a, item_at(s, items, id));
-#pragma omp for schedule(static)
+#pragma omp for DDETR_SHARE_ROWS
     for (int64_t nl = 0; nl < s.N * s.L; ++nl)
       valid_ratio(s, a, nl / s.L, nl % s.L, ratios + 2 * nl);
   }
@@ -208,12 +208,12 @@ void flatten_backward_cpu(const FlattenShape& s, const FlattenBackwardArgs& a, i
   T* grad_embed = static_cast<T*>(a.grad_level_embed);
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static)
+#pragma omp for DDETR_SHARE_ROWS
     for (int64_t id = 0; id < total; ++id)
       backward_item<T>(s, a, item_at(s, items, id), partials ? partials + id * s.C : nullptr);
     if (grad_embed) {
       // Each (l, c) adds its level's rows image by image, block by block: a fixed order.
-#pragma omp for schedule(static)
+#pragma omp for DDETR_SHARE_ROWS
       for (int64_t lc = 0; lc < s.L * s.C; ++lc) {
         const int64_t l = lc / s.C, c = lc % s.C;
         double sum = 0.0;
@@ -234,7 +234,7 @@ void encoder_reference_points_cpu(const FlattenShape& s, const A* valid_ratios, 
   // Rows of every (n, l): out[n, start_l + i * W_l + j, k, :].
   int64_t rows_per_image = 0;
   for (int64_t l = 0; l < s.L; ++l) rows_per_image += s.level_h[l];
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) DDETR_SHARE_ROWS
   for (int64_t nr = 0; nr < s.N * rows_per_image; ++nr) {
     const int64_t n = nr / rows_per_image;
     int64_t i = nr % rows_per_image, l = 0;

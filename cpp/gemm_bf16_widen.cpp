@@ -20,7 +20,7 @@ namespace {
 void widen_block(const bf16* src, int64_t ld, int64_t r0, int64_t rows, int64_t c0,
                  int64_t cols, float* dst, int num_threads) {
   const int nt = resolve_threads(num_threads, rows * cols, int64_t(1) << 15);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) DDETR_SHARE_ROWS
   for (int64_t r = 0; r < rows; ++r) {
     const bf16* s = src + (r0 + r) * ld + c0;
     float* d = dst + r * cols;
@@ -78,7 +78,7 @@ void gemm_bf16_widen(const GemmArgs& g, bool c_float, int num_threads, float* sc
            num_threads);
     }
     const int nt = resolve_threads(num_threads, mr * N, int64_t(1) << 15);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) DDETR_SHARE_ROWS
     for (int64_t r = 0; r < mr; ++r) {
       if (c_float)
         finish_row(cf + r * N, N, beta, bias, g.relu, static_cast<float*>(g.C) + (m0 + r) * g.ldc);

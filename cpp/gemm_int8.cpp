@@ -27,7 +27,7 @@
 // c = fma(float(sum), s, bias[n] or 0), then max(0, c) for ReLU (NaN stays NaN). The
 // conversions of the int32 sums round to nearest even in every kernel.
 //
-// Threads: one OpenMP loop over panels of MR rows (a static schedule; each panel
+// Threads: one OpenMP loop over panels of MR rows (shared dynamically; each panel
 // quantises and packs its rows, then walks all W panels). Every element is computed by
 // one tile in the same order whatever the thread count, so the result does not depend
 // on it. Quantising A: one pass for max |x| (AVX2 or scalar, the same result: max is
@@ -571,7 +571,7 @@ void gemm_int8_pack(Int8GemmKernel kernel, const int8_t* W, int64_t N, int64_t K
   const int64_t pw = panel_words(l, K), panels = ceil_div(N, l.nr);
   auto* body = reinterpret_cast<uint32_t*>(static_cast<char*>(packed) + kHeaderBytes);
   const int nt = resolve_threads(num_threads, N * K, int64_t(1) << 18);
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for DDETR_SHARE_ITEMS num_threads(nt)
   for (int64_t j = 0; j < panels; ++j) pack_w_panel(l, W, N, K, ldw, j, body + j * pw);
 }
 
@@ -595,7 +595,7 @@ void gemm_int8(const Int8GemmArgs& g, int num_threads) {
   {
     std::vector<int8_t> qrow(size_t(g.K) + 1);
     std::vector<uint32_t> apack(size_t(job.words * job.lay.mr) + 1);
-#pragma omp for schedule(static)
+#pragma omp for DDETR_SHARE_ITEMS
     for (int64_t i = 0; i < panels; ++i) row_panel(job, i * job.lay.mr, qrow, apack);
   }
 }
@@ -607,7 +607,7 @@ void quantize_rows_int8(const float* x, int64_t rows, int64_t cols, int64_t ldx,
   if (!x || !q || !scale) throw std::invalid_argument("x, q and scale must not be null");
   if (ldx < cols || ldq < cols) throw std::invalid_argument("ldx, ldq: shorter than a row");
   const int nt = resolve_threads(num_threads, rows * cols, int64_t(1) << 18);
-#pragma omp parallel for schedule(static) num_threads(nt)
+#pragma omp parallel for DDETR_SHARE_ITEMS num_threads(nt)
   for (int64_t r = 0; r < rows; ++r) scale[r] = quantize_row(x + r * ldx, cols, q + r * ldq);
 }
 

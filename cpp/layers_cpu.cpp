@@ -66,7 +66,7 @@ template <class T> struct CpuOps {
              static_cast<const T*>(nullptr), false);
     } else {
       const int nt = resolve_threads(threads, batch * M * N * K, kSerialBelowFlops);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) DDETR_SHARE_ITEMS
       for (int64_t i = 0; i < batch; ++i)
         ddetr::gemm(dtype_of<T>(),
                     gemm_args(ta, tb, M, N, K, a + i * sa, lda, b + i * sb, ldb, double(beta),
@@ -76,39 +76,39 @@ template <class T> struct CpuOps {
   }
 
   template <class U> void add(int64_t n, const U* a, const U* b, U* out) const {
-#pragma omp parallel for simd num_threads(team(n)) schedule(static)
+#pragma omp parallel for simd num_threads(team(n)) DDETR_SHARE_ELEMENTS
     for (int64_t i = 0; i < n; ++i) out[i] = from_acc<U>(to_acc(a[i]) + to_acc(b[i]));
   }
 
   template <class U> void fill_zero(int64_t n, U* x) const {
     const U zero = from_acc<U>(Acc<U>(0));
-#pragma omp parallel for simd num_threads(team(n)) schedule(static)
+#pragma omp parallel for simd num_threads(team(n)) DDETR_SHARE_ELEMENTS
     for (int64_t i = 0; i < n; ++i) x[i] = zero;
   }
 
   void fill(int64_t n, A value, T* x) const {
     const T v = from_acc<T>(value);
-#pragma omp parallel for simd num_threads(team(n)) schedule(static)
+#pragma omp parallel for simd num_threads(team(n)) DDETR_SHARE_ELEMENTS
     for (int64_t i = 0; i < n; ++i) x[i] = v;
   }
 
   template <class U>
   void copy_rows(int64_t rows, int64_t cols, const U* x, int64_t ldx, U* out,
                  int64_t ldo) const {
-#pragma omp parallel for num_threads(team(rows * cols)) schedule(static)
+#pragma omp parallel for num_threads(team(rows * cols)) DDETR_SHARE_ROWS
     for (int64_t r = 0; r < rows; ++r) std::copy(x + r * ldx, x + r * ldx + cols, out + r * ldo);
   }
 
   template <class U>
   void mask_rows(int64_t rows, int64_t cols, const uint8_t* mask, U* x) const {
     const U zero = from_acc<U>(Acc<U>(0));
-#pragma omp parallel for num_threads(team(rows * cols)) schedule(static)
+#pragma omp parallel for num_threads(team(rows * cols)) DDETR_SHARE_ROWS
     for (int64_t r = 0; r < rows; ++r)
       if (mask[r]) std::fill(x + r * cols, x + (r + 1) * cols, zero);
   }
 
   void to_storage(int64_t n, const A* x, T* out) const {
-#pragma omp parallel for simd num_threads(team(n)) schedule(static)
+#pragma omp parallel for simd num_threads(team(n)) DDETR_SHARE_ELEMENTS
     for (int64_t i = 0; i < n; ++i) out[i] = from_acc<T>(x[i]);
   }
 
@@ -124,7 +124,7 @@ template <class T> struct CpuOps {
   // y may alias base or branch: both are read in full before y is written
   void add_layernorm(int64_t rows, int64_t C, const T* base, const T* branch, const T* gamma,
                      const T* beta, T* y, T* xhat, T* rstd) const {
-#pragma omp parallel for num_threads(team(rows * C)) schedule(static)
+#pragma omp parallel for num_threads(team(rows * C)) DDETR_SHARE_ROWS
     for (int64_t r = 0; r < rows; ++r) {
       const T* b0 = base + r * C;
       const T* b1 = branch + r * C;
@@ -152,7 +152,7 @@ template <class T> struct CpuOps {
 
   void layernorm_apply(int64_t rows, int64_t C, const T* xhat, const T* gamma, const T* beta,
                        T* y) const {
-#pragma omp parallel for num_threads(team(rows * C)) schedule(static)
+#pragma omp parallel for num_threads(team(rows * C)) DDETR_SHARE_ROWS
     for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j)
@@ -162,7 +162,7 @@ template <class T> struct CpuOps {
 
   void layernorm_backward(int64_t rows, int64_t C, const T* dy, const T* xhat, const T* rstd,
                           const T* gamma, T* dx) const {
-#pragma omp parallel for num_threads(team(rows * C)) schedule(static)
+#pragma omp parallel for num_threads(team(rows * C)) DDETR_SHARE_ROWS
     for (int64_t r = 0; r < rows; ++r) {
       const T* dr = dy + r * C;
       const T* xr = xhat + r * C;
@@ -195,7 +195,7 @@ template <class T> struct CpuOps {
   void sampling_forward(const SamplingArgs& a, const T* raw, const A* ref, A* loc,
                         A* attn) const {
     const int64_t K = a.M * a.L * a.P, LP = a.L * a.P;
-#pragma omp parallel for num_threads(team(a.rows * K * 8)) schedule(static)
+#pragma omp parallel for num_threads(team(a.rows * K * 8)) DDETR_SHARE_ROWS
     for (int64_t r = 0; r < a.rows; ++r) {
       const T* off = raw + r * 3 * K;
       const A* ref_r = ref + r * a.L * a.ref_dim;
@@ -223,7 +223,7 @@ template <class T> struct CpuOps {
   void sampling_backward(const SamplingArgs& a, const T* raw, const A* ref, const A* attn,
                          const A* grad_loc, const A* grad_attn, T* grad_raw, A* grad_ref) const {
     const int64_t K = a.M * a.L * a.P, LP = a.L * a.P, R = a.L * a.ref_dim;
-#pragma omp parallel for num_threads(team(a.rows * K * 8)) schedule(static)
+#pragma omp parallel for num_threads(team(a.rows * K * 8)) DDETR_SHARE_ROWS
     for (int64_t r = 0; r < a.rows; ++r) {
       const T* off = raw + r * 3 * K;
       const A* ref_r = ref + r * R;
@@ -276,14 +276,14 @@ template <class T> struct CpuOps {
 
   template <class U> void softmax_rows(int64_t rows, int64_t cols, A scale, const U* x,
                                        T* out) const {
-#pragma omp parallel for num_threads(team(rows * cols * 4)) schedule(static)
+#pragma omp parallel for num_threads(team(rows * cols * 4)) DDETR_SHARE_ROWS
     for (int64_t r = 0; r < rows; ++r) softmax(cols, scale, x + r * cols, out + r * cols);
   }
 
   template <class U>
   void softmax_rows_backward(int64_t rows, int64_t cols, A scale, const T* p, const U* g,
                              T* out) const {
-#pragma omp parallel for num_threads(team(rows * cols)) schedule(static)
+#pragma omp parallel for num_threads(team(rows * cols)) DDETR_SHARE_ROWS
     for (int64_t r = 0; r < rows; ++r)
       softmax_backward(cols, scale, p + r * cols, g + r * cols, out + r * cols);
   }

@@ -226,7 +226,7 @@ void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>
     std::vector<A> acc(D);
     std::vector<T> zero_row(D, from_acc<T>(A(0)));
     Corners<A> c(samples);
-#pragma omp for schedule(static)
+#pragma omp for DDETR_SHARE_ROWS
     for (int64_t nq = 0; nq < pairs; ++nq) {
       const T* value_n = value + (nq / s.Lq) * s.S * s.M * s.D;
       OffMap om;

@@ -12,6 +12,16 @@
 #include <omp.h>
 #endif
 
+// How a loop's iterations are shared by a team: dynamically, chunk by chunk, so that a
+// thread that starts late or runs slowly (another process holds its core) takes fewer
+// chunks instead of making the team wait for a fixed share (with static shares one busy
+// core slowed every call to the pace of its half). Each iteration computes the same
+// thing whichever thread runs it, so results stay bitwise the same at any thread count.
+// Used inside `#pragma omp` lines, which are macro-expanded.
+#define DDETR_SHARE_ITEMS schedule(dynamic, 1)      // items of real work (a GEMM chunk, a panel)
+#define DDETR_SHARE_ROWS schedule(dynamic, 16)      // rows of a few hundred elements
+#define DDETR_SHARE_ELEMENTS schedule(dynamic, 8192)  // single elements
+
 namespace ddetr {
 
 inline int resolve_threads(int requested, int64_t work, int64_t serial_below) {
