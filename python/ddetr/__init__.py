@@ -9,6 +9,7 @@ import torch
 from ddetr import _native
 from ddetr.models.deformable_detr import DeformableDetr
 from ddetr.models.detr import Detr
+from ddetr.models.dino import Dino
 from ddetr.models.ms_deform_attn import MSDeformAttn
 
 try:
@@ -16,7 +17,7 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["DeformableDetr", "Detr", "MSDeformAttn", "build_info", "__version__"]
+__all__ = ["DeformableDetr", "Detr", "Dino", "MSDeformAttn", "build_info", "__version__"]
 
 
 def build_info() -> dict:

@@ -16,8 +16,8 @@ import time
 
 from tqdm import tqdm
 
-from ddetr.engine.config import (PRESET_HELP, PRESETS, SYNTHETIC_PRESET, config_fields,
-                                 make_config, read_config_file, value_type)
+from ddetr.engine.config import (ARCH_RECIPES, PRESET_HELP, PRESETS, config_fields,
+                                 make_config, read_config_file, synthetic_preset, value_type)
 from ddetr.engine.evaluate import STAT_NAMES
 
 HEADLINE = ("AP", "AP50", "AP_small")
@@ -29,22 +29,27 @@ FLAG_GROUPS = {"coco_path": "data", "num_classes": "model",
                "output_dir": "run"}
 
 
-def _default_text(name: str, default) -> str:
+def _default_text(name: str, default, arch: str | None = None) -> str:
+    """The defaults a flag's help states: the field's (or, with ``--arch``, that arch's
+    recipe's) and the synthetic demo's."""
+    default = ARCH_RECIPES.get(arch, {}).get(name, default)
     parts = [] if default is None else [f"default {default}"]
-    if name in SYNTHETIC_PRESET:
-        parts.append(f"synthetic demo {SYNTHETIC_PRESET[name]}")
+    demo = synthetic_preset(arch)
+    if name in demo:
+        parts.append(f"synthetic demo {demo[name]}")
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``TrainConfig`` field; unset flags stay out of the namespace."""
+def _add_config_flags(parser: argparse.ArgumentParser, arch: str | None = None) -> None:
+    """One flag per ``TrainConfig`` field; unset flags stay out of the namespace. The help
+    states the defaults of ``arch`` (the ``--arch`` given on the command line)."""
     group = parser
     for name, annotation, default, help_text in config_fields():
         if name in FLAG_GROUPS:
             group = parser.add_argument_group(FLAG_GROUPS[name])
         kind = value_type(annotation)
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        text = help_text + _default_text(name, default)
+        text = help_text + _default_text(name, default, arch)
         if kind is bool:
             group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
@@ -68,7 +73,19 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                             "so --config OUTPUT_DIR/config.json repeats it")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _arch_in(argv) -> str | None:
+    """The value of ``--arch`` in ``argv`` (None without one), read before parsing so that
+    ``train --arch dino --help`` states DINO's defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if arg == "--arch" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--arch="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def build_parser(arch: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddetr", description="Deformable DETR: train, evaluate and run detectors.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -79,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "generate the synthetic shapes dataset and train a small configuration "
                     "on it. Launch with torchrun for several processes.")
     _add_recipe_flags(train)
-    _add_config_flags(train)
+    _add_config_flags(train, arch)
     ev = sub.add_parser("eval", help="COCO AP of a checkpoint on a dataset")
     ev.add_argument("--checkpoint", required=True, help="a ddetr train checkpoint.pth")
     for name in ("coco_path", "val_images", "val_annotations", "cache_dir"):
@@ -228,7 +245,7 @@ def _add_run_flags(parser, for_eval: bool = True) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_arch_in(argv)).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     command = {"train": run_train, "eval": run_eval, "predict": run_predict,

@@ -24,6 +24,12 @@ difference a conversion cannot remove: transformers' decoder with
 norm, where the official DETR (and ``Detr``) feeds the output before it; the converted
 model computes the official way.
 
+DINO (``DeformableDetr(variant="dino")``): ``dino_from_official`` loads an
+IDEA-Research/DINO checkpoint, whose keys are the model's own; the sizes are read from
+the tensors as above, ``num_queries`` from ``transformer.tgt_embed``, and the heads and
+the denoising settings (``dn_number``, ``dn_label_noise_ratio``, ``dn_box_noise_scale``)
+from the saved ``args`` when present.
+
 All of them check every tensor's shape (a mismatch names the tensor) and report missing and
 unexpected keys: a ValueError listing them when ``strict`` (the default), a logged
 warning otherwise.
@@ -44,7 +50,7 @@ from ddetr.models.detr import Detr
 from ddetr.models.weights import load_torch_file, load_weights
 
 __all__ = ["from_official", "to_official", "from_hf", "infer_official_config",
-           "detr_from_official", "detr_from_hf", "infer_detr_config"]
+           "detr_from_official", "detr_from_hf", "infer_detr_config", "dino_from_official"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +111,32 @@ def from_hf(model_or_state_dict, config=None, strict: bool = True, **kwargs) -> 
     model_config.update(kwargs)
     model = DeformableDetr(**model_config)
     load_weights(model, state, strict=strict, source="transformers state dict")
+    return model
+
+
+def dino_from_official(path_or_state_dict, strict: bool = True, **kwargs) -> DeformableDetr:
+    """A DINO (``DeformableDetr(variant="dino")``) holding an IDEA-Research/DINO
+    checkpoint's weights.
+
+    Args:
+        path_or_state_dict: a ``.pth`` path, the loaded checkpoint dict (``{"model": ...,
+            "args": ...}``) or a state dict.
+        strict: raise on missing or unexpected keys (else log them).
+        kwargs: ``DeformableDetr`` arguments overriding what is inferred.
+    """
+    state, args = _read_official(path_or_state_dict)
+    if "transformer.tgt_embed.weight" not in state:
+        raise ValueError("path_or_state_dict: no 'transformer.tgt_embed.weight' tensor; this "
+                         "is not a DINO state dict")
+    config = infer_official_config(state, args, num_heads=kwargs.get("num_heads"))
+    queries = state["transformer.tgt_embed.weight"].shape[0]
+    config.update(variant="dino", with_box_refine=True, two_stage=True, num_queries=queries,
+                  two_stage_num_proposals=queries)
+    config.update({name: args[name] for name in ("dn_number", "dn_label_noise_ratio",
+                                                 "dn_box_noise_scale") if args and name in args})
+    config.update(kwargs)
+    model = DeformableDetr(**config)
+    load_weights(model, state, strict=strict, source="official DINO checkpoint")
     return model
 
 

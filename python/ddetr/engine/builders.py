@@ -16,7 +16,7 @@ from ddetr.data import synthetic
 from ddetr.data.coco import CocoDetection
 from ddetr.data.collate import collate_fn
 from ddetr.data.transforms import train_transforms, val_transforms
-from ddetr.models import DeformableDetr, Detr
+from ddetr.models import DeformableDetr, Detr, DinoCriterion
 from ddetr.models.backbone import FrozenBatchNorm2d
 from ddetr.models.criterion import SetCriterion
 from ddetr.models.matcher import HungarianMatcher
@@ -24,8 +24,9 @@ from ddetr.models.postprocess import PostProcess, SoftmaxPostProcess, classifica
 
 logger = logging.getLogger(__name__)
 
-# TrainConfig.arch: DeformableDetr, or the DETR baseline (Detr)
-ARCHS = ("deformable-detr", "detr")
+# TrainConfig.arch: DeformableDetr, DINO (DeformableDetr(variant="dino")), or the DETR
+# baseline (Detr)
+ARCHS = ("deformable-detr", "dino", "detr")
 
 # Backbone names beyond DeformableDetr's own: narrow ResNets for CPU training from scratch.
 EXTRA_BACKBONES = {
@@ -101,7 +102,8 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int =
 
 
 def build_model(config, num_classes: int) -> DeformableDetr | Detr:
-    """The detector for a ``TrainConfig`` (``arch``: ``DeformableDetr`` or ``Detr``). The
+    """The detector for a ``TrainConfig`` (``arch``: ``DeformableDetr``, its DINO variant, or
+    ``Detr``). The
     backbone is trained unless lr_backbone is 0; one trained from scratch (no
     backbone_weights) also trains its stem and first stage; ``backbone_norm="batch"``
     trains its batch norms (batch statistics) instead of keeping them frozen."""
@@ -148,7 +150,16 @@ def _deformable_detr(config, num_classes: int, backbone) -> DeformableDetr:
         dec_num_points=config.dec_n_points, two_stage_num_proposals=config.num_queries,
         aux_loss=config.aux_loss, train_backbone=config.lr_backbone > 0,
         native_layers=None if config.native_layers else False,  # None: when built
-        recompute_activations=config.recompute_activations)
+        recompute_activations=config.recompute_activations, **_variant(config))
+
+
+def _variant(config) -> dict:
+    """DeformableDetr's variant arguments for ``arch``."""
+    if config.arch != "dino":
+        return {}
+    return dict(variant="dino", dn_number=config.dn_number,
+                dn_label_noise_ratio=config.dn_label_noise_ratio,
+                dn_box_noise_scale=config.dn_box_noise_scale)
 
 
 def unfreeze_batch_norm(module: nn.Module) -> None:
@@ -169,13 +180,16 @@ def unfreeze_batch_norm(module: nn.Module) -> None:
 
 
 def build_criterion(config, num_classes: int) -> SetCriterion:
-    """The losses of ``arch``: focal (deformable-detr) or softmax with ``eos_coef``
-    (detr), with the config's matching costs and loss weights."""
+    """The losses of ``arch``: focal (deformable-detr; dino, with its denoising and
+    proposal terms: ``DinoCriterion``) or softmax with ``eos_coef`` (detr), with the
+    config's matching costs and loss weights."""
     classification = "softmax" if check_arch(config.arch) == "detr" else "sigmoid"
     matcher = HungarianMatcher(config.set_cost_class, config.set_cost_bbox, config.set_cost_giou,
                                focal_alpha=config.focal_alpha, classification=classification)
     weights = {"loss_ce": config.cls_loss_coef, "loss_bbox": config.bbox_loss_coef,
                "loss_giou": config.giou_loss_coef}
+    if config.arch == "dino":
+        return DinoCriterion(num_classes, matcher, weights, focal_alpha=config.focal_alpha)
     return SetCriterion(num_classes, matcher, weights, focal_alpha=config.focal_alpha,
                         classification=classification, eos_coef=config.eos_coef)
 

@@ -45,9 +45,13 @@ class TrainConfig:
     max_size: int = _f(1333, "longer image side cap")
     num_workers: int = _f(2, "data loading processes per training process")
     # model
-    arch: str = _f("deformable-detr", "the detector: deformable-detr, or detr (the DETR "
-                                      "baseline: one C5 level, dense attention, softmax "
-                                      "classes; the deformable-only fields are unused)")
+    arch: str = _f("deformable-detr", "the detector: deformable-detr; dino (DINO on the "
+                                      "same deformable core: denoising queries, mixed query "
+                                      "selection, look forward twice; --arch dino also "
+                                      "brings DINO's recipe, see --help with it); or detr "
+                                      "(the DETR baseline: one C5 level, dense attention, "
+                                      "softmax classes; the deformable-only fields are "
+                                      "unused)")
     num_classes: int | None = _f(None, "classification outputs (default: largest category id + 1)")
     backbone: str = _f("resnet50", "resnet18, resnet34, resnet50, resnet101, resnet18-tiny "
                                    "(narrow widths, for the CPU demo) or resnet26-tiny (the "
@@ -70,6 +74,11 @@ class TrainConfig:
     with_box_refine: bool = _f(False, "iterative bounding box refinement")
     two_stage: bool = _f(False, "two-stage Deformable DETR (implies --with_box_refine)")
     aux_loss: bool = _f(True, "losses on every decoder layer (--no-aux_loss to disable)")
+    dn_number: int = _f(100, "dino: denoising queries per batch, as positive/negative pairs "
+                             "(groups of every target; 0: none)")
+    dn_label_noise_ratio: float = _f(0.5, "dino: denoising label noise (half of it flips "
+                                          "a label to a random class)")
+    dn_box_noise_scale: float = _f(1.0, "dino: denoising box noise, in box sizes")
     native_layers: bool = _f(True, "run the encoder and decoder layers in one native call per "
                                    "pass when the extension is built (--no-native_layers: the "
                                    "PyTorch path)")
@@ -135,6 +144,17 @@ _PAPER = dict(backbone="resnet50", num_feature_levels=4, num_queries=300)
 _DETR = dict(arch="detr", backbone="resnet50", num_queries=100,
              dim_feedforward=2048, set_cost_class=1.0, cls_loss_coef=1.0, eos_coef=0.1,
              lr=1e-4, lr_backbone=1e-5, epochs=500, lr_drop=400)
+# DINO's recipe (IDEA-Research/DINO config/DINO/DINO_4scale.py, 12 epochs): what --arch dino
+# sets beneath the preset, the config file and the flags
+_DINO = dict(arch="dino", backbone="resnet50", num_feature_levels=4, num_queries=900,
+             with_box_refine=True, two_stage=True, dim_feedforward=2048, dropout=0.0,
+             set_cost_class=2.0, set_cost_bbox=5.0, set_cost_giou=2.0, cls_loss_coef=1.0,
+             bbox_loss_coef=5.0, giou_loss_coef=2.0, dn_number=100, dn_label_noise_ratio=0.5,
+             dn_box_noise_scale=1.0, lr=1e-4, lr_backbone=1e-5, epochs=12, lr_drop=11)
+ARCH_RECIPES = {"dino": _DINO}
+# the synthetic demo with --arch dino: the demo's sizes (SYNTHETIC_PRESET) and, for its
+# 60 queries and few objects per image, 20 denoising pairs per batch
+SYNTHETIC_ARCH = {"dino": dict(dn_number=20)}
 PRESETS = {
     "cpu-small": CPU_SMALL,
     "deformable-detr": _PAPER,
@@ -144,6 +164,7 @@ PRESETS = {
     "dc5": dict(_PAPER, num_feature_levels=1, dilation=True),
     "detr": _DETR,
     "detr-dc5": dict(_DETR, dilation=True),
+    "dino": _DINO,
 }
 PRESET_HELP = {
     "cpu-small": "the synthetic demo's recipe (resnet18-tiny trained from scratch, two-stage "
@@ -157,6 +178,9 @@ PRESET_HELP = {
     "detr": "the DETR baseline (Carion et al. 2020): ResNet-50 C5, 100 queries, FFN 2048, "
             "class cost and loss weight 1, lr 1e-4 (backbone 1e-5), 500 epochs, drop at 400",
     "detr-dc5": "detr with a dilated last stage (stride 16)",
+    "dino": "DINO-4scale (Zhang et al. 2023) on the deformable core: ResNet-50, 900 "
+            "queries, FFN 2048, no dropout, 100 denoising queries, class loss weight 1, "
+            "lr 1e-4 (backbone 1e-5), 12 epochs, drop at 11",
 }
 
 
@@ -183,10 +207,11 @@ def preset_values(name: str) -> dict:
 
 def make_config(explicit: dict, preset: str | None = None,
                 from_file: dict | None = None) -> TrainConfig:
-    """The official defaults, overridden by the preset, overridden by ``from_file`` (a
-    ``read_config_file`` result), overridden by ``explicit`` (the flags the user set).
-    The preset is ``preset``, else the file's ``"preset"``, else ``SYNTHETIC_PRESET``
-    when no dataset is given."""
+    """The official defaults, overridden by the arch's recipe (``ARCH_RECIPES``: --arch
+    dino), overridden by the preset, overridden by ``from_file`` (a ``read_config_file``
+    result), overridden by ``explicit`` (the flags the user set). The preset is
+    ``preset``, else the file's ``"preset"``, else ``synthetic_preset(arch)`` when no
+    dataset is given."""
     from_file = dict(from_file or {})
     file_preset = from_file.pop("preset", None)
     preset = preset or file_preset
@@ -194,11 +219,19 @@ def make_config(explicit: dict, preset: str | None = None,
     if preset is not None:
         base = preset_values(preset)
     else:
-        base = SYNTHETIC_PRESET if TrainConfig(**chosen).uses_synthetic() else {}
-    config = TrainConfig(**{**base, **chosen})
+        synthetic = TrainConfig(**chosen).uses_synthetic()
+        base = synthetic_preset(chosen.get("arch")) if synthetic else {}
+    recipe = ARCH_RECIPES.get(chosen.get("arch", base.get("arch")), {})
+    config = TrainConfig(**{**recipe, **base, **chosen})
     if config.two_stage:
         config.with_box_refine = True
     return config
+
+
+def synthetic_preset(arch: str | None = None) -> dict:
+    """What ``ddetr train`` uses without a dataset: ``SYNTHETIC_PRESET``, and for ``arch``
+    its demo settings (``SYNTHETIC_ARCH``)."""
+    return {**SYNTHETIC_PRESET, **SYNTHETIC_ARCH.get(arch, {})}
 
 
 def read_config_file(path: str) -> dict:

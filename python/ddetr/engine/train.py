@@ -30,12 +30,20 @@ def to_device(images, mask, targets, device):
     return images.to(device), mask.to(device), targets
 
 
+def forward(model, images, mask, targets):
+    """``model(images, mask)``, with the targets for a model that takes them in training
+    (DINO's denoising queries; ``model`` may be a DDP wrapper)."""
+    if getattr(getattr(model, "module", model), "takes_targets", False):
+        return model(images, mask, targets)
+    return model(images, mask)
+
+
 def train_step(model, criterion, images, mask, targets, optimizer, clip_max_norm: float,
                amp: str, scaler=None) -> dict[str, float]:
     """One optimisation step; returns the losses as floats (``loss``: the weighted total).
     A non-finite loss raises FloatingPointError (as the official code stops)."""
     with amp_mode.autocast(amp, images.device):
-        outputs = model(images, mask)
+        outputs = forward(model, images, mask, targets)
     losses = criterion(outputs, targets)
     total = criterion.total(losses)
     values = {k: float(v.detach()) for k, v in losses.items()}

@@ -4,6 +4,12 @@ Variants (the official configs): multi-scale (``num_feature_levels=4``, default)
 single-scale (``num_feature_levels=1``: ResNet C5 only), DC5 (``dilation=True``),
 iterative box refinement (``with_box_refine=True``) and two-stage
 (``two_stage=True``, which needs ``with_box_refine=True`` as in the official code).
+DINO (Zhang et al., ICLR 2023; ``variant="dino"``, or ``ddetr.models.Dino`` with its
+recipe's defaults): the same backbone, input projections, encoder, decoder layers and
+kernels, with DINO's transformer (``DinoTransformer``: mixed query selection, look
+forward twice) and, in training, contrastive denoising queries built from the targets
+passed to ``forward`` (``ddetr.models.denoising``); its module names are the official
+IDEA-Research/DINO checkpoint keys.
 Module names equal the official checkpoint keys (``backbone.0.body.*``,
 ``input_proj.{l}.{0,1}``, ``query_embed``, ``transformer.*``, ``class_embed.{i}``,
 ``bbox_embed.{i}.layers.{j}``), so ``ddetr.convert.from_official`` loads directly.
@@ -18,19 +24,25 @@ from torch import Tensor, nn
 
 from ddetr import _native
 from ddetr.models import weights
+from ddetr.models import denoising
 from ddetr.models.backbone import Backbone, load_backbone_weights, resize_mask
 from ddetr.models.box_ops import inverse_sigmoid
 from ddetr.models.deformable_transformer import DeformableTransformer
+from ddetr.models.dino_transformer import DinoTransformer, check_dino_config
 from ddetr.models.heads import build_heads
+from ddetr.models.images import batch_images
+from ddetr.models.input_proj import input_proj
 from ddetr.models.int8 import use_int8
-from ddetr.models.position_encoding import build_position_encoding
+from ddetr.models.position_encoding import PositionEmbeddingSine, build_position_encoding
 from ddetr.models.postprocess import PostProcess
 
 CONFIG_KEYS = ("num_classes", "num_queries", "num_feature_levels", "with_box_refine",
                "two_stage", "backbone", "d_model", "num_heads", "num_encoder_layers",
                "num_decoder_layers", "dim_feedforward", "dropout", "activation",
                "enc_num_points", "dec_num_points", "two_stage_num_proposals", "dilation",
-               "position_embedding", "aux_loss", "train_backbone", "encoder_token_ratio")
+               "position_embedding", "aux_loss", "train_backbone", "encoder_token_ratio",
+               "variant", "dn_number", "dn_label_noise_ratio", "dn_box_noise_scale")
+VARIANTS = ("deformable", "dino")
 
 
 class DeformableDetr(nn.Module):
@@ -65,6 +77,14 @@ class DeformableDetr(nn.Module):
         recompute_activations: with native layers, recompute the FFN activations and the
             decoder's attention probabilities in the backward instead of storing them
             (less memory, one more GEMM per layer).
+        variant: ``"deformable"`` (Deformable DETR) or ``"dino"`` (DINO: needs
+            two_stage and with_box_refine; ``num_queries`` learned content queries, of
+            which the first ``two_stage_num_proposals`` go with the top proposals; the
+            decoder's heads are shared, as DINO's; sine positions of temperature 20).
+        dn_number, dn_label_noise_ratio, dn_box_noise_scale: DINO's denoising queries
+            (about dn_number positive and as many negative queries per batch; 0: none),
+            the label flip rate (half of it flips) and the box noise (see
+            ``ddetr.models.denoising``).
     """
 
     def __init__(self, num_classes: int = 91, num_queries: int = 300, num_feature_levels: int = 4,
@@ -76,7 +96,9 @@ class DeformableDetr(nn.Module):
                  two_stage_num_proposals: int = 300, dilation: bool = False,
                  position_embedding: str = "sine", aux_loss: bool = True,
                  train_backbone: bool = True, encoder_token_ratio: float = 1.0,
-                 native_layers: bool | None = None, recompute_activations: bool = False):
+                 native_layers: bool | None = None, recompute_activations: bool = False,
+                 variant: str = "deformable", dn_number: int = 100,
+                 dn_label_noise_ratio: float = 0.5, dn_box_noise_scale: float = 1.0):
         super().__init__()
         # the architecture's arguments (not the weights file nor the run-time switches),
         # as save_pretrained records them
@@ -103,29 +125,54 @@ class DeformableDetr(nn.Module):
                backbone, d_model, num_heads, num_encoder_layers, num_decoder_layers,
                dim_feedforward, dropout, activation, enc_num_points, dec_num_points,
                two_stage_num_proposals, dilation, position_embedding, aux_loss,
-               train_backbone, encoder_token_ratio) -> None:
+               train_backbone, encoder_token_ratio, variant, dn_number, dn_label_noise_ratio,
+               dn_box_noise_scale) -> None:
         self.num_queries = two_stage_num_proposals if two_stage else num_queries
-        self.num_feature_levels = num_feature_levels
+        self.num_feature_levels, self.num_classes = num_feature_levels, num_classes
         self.with_box_refine, self.two_stage, self.aux_loss = with_box_refine, two_stage, aux_loss
+        self.variant, self.dino = variant, variant == "dino"
+        # (DINO's forward takes the targets, for its denoising queries)
+        self.takes_targets = self.dino
+        self.denoising = dict(dn_number=dn_number, label_noise_ratio=dn_label_noise_ratio,
+                              box_noise_scale=dn_box_noise_scale)
         body = Backbone(backbone, num_feature_levels > 1, dilation, train_backbone)
-        self.backbone = nn.Sequential(body, build_position_encoding(position_embedding, d_model))
-        self.transformer = DeformableTransformer(
-            d_model, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout,
-            activation, num_feature_levels, enc_num_points, dec_num_points, two_stage,
-            two_stage_num_proposals, encoder_token_ratio)
+        self.backbone = nn.Sequential(body, _position_encoding(position_embedding, d_model,
+                                                               self.dino))
+        sizes = (d_model, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward,
+                 dropout, activation, num_feature_levels, enc_num_points, dec_num_points)
+        if self.dino:
+            self.transformer = DinoTransformer(*sizes, num_queries, two_stage_num_proposals,
+                                               encoder_token_ratio)
+            self.label_enc = nn.Embedding(num_classes + 1, d_model)
+        else:
+            self.transformer = DeformableTransformer(*sizes, two_stage, two_stage_num_proposals,
+                                                     encoder_token_ratio)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, d_model * 2)
-        self.input_proj = _input_proj(body.num_channels, d_model, num_feature_levels)
-        num_pred = num_decoder_layers + 1 if two_stage else num_decoder_layers
-        self.class_embed, self.bbox_embed = build_heads(d_model, num_classes, num_pred,
-                                                        with_box_refine, two_stage)
+        self.input_proj = input_proj(body.num_channels, d_model, num_feature_levels)
+        self._build_heads(d_model, num_classes, num_decoder_layers)
+
+    def _build_heads(self, d_model: int, num_classes: int, num_decoder_layers: int) -> None:
+        """Per decoder layer (and, two-stage, the proposals) a class and a box head."""
+        if self.dino:
+            # one class and one box head shared by the decoder layers (DINO's
+            # dec_pred_*_embed_share), separate copies for the proposals
+            self.class_embed, self.bbox_embed = build_heads(d_model, num_classes,
+                                                            num_decoder_layers, False, True)
+            self.transformer.enc_out_class_embed = copy.deepcopy(self.class_embed[0])
+            self.transformer.enc_out_bbox_embed = copy.deepcopy(self.bbox_embed[0])
+        else:
+            num_pred = num_decoder_layers + 1 if self.two_stage else num_decoder_layers
+            self.class_embed, self.bbox_embed = build_heads(
+                d_model, num_classes, num_pred, self.with_box_refine, self.two_stage)
         # the official wiring: refinement and two-stage read the heads from the decoder
-        if with_box_refine:
+        if self.with_box_refine:
             self.transformer.decoder.bbox_embed = self.bbox_embed
-        if two_stage:
+        if self.two_stage:
             self.transformer.decoder.class_embed = self.class_embed
 
-    def forward(self, images, mask: Tensor | None = None) -> dict:
+    def forward(self, images, mask: Tensor | None = None, targets: list[dict] | None = None
+                ) -> dict:
         """Detects objects.
 
         Args:
@@ -133,6 +180,9 @@ class DeformableDetr(nn.Module):
                 any sizes (zero-padded at the bottom and right to a common size).
             mask: (N, H, W) bool, True on padding; None means no padding. Not allowed
                 with a list (the mask is then built from the sizes).
+            targets: DINO in training: per image ``labels`` (T_i,) and ``boxes`` (T_i, 4)
+                boxes_cxcywh, from which the denoising queries are built (ignored
+                otherwise: in eval mode the outputs never depend on them).
 
         Returns:
             A dict: ``pred_logits`` (N, Q, num_classes) classification logits (sigmoid,
@@ -142,23 +192,50 @@ class DeformableDetr(nn.Module):
             the earlier decoder layers; ``enc_outputs`` (two-stage only) a dict with
             ``pred_logits`` (N, S, num_classes) and ``pred_boxes`` (N, S, 4)
             boxes_cxcywh of the encoder proposals (S encoder tokens; invalid proposals
-            have boxes of 1).
+            have boxes of 1). DINO instead: ``interm_outputs`` the same two keys for the
+            K selected proposals (N, K, .); in training with denoising queries,
+            ``dn_outputs``: their ``pred_logits``, ``pred_boxes`` (N, D, .) and
+            ``aux_outputs`` (every row of group g at g * ``dn_group_size``, the first
+            half positives), and ``dn_groups``, ``dn_group_size``.
         """
         images, mask = batch_images(images, mask)
         # a converted model (model.to(torch.bfloat16)) takes float32 images as they come
         images = images.to(self.input_proj[0][0].weight.dtype)
         srcs, masks, pos = self._pyramid(images, mask)
-        query_embed = None if self.two_stage else self.query_embed.weight
-        out = self.transformer(srcs, masks, pos, query_embed)
+        dn = self._denoising_queries(targets)
+        if self.dino:
+            out = self.transformer(srcs, masks, pos, dn)
+        else:
+            query_embed = None if self.two_stage else self.query_embed.weight
+            out = self.transformer(srcs, masks, pos, query_embed)
         logits, boxes_cxcywh = self._predict(out.hs, out.init_reference, out.inter_references)
+        if dn is not None:
+            dn_logits, logits = zip(*(denoising.split(x, dn) for x in logits))
+            dn_boxes, boxes_cxcywh = zip(*(denoising.split(x, dn) for x in boxes_cxcywh))
+        result = self._layer_outputs(logits, boxes_cxcywh)
+        if self.two_stage:
+            enc = {"pred_logits": out.enc_outputs_class,
+                   "pred_boxes": out.enc_outputs_coord_unact.sigmoid()}
+            result["interm_outputs" if self.dino else "enc_outputs"] = enc
+        if dn is not None:
+            result["dn_outputs"] = {**self._layer_outputs(dn_logits, dn_boxes),
+                                    "dn_groups": dn.groups, "dn_group_size": dn.group_size}
+        return result
+
+    def _layer_outputs(self, logits, boxes_cxcywh) -> dict:
+        """The last decoder layer's outputs, and (aux_loss) the earlier layers'."""
         result = {"pred_logits": logits[-1], "pred_boxes": boxes_cxcywh[-1]}
         if self.aux_loss:
             result["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b}
                                      for c, b in zip(logits[:-1], boxes_cxcywh[:-1])]
-        if self.two_stage:
-            result["enc_outputs"] = {"pred_logits": out.enc_outputs_class,
-                                     "pred_boxes": out.enc_outputs_coord_unact.sigmoid()}
         return result
+
+    def _denoising_queries(self, targets: list[dict] | None):
+        """DINO in training with targets: its denoising queries (or None, as otherwise)."""
+        if not (self.dino and self.training and targets is not None):
+            return None
+        return denoising.denoising_queries(targets, self.label_enc, self.num_classes,
+                                           **self.denoising)
 
     def _pyramid(self, images: Tensor, mask: Tensor):
         """Backbone levels projected to d_model, plus the extra stride-2 levels; each
@@ -182,8 +259,10 @@ class DeformableDetr(nn.Module):
         """Per decoder layer: class logits and boxes_cxcywh, the box head predicting a
         correction of that layer's input reference in logit space."""
         logits, boxes = [], []
+        eps = denoising.DINO_EPS if self.dino else 1e-5  # (each official code's)
         for lvl in range(hs.shape[0]):
-            reference = inverse_sigmoid(init_reference if lvl == 0 else inter_references[lvl - 1])
+            reference = inverse_sigmoid(init_reference if lvl == 0 else inter_references[lvl - 1],
+                                        eps)
             delta = self.bbox_embed[lvl](hs[lvl])
             if reference.shape[-1] == 4:
                 coord = delta + reference
@@ -245,6 +324,10 @@ def check_positive_ints(values: dict) -> None:
 
 
 def _check_config(cfg: dict) -> None:
+    if cfg["variant"] not in VARIANTS:
+        raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {cfg['variant']!r}")
+    if cfg["variant"] == "dino":
+        check_dino_config(cfg)
     if cfg["d_model"] % 32:
         raise ValueError(f"d_model: must be a multiple of 32 (GroupNorm(32) in the input "
                          f"projections), got {cfg['d_model']}")
@@ -261,77 +344,9 @@ def _check_config(cfg: dict) -> None:
         raise ValueError(f"encoder_token_ratio: expected a number in (0, 1], got {ratio!r}")
 
 
-class _GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` that also takes groups of a single value (d_model 32 on a 1x1 map
-    at batch 1, which torch refuses with "Expected more than 1 value per channel"): such a
-    value normalises to 0, so the output is the bias. Same parameters and state dict."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() >= 2 and x.shape[1] // self.num_groups * x[0, 0].numel() == 1:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            return torch.zeros_like(x) * self.weight.view(shape) + self.bias.view(shape)
-        return super().forward(x)
-
-
-def _input_proj(num_channels: list[int], d_model: int, num_levels: int) -> nn.ModuleList:
-    """1x1 conv + GroupNorm(32) per backbone level, then 3x3 stride-2 conv + GroupNorm
-    per extra level (the first on the last backbone level, the next on the previous)."""
-    projs = [nn.Sequential(nn.Conv2d(c, d_model, 1), _GroupNorm(32, d_model))
-             for c in num_channels]
-    in_ch = num_channels[-1]
-    for _ in range(num_levels - len(num_channels)):
-        projs.append(nn.Sequential(nn.Conv2d(in_ch, d_model, 3, stride=2, padding=1),
-                                   _GroupNorm(32, d_model)))
-        in_ch = d_model
-    for proj in projs:
-        nn.init.xavier_uniform_(proj[0].weight, gain=1)
-        nn.init.zeros_(proj[0].bias)
-    return nn.ModuleList(projs)
-
-
-def batch_images(images, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """A (N, 3, H, W) batch and its (N, H, W) padding mask (True on padding), from a
-    batch tensor with an optional mask, or from a list of (3, H_i, W_i) images that are
-    zero-padded at the bottom and right to the largest size."""
-    if isinstance(images, (list, tuple)):
-        if mask is not None:
-            raise ValueError("mask: not accepted with a list of images (built from their sizes)")
-        return _pad(images)
-    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point() \
-            or images.shape[1] != 3 or images.numel() == 0:
-        raise ValueError(f"images: expected a non-empty floating (N, 3, H, W) tensor or a "
-                         f"list of (3, H, W) tensors, got {_describe(images)}")
-    n, _, h, w = images.shape
-    if mask is None:
-        return images, torch.zeros(n, h, w, dtype=torch.bool, device=images.device)
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (n, h, w):
-        raise ValueError(f"mask: expected a bool tensor of shape {(n, h, w)} (True on "
-                         f"padding), got {_describe(mask)}")
-    return images, mask
-
-
-def _pad(images) -> tuple[Tensor, Tensor]:
-    for i, im in enumerate(images):
-        if not isinstance(im, Tensor) or im.dim() != 3 or im.shape[0] != 3 \
-                or not im.is_floating_point() or im.numel() == 0:
-            raise ValueError(f"images[{i}]: expected a non-empty floating (3, H, W) tensor "
-                             f"(normalised RGB), got {_describe(im)}")
-        if im.dtype != images[0].dtype or im.device != images[0].device:
-            raise ValueError(f"images[{i}]: expected {images[0].dtype} on {images[0].device} "
-                             f"like images[0], got {im.dtype} on {im.device}")
-    if not images:
-        raise ValueError("images: an empty list (expected at least one (3, H, W) tensor)")
-    h = max(im.shape[1] for im in images)
-    w = max(im.shape[2] for im in images)
-    batch = images[0].new_zeros(len(images), images[0].shape[0], h, w)
-    mask = torch.ones(len(images), h, w, dtype=torch.bool, device=images[0].device)
-    for i, im in enumerate(images):
-        batch[i, :, :im.shape[1], :im.shape[2]].copy_(im)
-        mask[i, :im.shape[1], :im.shape[2]] = False
-    return batch, mask
-
-
-def _describe(x) -> str:
-    if isinstance(x, Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
+def _position_encoding(kind: str, d_model: int, dino: bool) -> nn.Module:
+    """Deformable DETR's encoding; DINO's sine one has temperature 20 and no half-pixel
+    shift (its pe_temperatureH/W)."""
+    if dino and kind == "sine":
+        return PositionEmbeddingSine(d_model // 2, temperature=20, normalize=True, offset=0.0)
+    return build_position_encoding(kind, d_model)

@@ -31,6 +31,13 @@ class TransformerOutput(NamedTuple):
     enc_outputs_coord_unact: Tensor | None  # (N, S, 4) box logits, two-stage only
 
 
+def check_num_proposals(k: int, tokens: int) -> None:
+    """ValueError when the ``k`` proposals to keep exceed the ``tokens`` encoder tokens."""
+    if k > tokens:
+        raise ValueError(f"two_stage_num_proposals ({k}) exceeds the {tokens} encoder tokens "
+                         f"of these images")
+
+
 class DeformableTransformer(nn.Module):
     """Encoder + decoder. ``forward(srcs, masks, pos_embeds, query_embed)``: per level
     (N, C, H_l, W_l) features, (N, H_l, W_l) padding masks (True on padding) and
@@ -54,22 +61,36 @@ class DeformableTransformer(nn.Module):
         self.encoder = DeformableTransformerEncoder(
             [DeformableTransformerEncoderLayer(**common, num_points=enc_num_points)
              for _ in range(num_encoder_layers)])
-        self.decoder = DeformableTransformerDecoder(
+        self.decoder = self._make_decoder(
             [DeformableTransformerDecoderLayer(**common, num_points=dec_num_points)
              for _ in range(num_decoder_layers)])
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        if two_stage:
+        self._make_query_modules()
+        self._reset_parameters()
+        # Sparse DETR: built last (the other parameters draw the same initial values)
+        # and only below 1, so a dense model's state dict has no scorer
+        self.encoder_token_ratio = encoder_token_ratio
+        self.token_scorer = TokenScorer(d_model) if encoder_token_ratio < 1 else None
+
+    def _make_decoder(self, layers: list[nn.Module]) -> nn.Module:
+        return DeformableTransformerDecoder(layers)
+
+    def _make_query_modules(self) -> None:
+        """The modules that turn the memory (two-stage) or learned embeddings into
+        decoder queries (a variant overrides this and ``_reset_query_modules``)."""
+        d_model = self.d_model
+        if self.two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
             self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
             self.pos_trans_norm = nn.LayerNorm(d_model * 2)
         else:
             self.reference_points = nn.Linear(d_model, 2)
-        self._reset_parameters()
-        # Sparse DETR: built last (the other parameters draw the same initial values)
-        # and only below 1, so a dense model's state dict has no scorer
-        self.encoder_token_ratio = encoder_token_ratio
-        self.token_scorer = TokenScorer(d_model) if encoder_token_ratio < 1 else None
+
+    def _reset_query_modules(self) -> None:
+        if not self.two_stage:
+            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+            nn.init.zeros_(self.reference_points.bias)
 
     def _reset_parameters(self) -> None:
         # official order: Xavier on every matrix, then MSDeformAttn's own init, the
@@ -80,13 +101,29 @@ class DeformableTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()
-        if not self.two_stage:
-            nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
-            nn.init.zeros_(self.reference_points.bias)
+        self._reset_query_modules()
         nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                 query_embed: Tensor | None = None) -> TransformerOutput:
+        memory, flat, value_mask = self.encode(srcs, masks, pos_embeds)
+        enc_class = enc_coord = None
+        if self.two_stage:
+            query_pos, tgt, reference_points, enc_class, enc_coord = self._proposal_queries(
+                memory, flat.mask, flat.levels.sizes)
+        else:
+            if query_embed is None:
+                raise ValueError("query_embed: required unless two_stage")
+            query_pos, tgt, reference_points = self._learned_queries(query_embed, memory.shape[0])
+        hs, refs = self.decoder(tgt, reference_points, memory, flat.levels,
+                                flat.level_start_index, flat.valid_ratios, query_pos, value_mask)
+        return TransformerOutput(torch.stack(hs), reference_points, torch.stack(refs),
+                                 enc_class, enc_coord)
+
+    def encode(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]):
+        """Flattens the levels and runs the encoder. Returns ``(memory (N, S, C), flat
+        (the ``flatten_multiscale`` result), value_mask (N, S) or None when nothing is
+        padding)``."""
         flat = flatten_multiscale(srcs, masks, pos_embeds, self.level_embed)
         # (H, W) pairs as ints: known while tracing, so torch.compile needs no data
         sizes = [tuple(src.shape[-2:]) for src in srcs]
@@ -103,18 +140,7 @@ class DeformableTransformer(nn.Module):
             token_index = select_tokens(scores, flat.mask, self.encoder_token_ratio)
         memory = self.encoder(flat.src, flat.pos, enc_refs, flat.levels,
                               flat.level_start_index, value_mask, token_index)
-        enc_class = enc_coord = None
-        if self.two_stage:
-            query_pos, tgt, reference_points, enc_class, enc_coord = self._proposal_queries(
-                memory, flat.mask, flat.levels.sizes)
-        else:
-            if query_embed is None:
-                raise ValueError("query_embed: required unless two_stage")
-            query_pos, tgt, reference_points = self._learned_queries(query_embed, memory.shape[0])
-        hs, refs = self.decoder(tgt, reference_points, memory, flat.levels,
-                                flat.level_start_index, flat.valid_ratios, query_pos, value_mask)
-        return TransformerOutput(torch.stack(hs), reference_points, torch.stack(refs),
-                                 enc_class, enc_coord)
+        return memory, flat, value_mask
 
     def _learned_queries(self, query_embed: Tensor, n: int):
         query_pos, tgt = torch.split(query_embed, self.d_model, dim=1)
@@ -123,18 +149,24 @@ class DeformableTransformer(nn.Module):
         tgt = tgt[None].expand(n, -1, -1)
         return query_pos, tgt, self.reference_points(query_pos).sigmoid()
 
+    def score_proposals(self, memory: Tensor, padding_mask: Tensor, sizes: list,
+                        class_head: nn.Module, box_head: nn.Module):
+        """One proposal per encoder token: ``(features (N, S, C), class logits (N, S, K),
+        box logits (N, S, 4))``, the box head correcting the token's own proposal box
+        (invalid tokens: zero features, +inf box logits)."""
+        logits, keep = encoder_proposals(padding_mask, sizes, memory.dtype)
+        features = self.enc_output_norm(self.enc_output(memory.masked_fill(~keep, 0.0)))
+        return features, class_head(features), box_head(features) + logits
+
     def _proposal_queries(self, memory: Tensor, padding_mask: Tensor, sizes: list):
         """Scores one proposal per encoder token with the extra (last) heads, keeps the
         top ``two_stage_num_proposals`` and embeds their (detached) boxes as queries."""
         k = self.two_stage_num_proposals
-        if k > memory.shape[1]:
-            raise ValueError(f"two_stage_num_proposals ({k}) exceeds the {memory.shape[1]} "
-                             f"encoder tokens of these images")
-        logits, keep = encoder_proposals(padding_mask, sizes, memory.dtype)
-        features = self.enc_output_norm(self.enc_output(memory.masked_fill(~keep, 0.0)))
+        check_num_proposals(k, memory.shape[1])
         head = self.decoder.num_layers
-        enc_class = self.decoder.class_embed[head](features)
-        enc_coord = self.decoder.bbox_embed[head](features) + logits
+        _, enc_class, enc_coord = self.score_proposals(
+            memory, padding_mask, sizes, self.decoder.class_embed[head],
+            self.decoder.bbox_embed[head])
         top = torch.topk(enc_class[..., 0], k, dim=1)[1]
         # (N, K) -> (N, K, 4) indices of the chosen proposals' box logits
         boxes = torch.gather(enc_coord, 1, top[..., None].expand(-1, -1, 4)).detach()

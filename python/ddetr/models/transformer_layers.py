@@ -180,16 +180,20 @@ class DeformableTransformerDecoderLayer(nn.Module):
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor,
-                memory_padding_mask: Tensor | None = None) -> Tensor:
-        """tgt, query_pos (N, Lq, C); reference_points (N, Lq, L, 2 or 4); memory (N, S, C)."""
-        if self.native_layers and native_layers.supports(self, tgt, query_pos, reference_points,
-                                                                 memory):
+                memory_padding_mask: Tensor | None = None,
+                self_attn_mask: Tensor | None = None) -> Tensor:
+        """tgt, query_pos (N, Lq, C); reference_points (N, Lq, L, 2 or 4); memory (N, S, C).
+        ``self_attn_mask`` (Lq, Lq) bool, True where query i may not attend to query j
+        (DINO's denoising groups); the native layer takes none, so a mask keeps the
+        PyTorch path."""
+        if self.native_layers and self_attn_mask is None and native_layers.supports(
+                self, tgt, query_pos, reference_points, memory):
             return native_layers.decoder_layer(self, tgt, query_pos, reference_points, memory,
                                                spatial_shapes, level_start_index,
                                                memory_padding_mask, self.recompute_activations,
                                                supported=True)
         q = k = _with_pos(tgt, query_pos)
-        attn = self.self_attn(q, k, tgt, need_weights=False)[0]
+        attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + _drop(self.dropout2, attn))
         attn = self.cross_attn(_with_pos(tgt, query_pos), reference_points, memory,
                                spatial_shapes, level_start_index, memory_padding_mask)

@@ -60,8 +60,15 @@ def proposal_pos_embed(logits: Tensor, num_pos_feats: int = 128,
                        temperature: float = 10000) -> Tensor:
     """(N, Q, 4) box logits -> (N, Q, 4 * num_pos_feats) sine embedding of the boxes
     (sigmoid, scaled to [0, 2*pi]; per coordinate, sin on even and cos on odd channels)."""
-    i = torch.arange(num_pos_feats, dtype=torch.float32, device=logits.device)
+    return sine_embed(logits.sigmoid(), num_pos_feats, temperature)
+
+
+def sine_embed(coords: Tensor, num_pos_feats: int = 128, temperature: float = 10000) -> Tensor:
+    """(N, Q, K) coordinates in [0, 1] -> (N, Q, K * num_pos_feats) float32: each coordinate
+    scaled to [0, 2*pi] and divided by ``num_pos_feats`` frequencies, sin on even and cos on
+    odd channels, the coordinates one after the other."""
+    i = torch.arange(num_pos_feats, dtype=torch.float32, device=coords.device)
     freq = temperature ** (2 * (i // 2) / num_pos_feats)
-    angles = (logits.sigmoid() * (2 * math.pi))[..., None] / freq  # (N, Q, 4, F)
-    # (N, Q, 4, F/2) sin, cos -> (N, Q, 4, F/2, 2) -> (N, Q, 4*F)
+    angles = (coords.float() * (2 * math.pi))[..., None] / freq  # (N, Q, K, F)
+    # (N, Q, K, F/2) sin, cos -> (N, Q, K, F/2, 2) -> (N, Q, K*F)
     return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=4).flatten(2)
