@@ -80,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time inference with N other processes keeping a core busy "
                         "each (started by the benchmark), for transformers and ddetr side "
                         "by side: each one's slowdown against the idle machine")
+    p.add_argument("--no-train", action="store_true", help="skip the training step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--no-profile", action="store_true", help="skip the per-part breakdown")
     p.add_argument("--no-layers-off", action="store_true",
@@ -321,7 +322,8 @@ def run(args) -> dict:
     jobs = [(f"inference {h}x{w} b1", lambda impl, s=(h, w): work.inference(impl, s))
             for h, w in args.sizes]
     th, tw = args.train_size
-    jobs.append((f"train step {th}x{tw} b{args.train_batch}", work.train_step))
+    if not args.no_train:
+        jobs.append((f"train step {th}x{tw} b{args.train_batch}", work.train_step))
     impls = IMPLS[:2] if args.no_layers_off else IMPLS
     rows = []
     for name, make in jobs:
