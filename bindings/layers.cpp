@@ -29,7 +29,7 @@ struct NamedParams {
 };
 
 struct NamedInputs {
-  uintptr_t x = 0, pos = 0, reference_points = 0, memory = 0, mask = 0;
+  uintptr_t x = 0, pos = 0, reference_points = 0, memory = 0, mask = 0, sa_bias = 0;
 };
 
 struct NamedInputGrads {
@@ -139,6 +139,9 @@ LayerInputs<void> inputs(const LayerCall& c) {
   in.ref = as<const void>(c.inputs.reference_points);
   in.memory = as<const void>(c.inputs.memory);
   in.mask = as<const uint8_t>(c.inputs.mask);
+  if (c.inputs.sa_bias && !c.decoder)
+    throw std::invalid_argument("inputs.sa_bias: only a decoder layer has self-attention");
+  in.sa_bias = as<const void>(c.inputs.sa_bias);
   return in;
 }
 
@@ -349,7 +352,9 @@ void bind_layers(py::module_& m) {
       .field("reference_points", &NamedInputs::reference_points, "(N, Lq, L, ref_dim), Acc<T>")
       .field("memory", &NamedInputs::memory,
              "(N, S, C) value input; decoder: required; encoder: 0 = x (Lq = S)")
-      .field("mask", &NamedInputs::mask, "(N, S) bytes, nonzero on padding, or 0");
+      .field("mask", &NamedInputs::mask, "(N, S) bytes, nonzero on padding, or 0")
+      .field("sa_bias", &NamedInputs::sa_bias,
+             "decoder: (Lq, Lq) Acc<T> added to the self-attention scores (0 / -inf), or 0");
   NamedStruct<NamedInputGrads>(m, "LayerInputGrads",
                                "Gradients of a layer's inputs (0: not wanted; x always).")
       .field("x", &NamedInputGrads::x, "(N, Lq, C)")

@@ -164,12 +164,20 @@ def test_native_layers_serve_dino(monkeypatch):
         model.set_native_layers(False)
         reference = model(x, mask)
     torch.testing.assert_close(native["pred_boxes"], reference["pred_boxes"], atol=1e-4, rtol=0)
-    # training with denoising queries: the masked self-attention keeps the PyTorch path
-    model.set_native_layers(True)
+    # training with denoising queries: the masked self-attention runs natively too, with
+    # the PyTorch path's result (the same noised queries: the same seed)
     model.train()
-    calls["decoder"] = 0
-    model(x, mask, targets())
-    assert calls["decoder"] == 0
+    outputs = {}
+    for native_on in (True, False):
+        model.set_native_layers(native_on)
+        calls["decoder"] = 0
+        torch.manual_seed(3)
+        outputs[native_on] = model(x, mask, targets())
+        assert calls["decoder"] == (2 if native_on else 0)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(outputs[True][key], outputs[False][key], atol=1e-4, rtol=0)
+        torch.testing.assert_close(outputs[True]["dn_outputs"][key],
+                                   outputs[False]["dn_outputs"][key], atol=1e-4, rtol=0)
 
 
 def official_dino_keys(num_classes=5, d_model=32, ffn=64, levels=4, heads=4, enc_points=2,

@@ -2,6 +2,8 @@
 path, which is the reference: outputs and every gradient, dropout masks, gradcheck,
 store vs recompute, determinism, fallbacks and bad input."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -566,3 +568,68 @@ def test_inference_sees_changed_offset_weights(kind):
         assert not torch.allclose(replaced, changed)
         torch.testing.assert_close(replaced, call(layer, kind, inp, native=False),
                                    rtol=1e-10, atol=1e-10)
+
+
+def _group_mask(lq: int, seed: int = 5) -> torch.Tensor:
+    """(Lq, Lq) bool, True where a query may not look: random, but every query sees itself."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(lq, lq, generator=g) < 0.5
+    mask.fill_diagonal_(False)
+    return mask
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_decoder_self_attention_mask_against_pytorch(recompute):
+    """A decoder layer with a self-attention mask (DINO's denoising groups): the native
+    layer's output and every gradient equal the PyTorch path's (float64)."""
+    levels = SHAPES["three"]
+    layer = make_layer("decoder", levels)
+    inp = make_inputs("decoder", levels, lq=9)
+    attn_mask = _group_mask(9)
+    leaves = [inp["x"], inp["pos"], inp["ref"], inp["memory"], *layer.parameters()]
+    grad_out = torch.randn(2, 9, C, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(2))
+    results = []
+    for native in (True, False):
+        layer.native_layers = native
+        layer.recompute_activations = recompute
+        out = layer(inp["x"], inp["pos"], inp["ref"], inp["memory"], inp["shapes"], None,
+                    inp["mask"], self_attn_mask=attn_mask)
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, grad_out)])
+    assert_close_relative(results[0], results[1], 1e-10)
+    # the mask matters: without it the output differs
+    layer.native_layers = True
+    plain = layer(inp["x"], inp["pos"], inp["ref"], inp["memory"], inp["shapes"], None,
+                  inp["mask"])
+    assert not torch.allclose(plain, results[0][0])
+
+
+def test_decoder_self_attention_mask_bfloat16_and_errors():
+    """bfloat16 with a mask, against float64 on the same bfloat16 values: the native
+    layer's relative error is at most 2% and about that of the PyTorch path in bfloat16
+    (the stated tolerance of test_bfloat16_against_float64)."""
+    levels = SHAPES["one"]
+    low = make_layer("decoder", levels).eval().to(torch.bfloat16)
+    exact_layer = copy.deepcopy(low).double()
+    inp = make_inputs("decoder", levels, lq=6)
+    attn_mask = _group_mask(6)
+    low_inp = {k: (v.detach().to(torch.bfloat16) if k in ("x", "pos", "memory") else v)
+               for k, v in inp.items()}
+    low_inp["ref"] = inp["ref"].detach().float()
+    exact_inp = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                     else v) for k, v in low_inp.items()}
+    with torch.no_grad():
+        exact = call_masked(exact_layer, exact_inp, attn_mask, native=False)
+        eager = call_masked(low, low_inp, attn_mask, native=False)
+        native = call_masked(low, low_inp, attn_mask, native=True)
+    err, err_eager = _relative_errors([native], [exact])[0], _relative_errors([eager], [exact])[0]
+    assert err <= 0.02 and err <= 2 * err_eager + 0.002, (err, err_eager)
+    with pytest.raises(ValueError, match="self_attn_mask"):
+        decoder_layer(low, low_inp["x"], None, low_inp["ref"], low_inp["memory"],
+                      inp["shapes"], None, None, self_attn_mask=attn_mask[:5])
+
+
+def call_masked(layer, inp, attn_mask, native):
+    layer.native_layers = native
+    return layer(inp["x"], inp["pos"], inp["ref"], inp["memory"], inp["shapes"], None,
+                 inp["mask"], self_attn_mask=attn_mask)

@@ -274,7 +274,7 @@ void attention_backward_image(const LayerPass<T, Ops>& p, int64_t n, const SelfA
   T* dqkv_n = b.dqkv + n * d.Lq * C3;
   const T* dheads_n = b.dheads + n * d.Lq * C;
   T* probs = p.saved.probs ? p.saved.probs + n * d.M * LL : b.probs;
-  if (!p.saved.probs) attention_probs(ops, d, qkv_n, b.scores, probs);
+  if (!p.saved.probs) attention_probs(ops, d, qkv_n, p.in.sa_bias, b.scores, probs);
   const T* pd = dropped(ops, p.o, kDropAttn, n, d.M * LL, probs, b.pd);
   // heads_m = pd_m V_m: dV_m = pd_m^T dheads_m, dpd_m = dheads_m V_m^T
   ops.gemm_batched(true, false, d.Lq, d.D, d.Lq, pd, d.Lq, LL, dheads_n, C, d.D, Acc<T>(0),

@@ -78,7 +78,7 @@ void self_attention_forward(const LayerPass<T, Ops>& p, const SelfAttnForward<T>
   for (int64_t n = 0; n < d.N; ++n) {
     const T* qkv_n = qkv + n * d.Lq * C3;
     T* probs = saved.probs ? saved.probs + n * d.M * LL : b.probs;
-    attention_probs(ops, d, qkv_n, b.scores, probs);
+    attention_probs(ops, d, qkv_n, p.in.sa_bias, b.scores, probs);
     const T* pd = dropped(ops, p.o, kDropAttn, n, d.M * LL, probs, b.pd);
     // heads_m (Lq, D) = probs_m V_m, written into columns [m D, m D + D) of heads
     ops.gemm_batched(false, false, d.Lq, d.D, d.Lq, pd, d.Lq, LL, qkv_n + 2 * C, C3, d.D,

@@ -287,11 +287,16 @@ ValueMaps<T> memory_maps(const Ops& ops, const Dims& d, const LayerInputs<T>& in
 // (`scores`, for bf16) until the softmax. The forward runs it, and the backward again
 // when the probabilities were not kept (recompute).
 template <class T, class Ops>
-void attention_probs(const Ops& ops, const Dims& d, const T* qkv_n, Acc<T>* scores, T* probs) {
+void attention_probs(const Ops& ops, const Dims& d, const T* qkv_n, const Acc<T>* bias,
+                     Acc<T>* scores, T* probs) {
   const int64_t C3 = 3 * d.C, LL = d.Lq * d.Lq;
   Acc<T>* sc = acc_or(scores, probs);
+  // with a bias (0 or -inf per query pair) every head's scores start from it and the
+  // GEMM adds Q K^T (beta 1); the softmax's scale keeps -inf at -inf
+  if (bias)
+    for (int64_t m = 0; m < d.M; ++m) ops.copy_rows(d.Lq, d.Lq, bias, d.Lq, sc + m * LL, d.Lq);
   ops.gemm_batched(false, true, d.Lq, d.Lq, d.D, qkv_n, C3, d.D, qkv_n + d.C, C3, d.D,
-                   Acc<T>(0), sc, d.Lq, LL, d.M);
+                   Acc<T>(bias ? 1 : 0), sc, d.Lq, LL, d.M);
   ops.softmax_rows(d.M * d.Lq, d.Lq, Acc<T>(1) / std::sqrt(Acc<T>(d.D)), sc, probs);
 }
 

@@ -133,6 +133,10 @@ template <class T> struct LayerInputs {
   const T* memory = nullptr;     // (N, S, C): the value input; an encoder may leave it
                                  // null, x (Lq = S) is then the value input
   const uint8_t* mask = nullptr; // (N, S), nonzero on padding, or null
+  // decoder: (Lq, Lq) added to every image's and head's self-attention scores before the
+  // softmax (0 where query i may attend to query j, -inf where not: DINO's denoising
+  // groups), or null
+  const Acc<T>* sa_bias = nullptr;
 };
 
 constexpr int kLayerSavedCount = 14;
@@ -205,7 +209,8 @@ template <class T> LayerParamGrads<T> typed(LayerParamGrads<void> p) {
 
 template <class T> LayerInputs<T> typed(const LayerInputs<void>& p) {
   return {static_cast<const T*>(p.x), static_cast<const T*>(p.pos),
-          static_cast<const Acc<T>*>(p.ref), static_cast<const T*>(p.memory), p.mask};
+          static_cast<const Acc<T>*>(p.ref), static_cast<const T*>(p.memory), p.mask,
+          static_cast<const Acc<T>*>(p.sa_bias)};
 }
 
 template <class T> LayerSaved<T> typed(LayerSaved<void> p) {

@@ -43,9 +43,10 @@ PARAM_NAMES = (
     "sampling_offsets_attention_weights_bias", "output_proj_weight", "output_proj_bias",
     "norm1_weight", "norm1_bias", "linear1_weight", "linear1_bias", "linear2_weight",
     "linear2_bias", "ffn_norm_weight", "ffn_norm_bias")
-# The inputs by the names of _C.LayerInputs (mask: uint8, nonzero on padding); their
-# gradients by those of _C.LayerInputGrads (all but the mask).
-INPUT_NAMES = ("x", "pos", "reference_points", "memory", "mask")
+# The inputs by the names of _C.LayerInputs (mask: uint8, nonzero on padding; sa_bias: the
+# decoder's (Lq, Lq) self-attention score bias); their gradients by those of
+# _C.LayerInputGrads (all but the mask and the bias).
+INPUT_NAMES = ("x", "pos", "reference_points", "memory", "mask", "sa_bias")
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ decoder layers, MSDA and (native) layer kernels as ``DeformableTransformer``, wi
   *before* the detach, so layer i's loss also trains layer i-1's box; the reference
   handed to layer i as input is detached, as in Deformable DETR's refinement;
 - denoising queries (``ddetr.models.denoising``) in front of the matching ones, with
-  the self-attention mask that separates them (those layers then run the PyTorch path:
-  the native decoder layer takes no mask; inference has no mask and runs natively).
+  the self-attention mask that separates them (the native decoder layer takes it as a
+  0 / -inf bias on its attention scores, so training runs natively too).
 
 Parameter names are the official IDEA-Research/DINO checkpoint keys (``tgt_embed``,
 ``enc_output``, ``enc_output_norm``, ``enc_out_class_embed``, ``enc_out_bbox_embed``,

@@ -200,9 +200,30 @@ def _check_params(layer: nn.Module, decoder: bool, x: Tensor, params: dict) -> N
                              "(a sub-module of another size than the layer's)")
 
 
+def _score_bias(attn_mask: Tensor | None, x: Tensor) -> Tensor | None:
+    """A decoder self-attention mask as the native layer's (Lq, Lq) score bias, in the
+    accumulation dtype: a bool mask (True: may not attend, as ``nn.MultiheadAttention``)
+    becomes 0 / -inf, a float mask is added as it is."""
+    if attn_mask is None:
+        return None
+    lq = x.shape[1]
+    if not isinstance(attn_mask, Tensor) or tuple(attn_mask.shape) != (lq, lq) or \
+            not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()) or \
+            attn_mask.device != x.device:
+        raise ValueError(f"self_attn_mask: expected a bool or float ({lq}, {lq}) tensor on "
+                         f"{x.device}, got {getattr(attn_mask, 'dtype', type(attn_mask).__name__)}"
+                         f" {tuple(getattr(attn_mask, 'shape', ()))}")
+    acc = _ref_dtype(x)
+    if attn_mask.dtype != torch.bool:
+        return attn_mask.to(acc)
+    return torch.zeros((lq, lq), dtype=acc, device=x.device).masked_fill(attn_mask,
+                                                                          float("-inf"))
+
+
 def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Tensor,
          memory: Tensor | None, spatial_shapes, level_start_index, mask: Tensor | None,
-         params: dict, recompute: bool, supported: bool = False) -> Tensor:
+         params: dict, recompute: bool, supported: bool = False,
+         self_attn_mask: Tensor | None = None) -> Tensor:
     attn = layer.cross_attn if decoder else layer.self_attn
     if not isinstance(x, Tensor) or x.dtype not in _LAYER_DTYPES:
         raise ValueError(f"x: expected a float32, float64 or bfloat16 tensor, got "
@@ -232,7 +253,8 @@ def _run(layer: nn.Module, decoder: bool, x: Tensor, pos: Tensor | None, ref: Te
         levels=table.rows, training=grad or (layer.training and p > 0),
         recompute=bool(recompute), dropout=float(p), seed=seed_from_torch() if p > 0 else 0)
     ref = ref.to(_ref_dtype(x))  # (differentiable; a no-op unless bf16 references)
-    return ops_layers.run(call, x, pos, ref, memory, mask, params)
+    return ops_layers.run(call, x, pos, ref, memory, mask, params,
+                          _score_bias(self_attn_mask, x))
 
 
 def encoder_layer(layer: nn.Module, src: Tensor, pos: Tensor | None, reference_points: Tensor,
@@ -253,10 +275,12 @@ def encoder_layer(layer: nn.Module, src: Tensor, pos: Tensor | None, reference_p
 def decoder_layer(layer: nn.Module, tgt: Tensor, query_pos: Tensor | None,
                   reference_points: Tensor, memory: Tensor, spatial_shapes, level_start_index,
                   memory_padding_mask: Tensor | None = None, recompute: bool = False, *,
-                  supported: bool = False) -> Tensor:
+                  supported: bool = False, self_attn_mask: Tensor | None = None) -> Tensor:
     """``layer(tgt, query_pos, reference_points, memory, ...)`` of a
     DeformableTransformerDecoderLayer, natively. reference_points (N, Lq, L, 2 or 4);
-    ``supported`` as for ``encoder_layer``."""
+    ``self_attn_mask`` (Lq, Lq): bool, True where query i may not attend to query j (as
+    ``nn.MultiheadAttention``; every row must allow one query), or float, added to the
+    scores; ``supported`` as for ``encoder_layer``."""
     sa = layer.self_attn
     params = {"self_attn_in_proj_weight": sa.in_proj_weight,
               "self_attn_in_proj_bias": sa.in_proj_bias,
@@ -266,4 +290,5 @@ def decoder_layer(layer: nn.Module, tgt: Tensor, query_pos: Tensor | None,
               "self_attn_norm_bias": layer.norm2.bias,
               **_deform_params(layer.cross_attn, layer.norm1), **_ffn_params(layer, layer.norm3)}
     return _run(layer, True, tgt, query_pos, reference_points, memory, spatial_shapes,
-                level_start_index, memory_padding_mask, params, recompute, supported)
+                level_start_index, memory_padding_mask, params, recompute, supported,
+                self_attn_mask)

@@ -184,14 +184,13 @@ class DeformableTransformerDecoderLayer(nn.Module):
                 self_attn_mask: Tensor | None = None) -> Tensor:
         """tgt, query_pos (N, Lq, C); reference_points (N, Lq, L, 2 or 4); memory (N, S, C).
         ``self_attn_mask`` (Lq, Lq) bool, True where query i may not attend to query j
-        (DINO's denoising groups); the native layer takes none, so a mask keeps the
-        PyTorch path."""
-        if self.native_layers and self_attn_mask is None and native_layers.supports(
-                self, tgt, query_pos, reference_points, memory):
+        (DINO's denoising groups), on the native path as well."""
+        if self.native_layers and native_layers.supports(self, tgt, query_pos,
+                                                         reference_points, memory):
             return native_layers.decoder_layer(self, tgt, query_pos, reference_points, memory,
                                                spatial_shapes, level_start_index,
                                                memory_padding_mask, self.recompute_activations,
-                                               supported=True)
+                                               supported=True, self_attn_mask=self_attn_mask)
         q = k = _with_pos(tgt, query_pos)
         attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + _drop(self.dropout2, attn))

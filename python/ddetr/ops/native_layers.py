@@ -56,16 +56,18 @@ def library_ready(x: Tensor, dtype: torch.dtype | None = None) -> bool:
 
 
 class _NativeLayer(torch.autograd.Function):
-    # (autograd takes tensors positionally: x, pos, ref, memory, mask, then the
+    # (autograd takes tensors positionally: x, pos, ref, memory, mask, sa_bias, then the
     # parameters in PARAM_NAMES order; everything below goes by name)
     @staticmethod
-    def forward(ctx, call: LayerCall, x, pos, ref, memory, mask, *param_list):
-        inputs = {"x": x, "pos": pos, "reference_points": ref, "memory": memory, "mask": mask}
+    def forward(ctx, call: LayerCall, x, pos, ref, memory, mask, sa_bias, *param_list):
+        inputs = {"x": x, "pos": pos, "reference_points": ref, "memory": memory, "mask": mask,
+                  "sa_bias": sa_bias}
         params = dict(zip(PARAM_NAMES, param_list))
         out, saved = native.forward(call, inputs, params)
         ctx.call = call
         ctx.saved_names = tuple(saved)
-        ctx.save_for_backward(x, pos, ref, memory, mask, *param_list, *saved.values())
+        ctx.save_for_backward(x, pos, ref, memory, mask, sa_bias, *param_list,
+                              *saved.values())
         return out
 
     @staticmethod
@@ -74,10 +76,11 @@ class _NativeLayer(torch.autograd.Function):
         if not ctx.call.training:
             raise RuntimeError("a native layer run without saved activations cannot be "
                                "differentiated")
-        x, pos, ref, memory, mask, *rest = ctx.saved_tensors
+        x, pos, ref, memory, mask, sa_bias, *rest = ctx.saved_tensors
         params = dict(zip(PARAM_NAMES, rest[:len(PARAM_NAMES)]))
         saved = dict(zip(ctx.saved_names, rest[len(PARAM_NAMES):]))
-        inputs = {"x": x, "pos": pos, "reference_points": ref, "memory": memory, "mask": mask}
+        inputs = {"x": x, "pos": pos, "reference_points": ref, "memory": memory, "mask": mask,
+                  "sa_bias": sa_bias}
         need = ctx.needs_input_grad
         grads = {"x": torch.empty_like(x),
                  "pos": torch.empty_like(pos) if pos is not None and need[2] else None,
@@ -87,14 +90,16 @@ class _NativeLayer(torch.autograd.Function):
                        for name, p in params.items()}
         native.backward(ctx.call, inputs, params, saved, grad_out.contiguous(), grads,
                         grad_params)
-        return (None, *grads.values(), None, *grad_params.values())
+        return (None, *grads.values(), None, None, *grad_params.values())
 
 
 def run(call: LayerCall, x: Tensor, pos: Tensor | None, ref: Tensor, memory: Tensor | None,
-        mask: Tensor | None, params: dict) -> Tensor:
+        mask: Tensor | None, params: dict, sa_bias: Tensor | None = None) -> Tensor:
     """One layer pass (differentiable in x, pos, ref, memory and the parameters). Inputs
     already checked; ``params`` by ``PARAM_NAMES`` (absent or None: none, as the decoder's
-    self-attention in an encoder), of x's dtype and device."""
+    self-attention in an encoder), of x's dtype and device; ``sa_bias``: a decoder's
+    (Lq, Lq) self-attention score bias (0 / -inf) in the accumulation dtype (float32 for
+    bfloat16 x), or None."""
     unknown = sorted(set(params) - set(PARAM_NAMES))
     if unknown:
         raise ValueError(f"params: no native layer parameter is named {', '.join(unknown)}")
@@ -102,4 +107,5 @@ def run(call: LayerCall, x: Tensor, pos: Tensor | None, ref: Tensor, memory: Ten
     tensors = [None if t is None else t.contiguous() for t in (x, pos, ref, memory)]
     param_list = [None if params.get(name) is None else params[name].contiguous()
                   for name in PARAM_NAMES]
-    return _NativeLayer.apply(call, *tensors, mask_u8, *param_list)
+    bias = None if sa_bias is None else sa_bias.contiguous()
+    return _NativeLayer.apply(call, *tensors, mask_u8, bias, *param_list)
