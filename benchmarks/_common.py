@@ -337,13 +337,8 @@ def measure(spec: dict) -> dict:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        return f"{names[0]} ({len(names)} logical CPUs)"
-    except (OSError, IndexError):
-        import platform
-        return platform.processor() or platform.machine()
+    # name, family, model and vector extensions, and the logical CPU count
+    return f"{ddetr.build_info()['cpu']}, {os.cpu_count()} logical CPUs"
 
 
 def blas_note() -> str:

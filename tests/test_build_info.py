@@ -28,3 +28,22 @@ def test_build_info_names_the_openblas_kernels_in_use():
     forced = os.environ.get("OPENBLAS_CORETYPE", "")
     if forced.lower() in {"haswell", "skylakex", "zen", "sandybridge", "cooperlake"}:
         assert core.lower() == forced.lower()
+
+
+def test_build_info_names_the_cpu_and_the_kernels_chosen_for_it():
+    from ddetr._native import gemm
+
+    info = ddetr.build_info()
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((ln for ln in f if ln.startswith("flags")), ":").split(":")[1].split())
+    # "<name> (family F model M; ext ext ...)": every extension the CPU reports is named,
+    # and none it lacks
+    listed = set(info["cpu"].rsplit(";", 1)[-1].rstrip(")").split())
+    if flags:
+        for ext in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"):
+            assert (ext in listed) == (ext in flags), (ext, info["cpu"])
+    assert info["gemm_bf16_kernel"] == gemm.bf16_kernel()
+    assert info["gemm_int8_kernel"] == gemm.int8_kernel()
+    assert gemm.int8_kernel_supported(info["gemm_int8_kernel"])

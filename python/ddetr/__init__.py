@@ -27,9 +27,12 @@ def build_info() -> dict:
     compiled in), ``cuda_archs``, ``cuda_version``, ``openmp``, ``threads`` (what the
     CPU kernels use: ``torch.get_num_threads()``), ``cpu_arch_flags``, ``max_levels``,
     ``blas`` (the OpenBLAS kernels the CPU linear layers run, by OpenBLAS's name, e.g.
-    "SkylakeX"; "" when OpenBLAS is not available; asking loads it), and ``import_error``
-    when the extension is missing.
+    "SkylakeX"; "" when OpenBLAS is not available; asking loads it), ``gemm_bf16_kernel``
+    and ``gemm_int8_kernel`` (the kernels the bfloat16 layers and the int8 linears run on
+    this CPU, chosen at run time), ``cpu`` (name, family, model and vector extensions),
+    and ``import_error`` when the extension is missing.
     """
+    from ddetr import _cpu
     from ddetr.ops.blas import blas_core
 
     info = {"version": __version__, "native": _native.available()}
@@ -41,4 +44,9 @@ def build_info() -> dict:
                     import_error=str(_native.IMPORT_ERROR))
     info["threads"] = torch.get_num_threads()
     info["blas"] = blas_core()
+    if _native.available():
+        from ddetr._native import gemm
+        info["gemm_bf16_kernel"] = gemm.bf16_kernel()
+        info["gemm_int8_kernel"] = gemm.int8_kernel()
+    info["cpu"] = _cpu.describe()
     return info

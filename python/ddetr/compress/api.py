@@ -5,32 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 
 import torch
 from PIL import Image, ImageDraw
 
+from ddetr import _cpu
 from ddetr.compress.search import Finetune, Search, run_search
 from ddetr.engine.plot import GRID, INK, ticks
 from ddetr.models.deformable_detr import DeformableDetr
-
-
-def _cpu_name() -> str:
-    """The CPU's name, family and model, and its widest vector / matrix extensions (the
-    figures depend on them: AVX-512 kernels, AVX512-BF16 and AMX for bfloat16)."""
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    flags = set(info.get("flags", "").split())
-    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    return (f"{info.get('model name', platform.machine())} (family {info.get('cpu family', '?')} "
-            f"model {info.get('model', '?')}; {' '.join(ext) or 'no AVX2'})")
 
 
 def _check(model, max_ap_drop, calib_images, time_budget, latency_images, finetune) -> None:
@@ -80,7 +63,7 @@ def compress(model: DeformableDetr, val_dataset, max_ap_drop: float = 0.01,
     start = time.perf_counter()
     chosen, row, rows = run_search(model, search, calib, progress, finetune)
     original = rows[0]
-    report = {"cpu": _cpu_name(), "device": str(device), "threads": torch.get_num_threads(),
+    report = {"cpu": _cpu.describe(), "device": str(device), "threads": torch.get_num_threads(),
               "max_ap_drop": max_ap_drop, "search_s": time.perf_counter() - start,
               "original": original, "chosen": row, "rows": rows,
               "speedup": 1.0 / row["relative_latency"],
