@@ -8,6 +8,9 @@ main job's final AP, and writes the same figures as JSON beside the PNG.
 
     python benchmarks/plot_dino.py --deformable output-synthetic/log.jsonl \\
         --dino dino/output-synthetic/log.jsonl --out benchmarks/results/dino
+
+``--dino`` may be given several times, as ``LABEL=PATH`` to name each run (e.g. two
+schedules).
 """
 
 from __future__ import annotations
@@ -61,11 +64,15 @@ def draw(runs: dict[str, dict], path: str, width: int = 1100, height: int = 420)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--deformable", required=True, help="the main job's log.jsonl")
-    parser.add_argument("--dino", required=True, help="the --arch dino run's log.jsonl")
+    parser.add_argument("--dino", required=True, action="append",
+                        help="a --arch dino run's log.jsonl, or LABEL=PATH; repeatable")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "dino"),
                         help="folder for dino_vs_deformable.png and .json")
     args = parser.parse_args(argv)
-    runs = {"Deformable DETR": run_figures(args.deformable), "DINO": run_figures(args.dino)}
+    runs = {"Deformable DETR": run_figures(args.deformable)}
+    for entry in args.dino:
+        label, _, path = entry.rpartition("=")
+        runs[label or "DINO"] = run_figures(path)
     os.makedirs(args.out, exist_ok=True)
     base = runs["Deformable DETR"]
     target = next(ap for ap in reversed(base["ap"]) if ap is not None)
@@ -81,8 +88,9 @@ def main(argv=None) -> int:
             cells.append(f"{'-' if ap is None else f'{ap:.3f}':>18s} "
                          f"{'-' if seconds is None else f'{seconds:.0f}':>6s}")
         print(f"{i + 1:5d} " + " ".join(cells))
-    print(f"main job's final AP {target:.3f}; DINO first reaches it at epoch "
-          f"{summary['DINO']['first_epoch_at_main_final_ap']}")
+    for name in list(runs)[1:]:
+        print(f"main job's final AP {target:.3f}; {name} first reaches it at epoch "
+              f"{summary[name]['first_epoch_at_main_final_ap']}")
     draw(runs, os.path.join(args.out, "dino_vs_deformable.png"))
     with open(os.path.join(args.out, "dino_vs_deformable.json"), "w") as f:
         json.dump({"main_final_ap": target, "runs": summary}, f, indent=2)

@@ -49,7 +49,8 @@ def test_arch_dino_brings_the_recipe(tmp_path):
     # the flags still win, and the synthetic demo keeps its sizes
     assert make_config({"arch": "dino", "coco_path": "x", "lr": 3e-4}).lr == 3e-4
     demo = make_config({"arch": "dino"})
-    assert (demo.num_queries, demo.d_model, demo.dn_number) == (60, 64, 20)
+    assert (demo.num_queries, demo.d_model, demo.dn_number, demo.cls_loss_coef) == \
+        (60, 64, 100, 2.0)
 
 
 def test_train_help_with_arch_dino_states_its_defaults(capsys):
