@@ -76,10 +76,19 @@ def from_official(path_or_state_dict, strict: bool = True, **kwargs) -> Deformab
         kwargs: ``DeformableDetr`` arguments overriding what is inferred.
     """
     state, args = _read_official(path_or_state_dict)
-    config = infer_official_config(state, args, num_heads=kwargs.get("num_heads"))
-    config.update(kwargs)
+    return _official_model(state, args, strict, kwargs, {}, "official checkpoint")
+
+
+def _official_model(state: dict, args, strict: bool, overrides: dict, implied: dict,
+                    source: str) -> DeformableDetr:
+    """A ``DeformableDetr`` with the config inferred from an official-layout ``state``
+    (and its run's ``args``), updated by what the format implies, then by the caller's
+    ``overrides``, holding ``state``."""
+    config = infer_official_config(state, args, num_heads=overrides.get("num_heads"))
+    config.update(implied)
+    config.update(overrides)
     model = DeformableDetr(**config)
-    load_weights(model, state, strict=strict, source="official checkpoint")
+    load_weights(model, state, strict=strict, source=source)
     return model
 
 
@@ -128,16 +137,12 @@ def dino_from_official(path_or_state_dict, strict: bool = True, **kwargs) -> Def
     if "transformer.tgt_embed.weight" not in state:
         raise ValueError("path_or_state_dict: no 'transformer.tgt_embed.weight' tensor; this "
                          "is not a DINO state dict")
-    config = infer_official_config(state, args, num_heads=kwargs.get("num_heads"))
     queries = state["transformer.tgt_embed.weight"].shape[0]
-    config.update(variant="dino", with_box_refine=True, two_stage=True, num_queries=queries,
-                  two_stage_num_proposals=queries)
-    config.update({name: args[name] for name in ("dn_number", "dn_label_noise_ratio",
-                                                 "dn_box_noise_scale") if args and name in args})
-    config.update(kwargs)
-    model = DeformableDetr(**config)
-    load_weights(model, state, strict=strict, source="official DINO checkpoint")
-    return model
+    implied = dict(variant="dino", with_box_refine=True, two_stage=True, num_queries=queries,
+                   two_stage_num_proposals=queries)
+    implied.update({name: args[name] for name in ("dn_number", "dn_label_noise_ratio",
+                                                  "dn_box_noise_scale") if args and name in args})
+    return _official_model(state, args, strict, kwargs, implied, "official DINO checkpoint")
 
 
 def detr_from_official(path_or_state_dict, strict: bool = True, **kwargs) -> Detr:

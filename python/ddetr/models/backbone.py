@@ -51,8 +51,8 @@ class FrozenBatchNorm2d(nn.Module):
 
     def scale_shift(self) -> tuple[Tensor, Tensor]:
         """(C,) ``scale`` and ``shift`` with ``forward(x) == x * scale + shift`` per channel."""
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        return scale, self.bias - self.running_mean * scale
+        return norm_scale_shift(self.weight, self.bias, self.running_mean, self.running_var,
+                                self.eps)
 
     def forward(self, x: Tensor) -> Tensor:
         scale, shift = self.scale_shift()
@@ -69,11 +69,18 @@ def _foldable(norm: nn.Module) -> bool:
             and norm.running_mean is not None)
 
 
+def norm_scale_shift(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
+                     eps: float) -> tuple[Tensor, Tensor]:
+    """(C,) ``scale`` and ``shift`` of a batch norm with fixed statistics: it computes
+    ``x * scale + shift`` per channel."""
+    scale = weight * (var + eps).rsqrt()
+    return scale, bias - mean * scale
+
+
 def _fold(weight: Tensor, norm_weight: Tensor, norm_bias: Tensor, mean: Tensor, var: Tensor,
           eps: float) -> tuple[Tensor, Tensor]:
     """(conv weight with the norm's scale per output channel, the norm's shift as bias)."""
-    scale = norm_weight * (var + eps).rsqrt()
-    shift = norm_bias - mean * scale
+    scale, shift = norm_scale_shift(norm_weight, norm_bias, mean, var, eps)
     return (weight * scale.to(weight.dtype)[:, None, None, None], shift.to(weight.dtype))
 
 
@@ -202,7 +209,6 @@ class ResNet(nn.Module):
             if i in self.return_layers:
                 outs.append(x)
         return outs
-
 
     def _stem(self, x: Tensor, channels_last: bool) -> Tensor:
         """conv1, norm, ReLU and the 3x3 max pool. On small NCHW images the stem alone
