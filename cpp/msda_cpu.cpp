@@ -24,16 +24,22 @@
 //   reproducible). Corners off the map scatter into a per-thread dummy row.
 //
 //   The per-sample pass is hand-written with AVX-512 intrinsics for float and bf16
-//   values with D a multiple of 16 (sample_pass_avx512); the corners a few samples
-//   ahead, and the next queries' inputs, are prefetched by hand; and with many queries
+//   values with D a multiple of 16 (sample_pass_avx512), and with AVX2 + FMA for D a
+//   multiple of 8 (sample_pass_avx2: CPUs without AVX-512); the corners a few samples
+//   ahead, and the next queries' inputs, are prefetched by hand (how far: MsdaCpuTuning,
+//   set at run time, per machine); and with many queries
 //   a thread visits them in strips of the map (visit_order) so its window stays small.
 //   At E1 (800x1333, 22,223 queries, 8 heads of 32) that took the backward from about
 //   100 to 31 ms on a 2-core Zen 5 VM.
 //
 // D is a template argument for the common head sizes so the channel loops have a
 // constant trip count; other sizes take the runtime-D instantiation.
+#include <atomic>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -44,8 +50,11 @@
 #include "ddetr/bilinear.h"
 #include "ddetr/msda.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define DDETR_MSDA_AVX2 1  // (every AVX-512 CPU has AVX2 and FMA)
+#endif
+#if defined(__AVX512F__)
 #define DDETR_MSDA_AVX512 1
 #endif
 
@@ -106,10 +115,36 @@ template <class A> struct Corners {
 // so the corners a few samples on are prefetched by hand (more samples ahead in the
 // forward, whose samples take fewer instructions; measured at E1). The backward also
 // reads loc, attn and grad_out a block of heads at a time, with gaps between queries,
-// which the hardware prefetcher follows late: the rows of the query kQueriesAhead on
+// which the hardware prefetcher follows late: the rows of the query a few on
 // are prefetched too.
-constexpr int64_t kCornersAhead = 16, kCornersAheadForward = 32;
-constexpr int64_t kQueriesAhead = 4;
+// The distances are run-time settings (MsdaCpuTuning): the best ones differ between
+// CPUs (the defaults were measured at E1 on a Zen 5), and they never change a result.
+// The settings are read once per call into a Knobs.
+std::atomic<int> g_corners_ahead_forward{MsdaCpuTuning{}.corners_ahead_forward};
+std::atomic<int> g_corners_ahead_backward{MsdaCpuTuning{}.corners_ahead_backward};
+std::atomic<int> g_queries_ahead{MsdaCpuTuning{}.queries_ahead};
+std::atomic<int> g_backward_pass{kPassAuto};
+
+constexpr int kWidestPass =
+#if defined(DDETR_MSDA_AVX512)
+    kPassAvx512;
+#elif defined(DDETR_MSDA_AVX2)
+    kPassAvx2;
+#else
+    kPassGeneric;
+#endif
+
+struct Knobs {
+  int64_t corners_ahead_forward, corners_ahead, queries_ahead;
+  int pass;
+  Knobs()
+      : corners_ahead_forward(g_corners_ahead_forward.load(std::memory_order_relaxed)),
+        corners_ahead(g_corners_ahead_backward.load(std::memory_order_relaxed)),
+        queries_ahead(g_queries_ahead.load(std::memory_order_relaxed)),
+        pass(g_backward_pass.load(std::memory_order_relaxed)) {
+    if (pass == kPassAuto) pass = kWidestPass;
+  }
+};
 
 #if defined(__GNUC__) || defined(__clang__)
 #define DDETR_PREFETCH(p, write) __builtin_prefetch((p), (write))
@@ -221,6 +256,7 @@ void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>
   const int64_t lp = s.L * s.P, samples = s.M * lp;  // per (n, q, m) and per (n, q)
   const int64_t pairs = s.N * s.Lq;
   const SampleTable table(s, sizeof(T));
+  const int64_t ahead = Knobs().corners_ahead_forward;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<A> acc(D);
@@ -236,9 +272,8 @@ void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>
       for (int64_t m = 0; m < s.M; ++m) {
         for (int64_t ch = 0; ch < D; ++ch) acc[ch] = A(0);
         for (int64_t j = m * lp; j < (m + 1) * lp; ++j) {
-          if (j + kCornersAheadForward < samples)
-            prefetch_corners<T, DC, false>(value_n, static_cast<A*>(nullptr), c,
-                                           j + kCornersAheadForward);
+          if (ahead > 0 && j + ahead < samples)
+            prefetch_corners<T, DC, false>(value_n, static_cast<A*>(nullptr), c, j + ahead);
           const T* v0 = at<T>(value_n, c.off[0][j]);
           const T* v1 = at<T>(value_n, c.off[1][j]);
           const T* v2 = at<T>(value_n, c.off[2][j]);
@@ -263,13 +298,16 @@ void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>
 // accumulation type, fwd D floats (or doubles).
 template <class T, int DC, bool kOut>
 void sample_pass_generic(int64_t D, const T* value_n, Acc<T>* grad_value_n, Corners<Acc<T>>& c,
-                         int64_t first, int64_t count, const T* go, Acc<T>* g, Acc<T>* fwd) {
+                         int64_t first, int64_t count, int64_t set_up, int64_t ahead,
+                         const T* go, Acc<T>* g, Acc<T>* fwd) {
   using A = Acc<T>;
   if constexpr (DC) D = DC;
   for (int64_t ch = 0; ch < D; ++ch) g[ch] = to_acc(go[ch]);
   if constexpr (kOut)
     for (int64_t ch = 0; ch < D; ++ch) fwd[ch] = A(0);
   for (int64_t j = first; j < first + count; ++j) {
+    if (ahead > 0 && j + ahead < set_up)
+      prefetch_corners<T, DC, true>(value_n, grad_value_n, c, j + ahead);
     const T *v0 = at<T>(value_n, c.off[0][j]), *v1 = at<T>(value_n, c.off[1][j]);
     const T *v2 = at<T>(value_n, c.off[2][j]), *v3 = at<T>(value_n, c.off[3][j]);
     A* gv0 = const_cast<A*>(at<A>(grad_value_n, c.goff[0][j]));
@@ -327,8 +365,8 @@ inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 template <class T, int DC, bool kOut>
 void sample_pass_avx512(const T* value_n, float* grad_value_n, Corners<float>& c,
-                        int64_t first, int64_t count, int64_t set_up, const T* go,
-                        float* fwd) {
+                        int64_t first, int64_t count, int64_t set_up, int64_t ahead,
+                        const T* go, float* fwd) {
   constexpr int kChunks = DC / 16;
   __m512 gr[kChunks], acc[kChunks];
   for (int i = 0; i < kChunks; ++i) {
@@ -336,8 +374,8 @@ void sample_pass_avx512(const T* value_n, float* grad_value_n, Corners<float>& c
     acc[i] = _mm512_setzero_ps();
   }
   for (int64_t j = first; j < first + count; ++j) {
-    if (j + kCornersAhead < set_up)
-      prefetch_corners<T, DC, true>(value_n, grad_value_n, c, j + kCornersAhead);
+    if (ahead > 0 && j + ahead < set_up)
+      prefetch_corners<T, DC, true>(value_n, grad_value_n, c, j + ahead);
     const T* v[4];
     float* gv[4];
     __m512 w[4], p[4];
@@ -362,18 +400,87 @@ void sample_pass_avx512(const T* value_n, float* grad_value_n, Corners<float>& c
 }
 #endif
 
-// set_up: how many entries of `c` hold this query's corners (for the prefetch).
+#ifdef DDETR_MSDA_AVX2
+// The same pass with AVX2 + FMA (8 lanes) for CPUs without AVX-512 (AMD Zen 2/3,
+// Intel client cores): float or bf16 values with D a multiple of 8. The generic loop
+// kept the four dot products as 8-lane vectors but reduced them lane by lane per sample
+// and issued no prefetches; here the dots end in one 4-way horizontal sum (sum4) and the
+// corners a few samples on are prefetched, as in the AVX-512 pass.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {  // bf16 -> float: the bits move to the upper half
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// (sum of a's lanes, of b's, of c's, of d's)
+inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  // per 128-bit half: (a01, a23, b01, b23), then (a0123, b0123, c0123, d0123)
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+template <class T, int DC, bool kOut>
+void sample_pass_avx2(const T* value_n, float* grad_value_n, Corners<float>& c,
+                      int64_t first, int64_t count, int64_t set_up, int64_t ahead,
+                      const T* go, float* fwd) {
+  constexpr int kChunks = DC / 8;
+  __m256 gr[kChunks], acc[kChunks];
+  for (int i = 0; i < kChunks; ++i) {
+    gr[i] = load8(go + 8 * i);
+    acc[i] = _mm256_setzero_ps();
+  }
+  for (int64_t j = first; j < first + count; ++j) {
+    if (ahead > 0 && j + ahead < set_up)
+      prefetch_corners<T, DC, true>(value_n, grad_value_n, c, j + ahead);
+    const T* v[4];
+    float* gv[4];
+    __m256 w[4], p[4];
+    for (int k = 0; k < 4; ++k) {
+      v[k] = at<T>(value_n, c.off[k][j]);
+      gv[k] = const_cast<float*>(at<float>(grad_value_n, c.goff[k][j]));
+      w[k] = _mm256_set1_ps(c.w[k][j]);
+      p[k] = _mm256_setzero_ps();
+    }
+    for (int i = 0; i < kChunks; ++i)
+      for (int k = 0; k < 4; ++k) {
+        const __m256 x = load8(v[k] + 8 * i);
+        p[k] = _mm256_fmadd_ps(gr[i], x, p[k]);
+        if constexpr (kOut) acc[i] = _mm256_fmadd_ps(w[k], x, acc[i]);
+        float* dst = gv[k] + 8 * i;
+        _mm256_storeu_ps(dst, _mm256_fmadd_ps(w[k], gr[i], _mm256_loadu_ps(dst)));
+      }
+    _mm_storeu_ps(c.dot.data() + 4 * j, sum4(p[0], p[1], p[2], p[3]));
+  }
+  if constexpr (kOut)
+    for (int i = 0; i < kChunks; ++i) _mm256_storeu_ps(fwd + 8 * i, acc[i]);
+}
+#endif
+
+// set_up: how many entries of `c` hold this query's corners (for the prefetch); `pass`
+// a resolved MsdaPass this build has (set_msda_cpu_tuning checks).
 template <class T, int DC, bool kOut>
 void sample_pass(int64_t D, const T* value_n, Acc<T>* grad_value_n, Corners<Acc<T>>& c,
-                 int64_t first, int64_t count, int64_t set_up, const T* go, Acc<T>* g,
-                 Acc<T>* fwd) {
+                 int64_t first, int64_t count, int64_t set_up, const Knobs& k, const T* go,
+                 Acc<T>* g, Acc<T>* fwd) {
+  constexpr bool kSimd = !std::is_same_v<T, double> && DC > 0;
 #ifdef DDETR_MSDA_AVX512
-  if constexpr (!std::is_same_v<T, double> && DC % 16 == 0 && DC > 0) {
-    sample_pass_avx512<T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up, go, fwd);
-    return;
-  }
+  if constexpr (kSimd && DC % 16 == 0)
+    if (k.pass == kPassAvx512) {
+      sample_pass_avx512<T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up,
+                                      k.corners_ahead, go, fwd);
+      return;
+    }
 #endif
-  sample_pass_generic<T, DC, kOut>(D, value_n, grad_value_n, c, first, count, go, g, fwd);
+#ifdef DDETR_MSDA_AVX2
+  if constexpr (kSimd && DC % 8 == 0)
+    if (k.pass == kPassAvx2) {
+      sample_pass_avx2<T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up,
+                                    k.corners_ahead, go, fwd);
+      return;
+    }
+#endif
+  sample_pass_generic<T, DC, kOut>(D, value_n, grad_value_n, c, first, count, set_up,
+                                   k.corners_ahead, go, g, fwd);
 }
 
 // Per-thread buffers of the backward.
@@ -395,7 +502,7 @@ template <class T> struct BackwardScratch {
 template <class T, int DC, bool kOut>
 void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first,
                    const T* value_n, Acc<T>* grad_value_n, BackwardScratch<T>& buf,
-                   int64_t first, int64_t set_up, const T* go, const Acc<T>* attn,
+                   int64_t first, int64_t set_up, const Knobs& k, const T* go, const Acc<T>* attn,
                    Acc<T>* grad_loc, Acc<T>* grad_attn, T* out) {
   using A = Acc<T>;
   const int64_t D = DC ? DC : s.D;
@@ -405,8 +512,8 @@ void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first
   // across the samples; the scratch row for other sizes)
   A fwd_local[DC ? DC : 1];
   A* fwd = DC ? fwd_local : buf.fwd.data();
-  sample_pass<T, DC, kOut>(D, value_n, grad_value_n, c, first, lp, set_up, go, buf.g.data(),
-                           fwd);
+  sample_pass<T, DC, kOut>(D, value_n, grad_value_n, c, first, lp, set_up, k, go,
+                           buf.g.data(), fwd);
   if constexpr (kOut)
     for (int64_t ch = 0; ch < D; ++ch) out[ch] = from_acc<T>(fwd[ch]);
   const int32_t *h = t.h.data() + table_first, *w = t.w.data() + table_first;
@@ -497,6 +604,7 @@ void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T
   const int64_t lp = s.L * s.P;
   const HeadBlocks blocks(s, threads);
   const SampleTable table(s, sizeof(T));
+  const Knobs k;
   std::vector<std::vector<int64_t>> orders;  // per image; empty: the given order
   for (int64_t n = 0; n < s.N; ++n) orders.push_back(visit_order(s, loc, n));
 #pragma omp parallel num_threads(threads)
@@ -520,8 +628,8 @@ void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T
       for (int64_t i = 0; i < s.Lq; ++i) {
         const int64_t q = query(i);
         const int64_t first = ((n * s.Lq + q) * s.M + m0) * lp;  // sample (n, q, m0, 0, 0)
-        if (i + kQueriesAhead < s.Lq) {
-          const int64_t head = (n * s.Lq + query(i + kQueriesAhead)) * s.M + m0;  // (n, q', m0)
+        if (k.queries_ahead > 0 && i + k.queries_ahead < s.Lq) {
+          const int64_t head = (n * s.Lq + query(i + k.queries_ahead)) * s.M + m0;  // (n, q', m0)
           prefetch_bytes(loc + 2 * head * lp, (m1 - m0) * lp * 2 * sizeof(A));
           prefetch_bytes(attn + head * lp, (m1 - m0) * lp * sizeof(A));
           prefetch_bytes(grad_out + head * s.D, (m1 - m0) * s.D * sizeof(T));
@@ -531,7 +639,7 @@ void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T
         for (int64_t m = m0; m < m1; ++m) {
           const int64_t nqm = (n * s.Lq + q) * s.M + m;
           backward_head<T, DC, kOut>(s, table, m * lp, value_n, grad_value_n, buf,
-                                     (m - m0) * lp, (m1 - m0) * lp, grad_out + nqm * s.D,
+                                     (m - m0) * lp, (m1 - m0) * lp, k, grad_out + nqm * s.D,
                                      attn + nqm * lp, grad_loc + 2 * nqm * lp,
                                      grad_attn + nqm * lp, kOut ? out + nqm * s.D : nullptr);
         }
@@ -553,6 +661,40 @@ template <class Fn> void with_head_size(int64_t D, Fn&& fn) {
 }
 
 }  // namespace
+
+MsdaCpuTuning msda_cpu_tuning() {
+  MsdaCpuTuning t;
+  t.corners_ahead_forward = g_corners_ahead_forward.load();
+  t.corners_ahead_backward = g_corners_ahead_backward.load();
+  t.queries_ahead = g_queries_ahead.load();
+  t.backward_pass = g_backward_pass.load();
+  return t;
+}
+
+int msda_cpu_widest_pass() { return kWidestPass; }
+
+void set_msda_cpu_tuning(const MsdaCpuTuning& t) {
+  const std::pair<const char*, int> distances[] = {
+      {"corners_ahead_forward", t.corners_ahead_forward},
+      {"corners_ahead_backward", t.corners_ahead_backward},
+      {"queries_ahead", t.queries_ahead}};
+  for (const auto& [name, v] : distances)
+    if (v < 0 || v > 256)
+      throw std::invalid_argument(std::string(name) + ": expected 0..256, got " +
+                                  std::to_string(v));
+  const int pass = t.backward_pass;
+  const bool known = pass == kPassAuto || pass == kPassGeneric || pass == kPassAvx2 ||
+                     pass == kPassAvx512;
+  // every pass up to the widest one exists in this build
+  if (!known || (pass != kPassAuto && pass > kWidestPass))
+    throw std::invalid_argument("backward_pass: " + std::to_string(pass) +
+                                " is not a pass this build has (widest: " +
+                                std::to_string(kWidestPass) + ")");
+  g_corners_ahead_forward = t.corners_ahead_forward;
+  g_corners_ahead_backward = t.corners_ahead_backward;
+  g_queries_ahead = t.queries_ahead;
+  g_backward_pass = pass;
+}
 
 template <class T>
 void msda_forward_cpu(const MsdaShape& s, const T* value, const Acc<T>* loc,

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # about 5x the slowest family's time on 2 cores
 
 
-@pytest.mark.parametrize("family", ["msda", "flatten", "layers", "linear", "int8",
+@pytest.mark.parametrize("family", ["msda", "msda_passes", "flatten", "layers", "linear", "int8",
                                     "dropout"])
 def test_bitwise_equal_at_every_thread_count(family):
     try:

@@ -3,7 +3,7 @@ head counts and batch sizes, and exits non-zero naming each result that is not b
 equal to the 1-thread one. Started by tests/test_threads.py in a subprocess under a
 timeout, so a kernel that hangs at some thread count fails instead of stalling the run.
 
-    python -m tests.threads_worker {msda,flatten,layers,linear,int8,dropout}
+    python -m tests.threads_worker {msda,msda_passes,flatten,layers,linear,int8,dropout}
 """
 
 from __future__ import annotations
@@ -72,6 +72,29 @@ def msda_cases():
                     out = ms_deform_attn(value, shapes, None, loc, attn)
                     return _grads(out, [value, loc, attn])
                 yield f"msda M{m} N{n} {dtype}", run
+
+
+def msda_pass_cases():
+    """Each backward per-sample pass this build has, forced (the AVX2 / AVX-512 passes
+    take head sizes that are multiples of 8 / 16)."""
+    from ddetr.ops import msda_tuning
+    shapes = [(16, 20), (8, 10)]
+    s = sum(h * w for h, w in shapes)
+    for name in msda_tuning.msda_tuning()["passes"]:
+        for m, n, d, dtype in ((8, 1, 32, torch.float32), (3, 2, 16, torch.bfloat16),
+                               (5, 1, 8, torch.float32)):
+            def run(name=name, m=m, n=n, d=d, dtype=dtype):
+                msda_tuning.set_msda_tuning(backward_pass=name)
+                try:
+                    g = torch.Generator().manual_seed(0)
+                    value = _rand(g, n, s, m, d, dtype=dtype, lo=-1)
+                    loc = _rand(g, n, 1100, m, 2, 4, 2, lo=-0.1, hi=1.1)
+                    attn = _rand(g, n, 1100, m, 2, 4)
+                    out = ms_deform_attn(value, shapes, None, loc, attn)
+                    return _grads(out, [value, loc, attn])
+                finally:
+                    msda_tuning.set_msda_tuning(backward_pass="auto")
+            yield f"msda pass {name} M{m} N{n} D{d} {dtype}", run
 
 
 def flatten_cases():
@@ -165,7 +188,7 @@ def dropout_cases():
                 yield f"{fn.__name__} {numel} {dtype}", run
 
 
-FAMILIES = {"msda": msda_cases, "flatten": flatten_cases, "layers": layer_cases,
+FAMILIES = {"msda": msda_cases, "msda_passes": msda_pass_cases, "flatten": flatten_cases, "layers": layer_cases,
             "linear": linear_cases, "int8": int8_cases, "dropout": dropout_cases}
 
 

@@ -11,11 +11,15 @@ from ddetr.models.deformable_detr import DeformableDetr
 from ddetr.models.detr import Detr
 from ddetr.models.dino import Dino
 from ddetr.models.ms_deform_attn import MSDeformAttn
+from ddetr.ops import msda_tuning as _msda_tuning
 
 try:
     __version__ = _dist_version("ddetr")
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
+
+# this machine's saved prefetch distances of the CPU MSDA kernels (ddetr tune), if any
+_msda_tuning.apply_saved()
 
 __all__ = ["DeformableDetr", "Detr", "Dino", "MSDeformAttn", "build_info", "__version__"]
 
@@ -29,7 +33,9 @@ def build_info() -> dict:
     ``blas`` (the OpenBLAS kernels the CPU linear layers run, by OpenBLAS's name, e.g.
     "SkylakeX"; "" when OpenBLAS is not available; asking loads it), ``gemm_bf16_kernel``
     and ``gemm_int8_kernel`` (the kernels the bfloat16 layers and the int8 linears run on
-    this CPU, chosen at run time), ``cpu`` (name, family, model and vector extensions),
+    this CPU, chosen at run time), ``msda_tuning`` (the CPU MSDA kernels' prefetch
+    distances and backward pass, and where they came from: ``ddetr.ops.msda_tuning``),
+    ``cpu`` (name, family, model and vector extensions),
     and ``import_error`` when the extension is missing.
     """
     from ddetr import _cpu
@@ -48,5 +54,6 @@ def build_info() -> dict:
         from ddetr._native import gemm
         info["gemm_bf16_kernel"] = gemm.bf16_kernel()
         info["gemm_int8_kernel"] = gemm.int8_kernel()
+        info["msda_tuning"] = _msda_tuning.msda_tuning()
     info["cpu"] = _cpu.describe()
     return info

@@ -123,6 +123,7 @@ def build_parser(arch: str | None = None) -> argparse.ArgumentParser:
     _add_run_flags(pred, for_eval=False)
     _add_plot_parser(sub)
     _add_compress_parser(sub)
+    _add_tune_parser(sub)
     _add_export_parser(sub)
     return parser
 
@@ -224,6 +225,27 @@ def _add_plot_parser(sub) -> None:
     plot.add_argument("--height", type=int, default=400, help="pixels (default 400)")
 
 
+def _add_tune_parser(sub) -> None:
+    tune = sub.add_parser(
+        "tune", help="measure the CPU kernels' prefetch distances on this machine",
+        description="Time the CPU multi-scale deformable attention kernels at an encoder-"
+                    "sized call with several prefetch distances (a candidate must be 3%% "
+                    "faster to replace the default), and save the best for this CPU and "
+                    "build in $DDETR_CACHE/msda_tuning.json (~/.cache/ddetr), where every "
+                    "later 'import ddetr' on this machine applies them. No setting "
+                    "changes a result. DDETR_MSDA_TUNING=off ignores the saved settings.")
+    tune.add_argument("--image", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"),
+                      help="the image size whose encoder call is timed (default 800 1333)")
+    tune.add_argument("--repeats", type=int, default=7,
+                      help="timed calls per candidate (median; default 7)")
+    tune.add_argument("--threads", type=int, default=None,
+                      help="CPU threads while timing (default: torch's, i.e. the cores)")
+    tune.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
+                      help="write the result to the cache (default on)")
+    tune.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                      help="a tqdm bar (default on)")
+
+
 def _add_trust_pickle(parser) -> None:
     parser.add_argument("--trust_pickle", "--trust-pickle", dest="trust_pickle",
                         action="store_true",
@@ -250,7 +272,7 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     command = {"train": run_train, "eval": run_eval, "predict": run_predict,
                "plot": run_plot, "compress": run_compress,
-               "export": run_export}[args.command]
+               "export": run_export, "tune": run_tune}[args.command]
     try:
         return command(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -314,6 +336,26 @@ def run_eval(args) -> int:
     if result["non_finite_detections"]:
         print(f"{result['non_finite_detections']} detection(s) with a non-finite score or box "
               f"were left out")
+    return 0
+
+
+def run_tune(args) -> int:
+    import torch
+
+    from ddetr.ops import msda_tuning
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected a positive int, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    result = msda_tuning.tune_msda(tuple(args.image), args.repeats, save=args.save,
+                                   progress=args.progress)
+    print(f"{result['machine']}, {result['threads']} threads, "
+          f"{args.image[0]}x{args.image[1]} encoder call, median ms:")
+    for name, times in result["times_ms"].items():
+        row = "  ".join(f"{v}: {t:.1f}" for v, t in times.items())
+        print(f"  {name:24s} {row}  -> {result['settings'][name]}")
+    if args.save:
+        print(f"saved to {msda_tuning.cache_path()}")
     return 0
 
 

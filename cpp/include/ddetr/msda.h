@@ -51,6 +51,30 @@ void msda_backward_cpu(const MsdaShape& shape, const T* value, const Acc<T>* loc
                        Acc<T>* grad_loc, Acc<T>* grad_attn, int num_threads,
                        T* out = nullptr);
 
+// Run-time settings of the CPU kernels, process-wide (read once at the start of each
+// call). The prefetch distances never change a result bit, so they may be tuned per
+// machine (python/ddetr/ops/msda_tuning.py measures them): how many samples ahead the
+// forward and the backward prefetch the corners they gather (and scatter), and how many
+// queries ahead the backward prefetches its loc, attn and grad_out rows; 0 = none.
+// `backward_pass` picks the backward's per-sample pass: kPassAuto (the widest this
+// build has), kPassGeneric (the portable loop), kPassAvx2, kPassAvx512; a pass the build
+// lacks is refused by set_msda_cpu_tuning. The passes round the corner dot products in
+// a different order, so forcing one is for tests; each is bitwise the same at any
+// thread count.
+enum MsdaPass : int { kPassAuto = 0, kPassGeneric = 1, kPassAvx2 = 2, kPassAvx512 = 3 };
+struct MsdaCpuTuning {
+  int corners_ahead_forward = 32;
+  int corners_ahead_backward = 16;
+  int queries_ahead = 4;
+  int backward_pass = kPassAuto;
+};
+MsdaCpuTuning msda_cpu_tuning();
+// Throws std::invalid_argument naming the field: distances outside [0, 256], a pass
+// that is not one of the above or that this build does not have.
+void set_msda_cpu_tuning(const MsdaCpuTuning& tuning);
+// The pass kPassAuto resolves to in this build (kPassAvx512, kPassAvx2 or kPassGeneric).
+int msda_cpu_widest_pass();
+
 // CUDA launchers (cuda/msda_forward.cu, cuda/msda_backward*.cu). `stream` is a cudaStream_t passed as an
 // integer so this header stays free of CUDA includes; `device` is the CUDA
 // device index the pointers live on. Both throw std::runtime_error on CUDA errors.
