@@ -633,3 +633,24 @@ def call_masked(layer, inp, attn_mask, native):
     layer.native_layers = native
     return layer(inp["x"], inp["pos"], inp["ref"], inp["memory"], inp["shapes"], None,
                  inp["mask"], self_attn_mask=attn_mask)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_inference_call_skips_autograd_with_the_same_bits(kind):
+    # Without gradients to compute the native forward runs without autograd's Function
+    # (no graph, nothing saved); it is the same forward, bit for bit.
+    levels = SHAPES["three"]
+    layer = make_layer(kind, levels, torch.float32)
+    inp = make_inputs(kind, levels, dtype=torch.float32)
+    with_graph = call(layer, kind, inp, native=True)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        plain = call(layer, kind, inp, native=True)
+    assert plain.grad_fn is None
+    assert torch.equal(with_graph.detach().view(torch.int32), plain.view(torch.int32))
+    for t in inp.values():  # and with no input nor parameter needing a gradient
+        if isinstance(t, torch.Tensor):
+            t.requires_grad_(False)
+    layer.requires_grad_(False)
+    frozen = call(layer, kind, inp, native=True)
+    assert frozen.grad_fn is None and torch.equal(frozen, plain)

@@ -48,10 +48,16 @@ def _plain(module: nn.Module, kind: type) -> bool:
                                          or module._backward_hooks)
 
 
+def _children(layer: nn.Module):
+    # the direct sub-modules (what ``layer.children()`` yields, without its generator
+    # machinery: these checks run on every layer call)
+    return [m for m in layer._modules.values() if m is not None]
+
+
 def _dropouts(layer: nn.Module) -> list[float]:
     # the layer's own children (the attention modules hold no nn.Dropout): a walk of
     # every sub-module on each call cost more than the native layer at small sizes
-    ps = [m.p for m in layer.children() if isinstance(m, nn.Dropout)]
+    ps = [m.p for m in _children(layer) if isinstance(m, nn.Dropout)]
     attn = getattr(layer, "self_attn", None)
     if isinstance(attn, nn.MultiheadAttention):
         ps.append(attn.dropout)
@@ -74,7 +80,9 @@ def supports(layer: nn.Module, x: Tensor, *others: Tensor | None) -> bool:
 
 
 def _dtype_problem(layer: nn.Module, x: Tensor, tensors: list[Tensor]) -> str | None:
-    params = list(layer.parameters())
+    # the parameters the native layer reads (the module check has passed, so these are
+    # all of a plain layer's; ``layer.parameters()`` walked every sub-module per call)
+    params = _read_params(layer)
     if _autocast(x.device.type):
         castable = (torch.float32, torch.bfloat16)
         if torch.get_autocast_dtype(x.device.type) != torch.bfloat16:
@@ -106,7 +114,7 @@ def _module_problem(layer: nn.Module) -> str | None:
                                            attn.attention_weights, attn.output_proj,
                                            layer.linear1, layer.linear2)):
         return "the attention and linear sub-modules must be plain MSDeformAttn / nn.Linear"
-    norms = [m for m in layer.children() if isinstance(m, nn.LayerNorm)]
+    norms = [m for m in _children(layer) if isinstance(m, nn.LayerNorm)]
     if not all(_plain(n, nn.LayerNorm) and n.eps == 1e-5 and n.weight is not None
                and n.bias is not None for n in norms):
         return "the LayerNorms must be plain, affine, with eps 1e-5"
@@ -123,7 +131,22 @@ def unsupported(layer: nn.Module, x: Tensor, *others: Tensor | None) -> str | No
     """Why ``layer`` cannot run natively on these inputs, or None when it can (see
     ``supports``, which also leaves empty inputs and ``torch.compile`` to PyTorch)."""
     tensors = [x, *(t for t in others if t is not None)]
-    return _dtype_problem(layer, x, tensors) or _module_problem(layer)
+    return _module_problem(layer) or _dtype_problem(layer, x, tensors)
+
+
+def _read_params(layer: nn.Module) -> list[Tensor]:
+    """Every parameter of a plain encoder or decoder layer (as ``_module_problem``
+    allows), read by attribute."""
+    attn = layer.cross_attn if hasattr(layer, "cross_attn") else layer.self_attn
+    linears = (attn.value_proj, attn.sampling_offsets, attn.attention_weights,
+               attn.output_proj, layer.linear1, layer.linear2)
+    params = [p for lin in linears for p in (lin.weight, lin.bias)]
+    params += [p for n in _children(layer) if isinstance(n, nn.LayerNorm)
+               for p in (n.weight, n.bias)]
+    if hasattr(layer, "cross_attn"):
+        sa = layer.self_attn
+        params += [sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias]
+    return [p for p in params if p is not None]
 
 
 def _cat(*parts: Tensor) -> Tensor:

@@ -108,4 +108,10 @@ def run(call: LayerCall, x: Tensor, pos: Tensor | None, ref: Tensor, memory: Ten
     param_list = [None if params.get(name) is None else params[name].contiguous()
                   for name in PARAM_NAMES]
     bias = None if sa_bias is None else sa_bias.contiguous()
+    if not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (*tensors, *param_list))):
+        # nothing to differentiate (inference): the native forward directly, without
+        # autograd's bookkeeping, which cost as much as a small layer's work
+        inputs = dict(zip(native.INPUT_NAMES, (*tensors, mask_u8, bias)))
+        return native.forward(call, inputs, dict(zip(PARAM_NAMES, param_list)))[0]
     return _NativeLayer.apply(call, *tensors, mask_u8, bias, *param_list)
