@@ -113,12 +113,16 @@ def test_bad_settings_raise_naming_them(tuning, settings, match):
     assert tuning.msda_tuning() == before
 
 
-def test_native_refuses_a_pass_the_build_lacks():
-    from ddetr._native.loader import _C
-    with pytest.raises(ValueError, match="backward_pass"):
-        _C.set_msda_cpu_tuning(32, 16, 4, 9)
+def test_native_refuses_what_python_would_have_caught(tuning):
+    # the extension re-checks: a distance out of range, a pass this build does not have
+    from ddetr._native import msda
     with pytest.raises(ValueError, match="queries_ahead"):
-        _C.set_msda_cpu_tuning(32, 16, 300, 0)
+        msda.set_cpu_tuning(32, 16, 300, "auto")
+    missing = [p for p in ("avx2", "avx512") if p not in msda.cpu_passes()]
+    for name in missing:
+        with pytest.raises(ValueError, match="backward_pass"):
+            msda.set_cpu_tuning(32, 16, 4, name)
+    assert msda.cpu_tuning()["queries_ahead"] == tuning.msda_tuning()["queries_ahead"]
 
 
 def _import_info(env: dict) -> subprocess.CompletedProcess:
