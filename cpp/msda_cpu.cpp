@@ -24,8 +24,8 @@
 //   reproducible). Corners off the map scatter into a per-thread dummy row.
 //
 //   The per-sample pass is hand-written with AVX-512 intrinsics for float and bf16
-//   values with D a multiple of 16 (sample_pass_avx512), and with AVX2 + FMA for D a
-//   multiple of 8 (sample_pass_avx2: CPUs without AVX-512); the corners a few samples
+//   values with D a multiple of 16 (sample_pass_simd<Avx512>), and with AVX2 + FMA for D a
+//   multiple of 8 (sample_pass_simd<Avx2>: CPUs without AVX-512); the corners a few samples
 //   ahead, and the next queries' inputs, are prefetched by hand (how far: MsdaCpuTuning,
 //   set at run time, per machine); and with many queries
 //   a thread visits them in strips of the map (visit_order) so its window stays small.
@@ -338,121 +338,98 @@ void sample_pass_generic(int64_t D, const T* value_n, Acc<T>* grad_value_n, Corn
   }
 }
 
+// The same pass with vector intrinsics, for float or bf16 values and D a multiple of the
+// vector width: g, the output accumulators and the four dot products stay in registers,
+// and the dots of a sample end in one 4-way horizontal sum (sum4) instead of four lane
+// reductions. Written by hand because GCC spilled the dot vectors to the stack and summed
+// their lanes in scalar loops, most of the instructions of the generic loop (which also
+// prefetches less well). One template over the ISA (Isa: the vector type and the
+// handful of operations it needs): Avx512 (16 lanes, head sizes 16, 32, 64) and Avx2
+// (AVX2 + FMA, 8 lanes, also 8: CPUs without AVX-512, e.g. AMD Zen 2/3).
+#ifdef DDETR_MSDA_AVX2
+struct Avx2 {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const bf16* p) {  // bf16 -> float: the bits move to the upper half
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  // (sum of a's lanes, of b's, of c's, of d's)
+  static __m128 sum4(V a, V b, V c, V d) {
+    // per 128-bit half: (a01, a23, b01, b23), then (a0123, b0123, c0123, d0123)
+    const V abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+  }
+};
+#endif
+
 #ifdef DDETR_MSDA_AVX512
-// The same with AVX-512 intrinsics, for float or bf16 values and D a multiple of 16
-// (head sizes 16, 32, 64): g, the output accumulators and the four dot products stay in
-// registers, and the dots of a sample end in one 4-way horizontal sum (sum4) instead of
-// four 16-lane reductions. Written by hand because GCC spilled the dot vectors to the
-// stack and summed their lanes in scalar loops, most of the instructions of the old loop.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {  // bf16 -> float: the bits move to the upper half
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// (sum of a's lanes, of b's, of c's, of d's)
-inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  // per 128-bit block: ab = (a0+a2, b0+b2, a1+a3, b1+b3), cd likewise
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  // per block: (a, b, c, d) partial sums; then the four blocks added together
-  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), upper);
-  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-}
-
-template <class T, int DC, bool kOut>
-void sample_pass_avx512(const T* value_n, float* grad_value_n, Corners<float>& c,
-                        int64_t first, int64_t count, int64_t set_up, int64_t ahead,
-                        const T* go, float* fwd) {
-  constexpr int kChunks = DC / 16;
-  __m512 gr[kChunks], acc[kChunks];
-  for (int i = 0; i < kChunks; ++i) {
-    gr[i] = load16(go + 16 * i);
-    acc[i] = _mm512_setzero_ps();
+struct Avx512 {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const bf16* p) {  // bf16 -> float: the bits move to the upper half
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
   }
-  for (int64_t j = first; j < first + count; ++j) {
-    if (ahead > 0 && j + ahead < set_up)
-      prefetch_corners<T, DC, true>(value_n, grad_value_n, c, j + ahead);
-    const T* v[4];
-    float* gv[4];
-    __m512 w[4], p[4];
-    for (int k = 0; k < 4; ++k) {
-      v[k] = at<T>(value_n, c.off[k][j]);
-      gv[k] = const_cast<float*>(at<float>(grad_value_n, c.goff[k][j]));
-      w[k] = _mm512_set1_ps(c.w[k][j]);
-      p[k] = _mm512_setzero_ps();
-    }
-    for (int i = 0; i < kChunks; ++i)
-      for (int k = 0; k < 4; ++k) {
-        const __m512 x = load16(v[k] + 16 * i);
-        p[k] = _mm512_fmadd_ps(gr[i], x, p[k]);
-        if constexpr (kOut) acc[i] = _mm512_fmadd_ps(w[k], x, acc[i]);
-        float* dst = gv[k] + 16 * i;
-        _mm512_storeu_ps(dst, _mm512_fmadd_ps(w[k], gr[i], _mm512_loadu_ps(dst)));
-      }
-    _mm_storeu_ps(c.dot.data() + 4 * j, sum4(p[0], p[1], p[2], p[3]));
+  static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static __m128 sum4(V a, V b, V c, V d) {
+    // per 128-bit block: ab = (a0+a2, b0+b2, a1+a3, b1+b3), cd likewise
+    const V ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const V cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    // per block: (a, b, c, d) partial sums; then the four blocks added together
+    const V abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), upper);
+    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
   }
-  if constexpr (kOut)
-    for (int i = 0; i < kChunks; ++i) _mm512_storeu_ps(fwd + 16 * i, acc[i]);
-}
+};
 #endif
 
 #ifdef DDETR_MSDA_AVX2
-// The same pass with AVX2 + FMA (8 lanes) for CPUs without AVX-512 (AMD Zen 2/3,
-// Intel client cores): float or bf16 values with D a multiple of 8. The generic loop
-// kept the four dot products as 8-lane vectors but reduced them lane by lane per sample
-// and issued no prefetches; here the dots end in one 4-way horizontal sum (sum4) and the
-// corners a few samples on are prefetched, as in the AVX-512 pass.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16* p) {  // bf16 -> float: the bits move to the upper half
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-// (sum of a's lanes, of b's, of c's, of d's)
-inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  // per 128-bit half: (a01, a23, b01, b23), then (a0123, b0123, c0123, d0123)
-  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
-template <class T, int DC, bool kOut>
-void sample_pass_avx2(const T* value_n, float* grad_value_n, Corners<float>& c,
-                      int64_t first, int64_t count, int64_t set_up, int64_t ahead,
-                      const T* go, float* fwd) {
-  constexpr int kChunks = DC / 8;
-  __m256 gr[kChunks], acc[kChunks];
+template <class Isa, class T, int DC, bool kOut>
+void sample_pass_simd(const T* value_n, float* grad_value_n, Corners<float>& c, int64_t first,
+                      int64_t count, int64_t set_up, int64_t ahead, const T* go, float* fwd) {
+  using V = typename Isa::V;
+  constexpr int kW = Isa::kLanes, kChunks = DC / kW;
+  V gr[kChunks], acc[kChunks];
   for (int i = 0; i < kChunks; ++i) {
-    gr[i] = load8(go + 8 * i);
-    acc[i] = _mm256_setzero_ps();
+    gr[i] = Isa::load(go + kW * i);
+    acc[i] = Isa::zero();
   }
   for (int64_t j = first; j < first + count; ++j) {
     if (ahead > 0 && j + ahead < set_up)
       prefetch_corners<T, DC, true>(value_n, grad_value_n, c, j + ahead);
     const T* v[4];
     float* gv[4];
-    __m256 w[4], p[4];
+    V w[4], p[4];
     for (int k = 0; k < 4; ++k) {
       v[k] = at<T>(value_n, c.off[k][j]);
       gv[k] = const_cast<float*>(at<float>(grad_value_n, c.goff[k][j]));
-      w[k] = _mm256_set1_ps(c.w[k][j]);
-      p[k] = _mm256_setzero_ps();
+      w[k] = Isa::set1(c.w[k][j]);
+      p[k] = Isa::zero();
     }
     for (int i = 0; i < kChunks; ++i)
       for (int k = 0; k < 4; ++k) {
-        const __m256 x = load8(v[k] + 8 * i);
-        p[k] = _mm256_fmadd_ps(gr[i], x, p[k]);
-        if constexpr (kOut) acc[i] = _mm256_fmadd_ps(w[k], x, acc[i]);
-        float* dst = gv[k] + 8 * i;
-        _mm256_storeu_ps(dst, _mm256_fmadd_ps(w[k], gr[i], _mm256_loadu_ps(dst)));
+        const V x = Isa::load(v[k] + kW * i);
+        p[k] = Isa::fmadd(gr[i], x, p[k]);
+        if constexpr (kOut) acc[i] = Isa::fmadd(w[k], x, acc[i]);
+        float* dst = gv[k] + kW * i;
+        Isa::store(dst, Isa::fmadd(w[k], gr[i], Isa::load(dst)));
       }
-    _mm_storeu_ps(c.dot.data() + 4 * j, sum4(p[0], p[1], p[2], p[3]));
+    _mm_storeu_ps(c.dot.data() + 4 * j, Isa::sum4(p[0], p[1], p[2], p[3]));
   }
   if constexpr (kOut)
-    for (int i = 0; i < kChunks; ++i) _mm256_storeu_ps(fwd + 8 * i, acc[i]);
+    for (int i = 0; i < kChunks; ++i) Isa::store(fwd + kW * i, acc[i]);
 }
 #endif
 
@@ -462,20 +439,20 @@ template <class T, int DC, bool kOut>
 void sample_pass(int64_t D, const T* value_n, Acc<T>* grad_value_n, Corners<Acc<T>>& c,
                  int64_t first, int64_t count, int64_t set_up, const Knobs& k, const T* go,
                  Acc<T>* g, Acc<T>* fwd) {
-  constexpr bool kSimd = !std::is_same_v<T, double> && DC > 0;
+  [[maybe_unused]] constexpr bool kSimd = !std::is_same_v<T, double> && DC > 0;
 #ifdef DDETR_MSDA_AVX512
   if constexpr (kSimd && DC % 16 == 0)
     if (k.pass == kPassAvx512) {
-      sample_pass_avx512<T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up,
-                                      k.corners_ahead, go, fwd);
+      sample_pass_simd<Avx512, T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up,
+                                            k.corners_ahead, go, fwd);
       return;
     }
 #endif
 #ifdef DDETR_MSDA_AVX2
   if constexpr (kSimd && DC % 8 == 0)
     if (k.pass == kPassAvx2) {
-      sample_pass_avx2<T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up,
-                                    k.corners_ahead, go, fwd);
+      sample_pass_simd<Avx2, T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up,
+                                          k.corners_ahead, go, fwd);
       return;
     }
 #endif
