@@ -94,14 +94,14 @@ py::dict tuning() {
   d["corners_ahead_forward"] = t.corners_ahead_forward;
   d["corners_ahead_backward"] = t.corners_ahead_backward;
   d["queries_ahead"] = t.queries_ahead;
-  d["backward_pass"] = t.backward_pass;
+  d["vector_pass"] = t.vector_pass;
   return d;
 }
 
 void set_tuning(int corners_ahead_forward, int corners_ahead_backward, int queries_ahead,
-                int backward_pass) {
+                int vector_pass) {
   set_msda_cpu_tuning({corners_ahead_forward, corners_ahead_backward, queries_ahead,
-                       backward_pass});
+                       vector_pass});
 }
 
 }  // namespace
@@ -136,10 +136,10 @@ void bind_msda(py::module_& m) {
   m.def("msda_cpu_tuning", &tuning,
         "The CPU kernels' run-time settings (ddetr/msda.h MsdaCpuTuning) as a dict.");
   m.def("set_msda_cpu_tuning", &set_tuning, py::arg("corners_ahead_forward"),
-        py::arg("corners_ahead_backward"), py::arg("queries_ahead"), py::arg("backward_pass"),
+        py::arg("corners_ahead_backward"), py::arg("queries_ahead"), py::arg("vector_pass"),
         "Sets them (ValueError naming a field out of range or a pass this build lacks).");
   m.def("msda_cpu_widest_pass", &msda_cpu_widest_pass,
-        "The backward pass 'auto' runs: 3 AVX-512, 2 AVX2, 1 generic.");
+        "The vector pass 'auto' runs: 3 AVX-512, 2 AVX2, 1 generic.");
   m.def("msda_backward_workspace_bytes", &workspace_bytes, py::arg("call"),
         "Workspace bytes msda_backward needs for this call (0 on the CPU).");
 }

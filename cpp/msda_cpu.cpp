@@ -123,7 +123,7 @@ template <class A> struct Corners {
 std::atomic<int> g_corners_ahead_forward{MsdaCpuTuning{}.corners_ahead_forward};
 std::atomic<int> g_corners_ahead_backward{MsdaCpuTuning{}.corners_ahead_backward};
 std::atomic<int> g_queries_ahead{MsdaCpuTuning{}.queries_ahead};
-std::atomic<int> g_backward_pass{kPassAuto};
+std::atomic<int> g_vector_pass{kPassAuto};
 
 constexpr int kWidestPass =
 #if defined(DDETR_MSDA_AVX512)
@@ -141,7 +141,7 @@ struct Knobs {
       : corners_ahead_forward(g_corners_ahead_forward.load(std::memory_order_relaxed)),
         corners_ahead(g_corners_ahead_backward.load(std::memory_order_relaxed)),
         queries_ahead(g_queries_ahead.load(std::memory_order_relaxed)),
-        pass(g_backward_pass.load(std::memory_order_relaxed)) {
+        pass(g_vector_pass.load(std::memory_order_relaxed)) {
     if (pass == kPassAuto) pass = kWidestPass;
   }
 };
@@ -248,48 +248,6 @@ void setup_corners(const SampleTable& t, int64_t first, int64_t count, const A* 
   }
 }
 
-template <class T, int DC>
-void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>* attn, T* out,
-             int threads) {
-  using A = Acc<T>;
-  const int64_t D = DC ? DC : s.D;
-  const int64_t lp = s.L * s.P, samples = s.M * lp;  // per (n, q, m) and per (n, q)
-  const int64_t pairs = s.N * s.Lq;
-  const SampleTable table(s, sizeof(T));
-  const int64_t ahead = Knobs().corners_ahead_forward;
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<A> acc(D);
-    std::vector<T> zero_row(D, from_acc<T>(A(0)));
-    Corners<A> c(samples);
-#pragma omp for DDETR_SHARE_ROWS
-    for (int64_t nq = 0; nq < pairs; ++nq) {
-      const T* value_n = value + (nq / s.Lq) * s.S * s.M * s.D;
-      OffMap om;
-      om.zero = byte_distance(value_n, zero_row.data());
-      setup_corners<false>(table, 0, samples, loc + 2 * nq * samples, attn + nq * samples, om,
-                           c);
-      for (int64_t m = 0; m < s.M; ++m) {
-        for (int64_t ch = 0; ch < D; ++ch) acc[ch] = A(0);
-        for (int64_t j = m * lp; j < (m + 1) * lp; ++j) {
-          if (ahead > 0 && j + ahead < samples)
-            prefetch_corners<T, DC, false>(value_n, static_cast<A*>(nullptr), c, j + ahead);
-          const T* v0 = at<T>(value_n, c.off[0][j]);
-          const T* v1 = at<T>(value_n, c.off[1][j]);
-          const T* v2 = at<T>(value_n, c.off[2][j]);
-          const T* v3 = at<T>(value_n, c.off[3][j]);
-          const A w0 = c.w[0][j], w1 = c.w[1][j], w2 = c.w[2][j], w3 = c.w[3][j];
-#pragma omp simd
-          for (int64_t ch = 0; ch < D; ++ch)
-            acc[ch] += w0 * to_acc(v0[ch]) + w1 * to_acc(v1[ch]) + w2 * to_acc(v2[ch]) +
-                       w3 * to_acc(v3[ch]);
-        }
-        T* o = out + (nq * s.M + m) * D;
-        for (int64_t ch = 0; ch < D; ++ch) o[ch] = from_acc<T>(acc[ch]);
-      }
-    }
-  }
-}
 
 // Phase 2 of the backward for the samples [first, first + count) of one (n, q, m):
 // per sample, the four dots <g, value_k> into c.dot and the scatter
@@ -450,7 +408,7 @@ void sample_pass(int64_t D, const T* value_n, Acc<T>* grad_value_n, Corners<Acc<
 #endif
 #ifdef DDETR_MSDA_AVX2
   if constexpr (kSimd && DC % 8 == 0)
-    if (k.pass == kPassAvx2) {
+    if (k.pass == kPassAvx2 || k.pass == kPassAvx512) {  // (AVX-512 with D = 8: 8 lanes)
       sample_pass_simd<Avx2, T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up,
                                           k.corners_ahead, go, fwd);
       return;
@@ -458,6 +416,91 @@ void sample_pass(int64_t D, const T* value_n, Acc<T>* grad_value_n, Corners<Acc<
 #endif
   sample_pass_generic<T, DC, kOut>(D, value_n, grad_value_n, c, first, count, set_up,
                                    k.corners_ahead, go, g, fwd);
+}
+
+// The forward's output row of one (n, q, m) from its samples [first, first + count) of
+// `c` (set_up: how many entries `c` holds, for the prefetch): the vector pass keeps the
+// row in registers and adds the four corners one after the other with FMAs, as the
+// backward's vector pass computes the same row (so the two agree bit for bit); the
+// generic loop sums each sample's four products first. acc: a D-float scratch row.
+template <class T, int DC>
+void forward_head(int64_t D, const T* value_n, const Corners<Acc<T>>& c, int64_t first,
+                  int64_t count, int64_t set_up, const Knobs& k, Acc<T>* acc, T* out) {
+  using A = Acc<T>;
+  const int64_t ahead = k.corners_ahead_forward;
+#ifdef DDETR_MSDA_AVX2
+  if constexpr (!std::is_same_v<T, double> && DC > 0 && DC % 8 == 0)
+    if (k.pass != kPassGeneric) {
+      const auto run = [&](auto isa) {
+        using Isa = decltype(isa);
+        using V = typename Isa::V;
+        constexpr int kW = Isa::kLanes, kChunks = DC / kW;
+        V sum[kChunks];
+        for (int i = 0; i < kChunks; ++i) sum[i] = Isa::zero();
+        for (int64_t j = first; j < first + count; ++j) {
+          if (ahead > 0 && j + ahead < set_up)
+            prefetch_corners<T, DC, false>(value_n, static_cast<A*>(nullptr), c, j + ahead);
+          for (int kk = 0; kk < 4; ++kk) {
+            const T* v = at<T>(value_n, c.off[kk][j]);
+            const V w = Isa::set1(c.w[kk][j]);
+            for (int i = 0; i < kChunks; ++i) sum[i] = Isa::fmadd(w, Isa::load(v + kW * i), sum[i]);
+          }
+        }
+        for (int i = 0; i < kChunks; ++i) Isa::store(acc + kW * i, sum[i]);
+      };
+#ifdef DDETR_MSDA_AVX512
+      if (k.pass == kPassAvx512 && DC % 16 == 0)
+        run(Avx512{});
+      else
+#endif
+        run(Avx2{});
+      for (int64_t ch = 0; ch < DC; ++ch) out[ch] = from_acc<T>(acc[ch]);
+      return;
+    }
+#endif
+  for (int64_t ch = 0; ch < D; ++ch) acc[ch] = A(0);
+  for (int64_t j = first; j < first + count; ++j) {
+    if (ahead > 0 && j + ahead < set_up)
+      prefetch_corners<T, DC, false>(value_n, static_cast<A*>(nullptr), c, j + ahead);
+    const T* v0 = at<T>(value_n, c.off[0][j]);
+    const T* v1 = at<T>(value_n, c.off[1][j]);
+    const T* v2 = at<T>(value_n, c.off[2][j]);
+    const T* v3 = at<T>(value_n, c.off[3][j]);
+    const A w0 = c.w[0][j], w1 = c.w[1][j], w2 = c.w[2][j], w3 = c.w[3][j];
+#pragma omp simd
+    for (int64_t ch = 0; ch < D; ++ch)
+      acc[ch] += w0 * to_acc(v0[ch]) + w1 * to_acc(v1[ch]) + w2 * to_acc(v2[ch]) +
+                 w3 * to_acc(v3[ch]);
+  }
+  for (int64_t ch = 0; ch < D; ++ch) out[ch] = from_acc<T>(acc[ch]);
+}
+
+template <class T, int DC>
+void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>* attn, T* out,
+             int threads) {
+  using A = Acc<T>;
+  const int64_t D = DC ? DC : s.D;
+  const int64_t lp = s.L * s.P, samples = s.M * lp;  // per (n, q, m) and per (n, q)
+  const int64_t pairs = s.N * s.Lq;
+  const SampleTable table(s, sizeof(T));
+  const Knobs k;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<A> acc(D);
+    std::vector<T> zero_row(D, from_acc<T>(A(0)));
+    Corners<A> c(samples);
+#pragma omp for DDETR_SHARE_ROWS
+    for (int64_t nq = 0; nq < pairs; ++nq) {
+      const T* value_n = value + (nq / s.Lq) * s.S * s.M * s.D;
+      OffMap om;
+      om.zero = byte_distance(value_n, zero_row.data());
+      setup_corners<false>(table, 0, samples, loc + 2 * nq * samples, attn + nq * samples, om,
+                           c);
+      for (int64_t m = 0; m < s.M; ++m)
+        forward_head<T, DC>(D, value_n, c, m * lp, lp, samples, k, acc.data(),
+                            out + (nq * s.M + m) * D);
+    }
+  }
 }
 
 // Per-thread buffers of the backward.
@@ -644,7 +687,7 @@ MsdaCpuTuning msda_cpu_tuning() {
   t.corners_ahead_forward = g_corners_ahead_forward.load();
   t.corners_ahead_backward = g_corners_ahead_backward.load();
   t.queries_ahead = g_queries_ahead.load();
-  t.backward_pass = g_backward_pass.load();
+  t.vector_pass = g_vector_pass.load();
   return t;
 }
 
@@ -659,18 +702,18 @@ void set_msda_cpu_tuning(const MsdaCpuTuning& t) {
     if (v < 0 || v > 256)
       throw std::invalid_argument(std::string(name) + ": expected 0..256, got " +
                                   std::to_string(v));
-  const int pass = t.backward_pass;
+  const int pass = t.vector_pass;
   const bool known = pass == kPassAuto || pass == kPassGeneric || pass == kPassAvx2 ||
                      pass == kPassAvx512;
   // every pass up to the widest one exists in this build
   if (!known || (pass != kPassAuto && pass > kWidestPass))
-    throw std::invalid_argument("backward_pass: " + std::to_string(pass) +
+    throw std::invalid_argument("vector_pass: " + std::to_string(pass) +
                                 " is not a pass this build has (widest: " +
                                 std::to_string(kWidestPass) + ")");
   g_corners_ahead_forward = t.corners_ahead_forward;
   g_corners_ahead_backward = t.corners_ahead_backward;
   g_queries_ahead = t.queries_ahead;
-  g_backward_pass = pass;
+  g_vector_pass = pass;
 }
 
 template <class T>

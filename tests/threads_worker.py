@@ -75,7 +75,8 @@ def msda_cases():
 
 
 def msda_pass_cases():
-    """Each backward per-sample pass this build has, forced (the AVX2 / AVX-512 passes
+    """Each vector pass this build has (the forward's and the backward's per-sample
+    channel loops), forced (the AVX2 / AVX-512 passes
     take head sizes that are multiples of 8 / 16)."""
     from ddetr.ops import msda_tuning
     shapes = [(16, 20), (8, 10)]
@@ -84,7 +85,7 @@ def msda_pass_cases():
         for m, n, d, dtype in ((8, 1, 32, torch.float32), (3, 2, 16, torch.bfloat16),
                                (5, 1, 8, torch.float32)):
             def run(name=name, m=m, n=n, d=d, dtype=dtype):
-                msda_tuning.set_msda_tuning(backward_pass=name)
+                msda_tuning.set_msda_tuning(vector_pass=name)
                 try:
                     g = torch.Generator().manual_seed(0)
                     value = _rand(g, n, s, m, d, dtype=dtype, lo=-1)
@@ -93,7 +94,7 @@ def msda_pass_cases():
                     out = ms_deform_attn(value, shapes, None, loc, attn)
                     return _grads(out, [value, loc, attn])
                 finally:
-                    msda_tuning.set_msda_tuning(backward_pass="auto")
+                    msda_tuning.set_msda_tuning(vector_pass="auto")
             yield f"msda pass {name} M{m} N{n} D{d} {dtype}", run
 
 

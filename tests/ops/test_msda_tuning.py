@@ -1,4 +1,4 @@
-"""The CPU MSDA kernels' run-time settings (ddetr.ops.msda_tuning): every backward pass
+"""The CPU MSDA kernels' run-time settings (ddetr.ops.msda_tuning): every vector pass
 this build has, forced, against the float64 reference; the prefetch distances change no
 bit; bad settings raise naming the setting; DDETR_MSDA_TUNING and the per-machine cache
 are applied at import; ``ddetr tune`` measures and saves. (Bitwise thread-count
@@ -30,7 +30,7 @@ def tuning():
     before = msda_tuning.msda_tuning()
     yield msda_tuning
     msda_tuning.set_msda_tuning(**{k: before[k] for k in (*msda_tuning.DISTANCES,
-                                                          "backward_pass")})
+                                                          "vector_pass")})
 
 
 def _run(case, dtype, kind="random"):
@@ -49,11 +49,11 @@ def _passes():
     return msda_tuning.msda_tuning()["passes"]
 
 
-@pytest.mark.parametrize("backward_pass", _passes())
+@pytest.mark.parametrize("vector_pass", _passes())
 @pytest.mark.parametrize("case", CASES + [MANY_QUERIES], ids=str)
-def test_every_pass_matches_the_reference(tuning, backward_pass, case):
+def test_every_pass_matches_the_reference(tuning, vector_pass, case):
     # float32 against the float64 reference, on and off the map and on the borders
-    tuning.set_msda_tuning(backward_pass=backward_pass)
+    tuning.set_msda_tuning(vector_pass=vector_pass)
     for kind in ("random", "border"):
         got, (value, shapes, start, loc, attn, g) = _run(case, torch.float32, kind)
         leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
@@ -65,15 +65,15 @@ def test_every_pass_matches_the_reference(tuning, backward_pass, case):
             # (location gradients scale with the level width: relative to the largest)
             scale = max(1.0, b.abs().max().item()) if name == "locations" else 1.0
             torch.testing.assert_close(a.double(), b, atol=1e-4 * scale, rtol=1e-4,
-                                       msg=f"{backward_pass} {kind}: {name}")
+                                       msg=f"{vector_pass} {kind}: {name}")
 
 
-@pytest.mark.parametrize("backward_pass", _passes())
-def test_bf16_in_every_pass_keeps_the_house_error_bound(tuning, backward_pass):
+@pytest.mark.parametrize("vector_pass", _passes())
+def test_bf16_in_every_pass_keeps_the_house_error_bound(tuning, vector_pass):
     # test_msda.py's rule for bfloat16: the error against float64 at most 2x (output) and
     # 3x (gradients) the reference's own in bfloat16, plus 1e-2; the head sizes that the
     # AVX2 (8, 16, 32, 64) and AVX-512 (16, 32, 64) passes take
-    tuning.set_msda_tuning(backward_pass=backward_pass)
+    tuning.set_msda_tuning(vector_pass=vector_pass)
     for case in CASES:
         if case.d % 8:
             continue
@@ -103,7 +103,7 @@ def test_prefetch_distances_change_no_bit(tuning):
     (dict(corners_ahead_forward=257), "corners_ahead_forward: expected"),
     (dict(corners_ahead_backward=2.5), "corners_ahead_backward: expected"),
     (dict(queries_ahead=True), "queries_ahead: expected"),
-    (dict(backward_pass="sse"), "backward_pass: expected one of"),
+    (dict(vector_pass="sse"), "vector_pass: expected one of"),
     (dict(prefetch=3), "prefetch: not an MSDA setting"),
 ])
 def test_bad_settings_raise_naming_them(tuning, settings, match):
@@ -120,7 +120,7 @@ def test_native_refuses_what_python_would_have_caught(tuning):
         msda.set_cpu_tuning(32, 16, 300, "auto")
     missing = [p for p in ("avx2", "avx512") if p not in msda.cpu_passes()]
     for name in missing:
-        with pytest.raises(ValueError, match="backward_pass"):
+        with pytest.raises(ValueError, match="vector_pass"):
             msda.set_cpu_tuning(32, 16, 4, name)
     assert msda.cpu_tuning()["queries_ahead"] == tuning.msda_tuning()["queries_ahead"]
 
@@ -132,11 +132,11 @@ def _import_info(env: dict) -> subprocess.CompletedProcess:
 
 
 def test_environment_variable_is_applied_at_import(tmp_path):
-    run = _import_info({"DDETR_MSDA_TUNING": "queries_ahead=9, backward_pass=generic",
+    run = _import_info({"DDETR_MSDA_TUNING": "queries_ahead=9, vector_pass=generic",
                         "DDETR_CACHE": str(tmp_path)})
     assert run.returncode == 0, run.stderr
     info = json.loads(run.stdout.strip().splitlines()[-1])
-    assert (info["queries_ahead"], info["backward_pass"], info["source"]) == (9, "generic", "env")
+    assert (info["queries_ahead"], info["vector_pass"], info["source"]) == (9, "generic", "env")
     bad = _import_info({"DDETR_MSDA_TUNING": "queries_ahead=far"})
     assert bad.returncode != 0 and "DDETR_MSDA_TUNING: queries_ahead expects an int" in bad.stderr
 

@@ -56,17 +56,17 @@ void msda_backward_cpu(const MsdaShape& shape, const T* value, const Acc<T>* loc
 // machine (python/ddetr/ops/msda_tuning.py measures them): how many samples ahead the
 // forward and the backward prefetch the corners they gather (and scatter), and how many
 // queries ahead the backward prefetches its loc, attn and grad_out rows; 0 = none.
-// `backward_pass` picks the backward's per-sample pass: kPassAuto (the widest this
-// build has), kPassGeneric (the portable loop), kPassAvx2, kPassAvx512; a pass the build
-// lacks is refused by set_msda_cpu_tuning. The passes round the corner dot products in
-// a different order, so forcing one is for tests; each is bitwise the same at any
-// thread count.
+// `vector_pass` picks the per-sample channel loops of the forward and the backward:
+// kPassAuto (the widest this build has), kPassGeneric (the portable loops), kPassAvx2,
+// kPassAvx512; a pass the build lacks is refused by set_msda_cpu_tuning. The passes add
+// the corners in a different order, so forcing one is for tests; each is bitwise the
+// same at any thread count, and its forward equals its backward's forward row.
 enum MsdaPass : int { kPassAuto = 0, kPassGeneric = 1, kPassAvx2 = 2, kPassAvx512 = 3 };
 struct MsdaCpuTuning {
   int corners_ahead_forward = 32;
   int corners_ahead_backward = 16;
   int queries_ahead = 4;
-  int backward_pass = kPassAuto;
+  int vector_pass = kPassAuto;
 };
 MsdaCpuTuning msda_cpu_tuning();
 // Throws std::invalid_argument naming the field: distances outside [0, 256], a pass

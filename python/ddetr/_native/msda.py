@@ -59,21 +59,21 @@ PASSES = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
 
 
 def cpu_tuning() -> dict:
-    """The settings now in force: the three prefetch distances, and ``backward_pass`` by
+    """The settings now in force: the three prefetch distances, and ``vector_pass`` by
     name."""
     t = dict(_C.msda_cpu_tuning())
-    t["backward_pass"] = {v: k for k, v in PASSES.items()}[t["backward_pass"]]
+    t["vector_pass"] = {v: k for k, v in PASSES.items()}[t["vector_pass"]]
     return t
 
 
 def set_cpu_tuning(corners_ahead_forward: int, corners_ahead_backward: int,
-                   queries_ahead: int, backward_pass: str) -> None:
+                   queries_ahead: int, vector_pass: str) -> None:
     """Sets them all (the extension checks the ranges and that it has the pass)."""
     _C.set_msda_cpu_tuning(corners_ahead_forward, corners_ahead_backward, queries_ahead,
-                           PASSES[backward_pass])
+                           PASSES[vector_pass])
 
 
 def cpu_passes() -> list[str]:
-    """The backward passes this build has, narrowest first (``auto`` runs the last)."""
+    """The vector passes this build has, narrowest first (``auto`` runs the last)."""
     widest = _C.msda_cpu_widest_pass()
     return [name for name, code in PASSES.items() if 0 < code <= widest]

@@ -12,11 +12,11 @@ distances are run-time settings, never a constant one CPU liked:
 * ``import ddetr`` applies the saved settings of this CPU and build, if there are any,
   else the kernels' defaults (measured on a Zen 5);
 * ``DDETR_MSDA_TUNING`` overrides both: ``off`` (the defaults, nothing read), or
-  ``name=value,...`` with the names of ``msda_tuning()``; ``backward_pass=generic`` /
-  ``avx2`` / ``avx512`` forces the backward's per-sample pass (for tests: the passes
-  round the corner dot products differently).
+  ``name=value,...`` with the names of ``msda_tuning()``; ``vector_pass=generic`` /
+  ``avx2`` / ``avx512`` forces the per-sample channel loops of the forward and the
+  backward (for tests: the passes add the corners in different orders).
 
-A prefetch changes no result: every setting gives the same bits. The backward pass
+A prefetch changes no result: every setting gives the same bits. The vector pass
 does (in the last bits), so tuning never changes it.
 """
 
@@ -67,7 +67,7 @@ def cache_path() -> str:
 
 def msda_tuning() -> dict:
     """The settings in force: ``corners_ahead_forward``, ``corners_ahead_backward``,
-    ``queries_ahead`` (samples / queries; 0 = no prefetch), ``backward_pass`` (``auto``
+    ``queries_ahead`` (samples / queries; 0 = no prefetch), ``vector_pass`` (``auto``
     unless forced), ``passes`` (what this build has) and ``source`` (``default``,
     ``cache``, ``tuned``, ``env`` or ``set``)."""
     msda = _native_msda()
@@ -84,10 +84,10 @@ def set_msda_tuning(**settings) -> dict:
         if name not in current:
             raise ValueError(f"{name}: not an MSDA setting (expected one of "
                              f"{', '.join(current)})")
-        if name == "backward_pass":
+        if name == "vector_pass":
             allowed = ["auto", *msda.cpu_passes()]
             if value not in allowed:
-                raise ValueError(f"backward_pass: expected one of {allowed} (this build), "
+                raise ValueError(f"vector_pass: expected one of {allowed} (this build), "
                                  f"got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
             raise ValueError(f"{name}: expected an int in [0, 256], got {value!r}")
@@ -104,7 +104,7 @@ def _parse_env(text: str) -> dict:
         if not sep:
             raise ValueError(f"{ENV}: expected 'off' or name=value pairs, got {item!r}")
         name, value = name.strip(), value.strip()
-        settings[name] = value if name == "backward_pass" else _int(name, value)
+        settings[name] = value if name == "vector_pass" else _int(name, value)
     return settings
 
 
