@@ -36,3 +36,31 @@ def test_step_schedule():
 def test_bad_lr():
     with pytest.raises(ValueError, match="lr"):
         build_optimizer(tiny_model(), lr=0)
+
+
+def test_fused_adamw_where_it_runs_and_the_same_update():
+    # float32 parameters on the CPU: torch's fused AdamW, whose steps match the
+    # per-tensor AdamW's to rounding; a bfloat16 model keeps the per-tensor loop
+    model = tiny_model()
+    optimizer, _ = build_optimizer(model, lr=1e-3, weight_decay=1e-4)
+    assert all(g["fused"] for g in optimizer.param_groups)
+    reference_model = tiny_model()
+    reference_model.load_state_dict(model.state_dict())
+    reference = torch.optim.AdamW(param_groups(reference_model, 1e-3, 1e-3 * 0.1, 0.1),
+                                  lr=1e-3, weight_decay=1e-4)
+    optimizer, _ = build_optimizer(model, lr=1e-3, lr_backbone=1e-4, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for a, b in zip(model.parameters(), reference_model.parameters()):
+            if a.requires_grad:
+                a.grad = torch.randn(a.shape, generator=gen)
+                b.grad = a.grad.clone()
+        optimizer.step()
+        reference.step()
+    moved = 0
+    for a, b in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        moved += int(a.requires_grad)
+    assert moved > 0
+    bf16, _ = build_optimizer(tiny_model().to(torch.bfloat16), lr=1e-3)
+    assert not any(g["fused"] for g in bf16.param_groups)

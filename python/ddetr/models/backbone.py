@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddetr.models import weights
-from ddetr.models.derived import derived
 
 # name -> (block, blocks per stage); widths follow torchvision (64 stem channels).
 RESNET_SPECS = {
@@ -88,13 +87,14 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     """``norm(conv(x))``. A frozen norm, or a batch norm in eval mode, is folded into the
     convolution (weights scaled per output channel, shift as the bias): one pass over
     the output instead of three, and no extra full-size tensors. The folded weights are
-    made once per weight change when nothing needs their gradient (``derived``). A batch
+    made on every call (a pass over the weights, small beside the convolution; a cache of
+    them went stale when weights changed without moving their version counter, as
+    torch's fused AdamW and writes through ``.data`` change them). A batch
     norm that trains runs as is."""
     if not _foldable(norm) or conv.bias is not None:
         return norm(conv(x))
     sources = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-    weight, shift = derived(conv, "folded_norm", sources,
-                            lambda *t: _fold(*t, norm.eps))
+    weight, shift = _fold(*sources, norm.eps)
     return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddetr.models.derived import derived
 from ddetr.models.ms_deform_attn import MSDeformAttn
 from ddetr.ops import native_layers as ops_layers
 from ddetr.ops.levels import as_level_table
@@ -149,17 +148,11 @@ def _read_params(layer: nn.Module) -> list[Tensor]:
     return [p for p in params if p is not None]
 
 
-def _cat(*parts: Tensor) -> Tensor:
-    return torch.cat(parts)
-
-
 def _deform_params(attn: nn.Module, norm: nn.LayerNorm) -> dict[str, Tensor]:
-    # (M*L*P*2 + M*L*P, C): one GEMM for the offsets and the attention logits
-    # (joined once per weight change when nothing needs gradients: derived())
-    oa_w = derived(attn, "joined_weight", (attn.sampling_offsets.weight,
-                                           attn.attention_weights.weight), _cat)
-    oa_b = derived(attn, "joined_bias", (attn.sampling_offsets.bias,
-                                         attn.attention_weights.bias), _cat)
+    # (M*L*P*2 + M*L*P, C): one GEMM for the offsets and the attention logits (joined on
+    # every call: a few microseconds, and never stale whatever changed the weights)
+    oa_w = torch.cat((attn.sampling_offsets.weight, attn.attention_weights.weight))
+    oa_b = torch.cat((attn.sampling_offsets.bias, attn.attention_weights.bias))
     return {"value_proj_weight": attn.value_proj.weight, "value_proj_bias": attn.value_proj.bias,
             "sampling_offsets_attention_weights_weight": oa_w,
             "sampling_offsets_attention_weights_bias": oa_b,
