@@ -167,8 +167,8 @@ def _add_compress_parser(sub) -> None:
     comp = sub.add_parser(
         "compress", help="a faster detector at (nearly) the same AP, post hoc",
         description="Measure every compression technique (smaller inputs, decoder "
-                    "truncation, fewer queries, fewer sampling points, encoder token "
-                    "sparsification, bfloat16, int8) alone on the validation images, then "
+                    "truncation, fewer queries, fewer sampling points or feature levels, encoder "
+                    "token sparsification, bfloat16, int8) alone on the validation images, then "
                     "combine them greedily by speed gained per AP lost while the AP drop "
                     "stays within --max_ap_drop. Writes OUTPUT_DIR/checkpoint.pth (for ddetr "
                     "eval / predict), OUTPUT_DIR/model/ (save_pretrained) and report.json / "

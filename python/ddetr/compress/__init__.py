@@ -9,6 +9,8 @@ identity setting returns a model with exactly the original outputs.
 - ``prune_points(model, enc_points, dec_points, usage)``: keep the sampling points with
   the largest mean attention weight per (layer, head, level) (``point_usage``); the
   softmax then renormalises over the points kept.
+- ``drop_levels(model, levels)``: the transformer on some feature levels only (e.g. the
+  most attended by ``level_usage``); without the coarsest ones the backbone stops early.
 - ``to_bfloat16(model)``: every parameter and activation in bfloat16.
 - ``resize_inputs(model, scale)``: the same weights on images ``scale`` times the size.
 - ``sparsify_encoder(model, rho, scorer_state)``: every encoder layer updates only the
@@ -29,9 +31,9 @@ from ddetr.compress.distill import distill, pseudo_labels
 from ddetr.compress.calibrate import encoder_token_saliency, point_usage, query_usage
 from ddetr.compress.int8 import to_int8
 from ddetr.compress.sparse import selection_recall, sparsify_encoder, train_token_scorer
-from ddetr.compress.techniques import (prune_points, reduce_queries, resize_inputs, to_bfloat16,
-                                       truncate_decoder)
+from ddetr.compress.techniques import (drop_levels, level_usage, prune_points, reduce_queries,
+                                       resize_inputs, to_bfloat16, truncate_decoder)
 
-__all__ = ["compress", "distill", "pseudo_labels", "encoder_token_saliency", "point_usage", "prune_points", "query_usage",
+__all__ = ["compress", "distill", "drop_levels", "level_usage", "pseudo_labels", "encoder_token_saliency", "point_usage", "prune_points", "query_usage",
            "reduce_queries", "resize_inputs", "selection_recall", "sparsify_encoder",
            "to_bfloat16", "to_int8", "train_token_scorer", "truncate_decoder", "write_report"]

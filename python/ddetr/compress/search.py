@@ -17,6 +17,7 @@ from ddetr.compress import calibrate, sparse, techniques
 from ddetr.compress.distill import distill
 from ddetr.compress.int8 import int8_ready, to_int8
 from ddetr.compress.measure import accuracy, latency
+from ddetr.models.deformable_transformer import TooFewTokens
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,11 @@ def _steps(model, usage: dict, query_counts, resize: bool, scorer: dict | None) 
         for p in range(cfg[key] - 1, 0, -1):
             arg = {f"{part[:3]}_points": p}
             steps.append(Step(f"{part} points", str(p),
-                              lambda m, arg=arg: techniques.prune_points(m, usage=usage, **arg)))
+                              lambda m, arg=arg: techniques.prune_points(
+                                  m, usage=_usage_of(m, usage, model.feature_levels), **arg)))
+    for levels in _level_sets(model, usage):
+        steps.append(Step("levels", "+".join(map(str, levels)),
+                          lambda m, levels=levels: techniques.drop_levels(m, levels)))
     if scorer is not None:
         for r in RATIOS:
             steps.append(Step("encoder tokens", f"rho {r}",
@@ -73,6 +78,29 @@ def _steps(model, usage: dict, query_counts, resize: bool, scorer: dict | None) 
     if int8_ready(model):
         steps.append(Step(PRECISION, "int8", to_int8))
     return steps
+
+
+def _level_sets(model, usage: dict) -> list[list[int]]:
+    """The feature levels to try keeping: the k most attended levels, and the k finest
+    (without the coarsest levels the backbone stops early), for k = L-1 down to 1."""
+    levels = model.feature_levels
+    share = techniques.level_usage(model, usage)
+    by_use = sorted(levels, key=lambda lvl: -share[lvl])
+    sets = []
+    for k in range(len(levels) - 1, 0, -1):
+        for kept in (sorted(by_use[:k]), levels[:k]):
+            if kept not in sets:
+                sets.append(kept)
+    return sets
+
+
+def _usage_of(model, usage: dict, levels: list[int]) -> dict:
+    """``point_usage`` measured on a model with feature levels ``levels``, restricted to
+    the levels ``model`` kept (after ``drop_levels``)."""
+    if model.feature_levels == levels:
+        return usage
+    positions = [levels.index(lvl) for lvl in model.feature_levels]
+    return {name: u[:, positions] for name, u in usage.items()}
 
 
 def _fewer_learned(model, k: int, keep: list[int]):
@@ -94,13 +122,28 @@ class Search:
     resize: bool = True
     rows: list = field(default_factory=list)
     images: dict = field(default_factory=dict)  # scale -> the decoded latency images
+    cannot_run: list = field(default_factory=list)  # the ``applied`` lists skipped
     reference: tuple | None = None  # (the original model, its latency images): the first measured
 
-    def measure(self, model, name: str, applied: list[str]) -> dict:
-        """The candidate's row (measured once per combination of steps)."""
+    def measure(self, model, name: str, applied: list[str]) -> dict | None:
+        """The candidate's row (measured once per combination of steps), or None for a
+        two-stage candidate with fewer encoder tokens than proposals on some image
+        (fewer levels, a smaller input), which cannot run there."""
         for row in self.rows:
             if row["applied"] == applied:
                 return row
+        if applied in self.cannot_run:
+            return None
+        try:
+            return self._measure(model, name, applied)
+        except TooFewTokens as e:
+            if not applied:  # the original itself
+                raise
+            logger.warning("compress: skipped %s: %s", name, e)
+            self.cannot_run.append(applied)
+            return None
+
+    def _measure(self, model, name: str, applied: list[str]) -> dict:
         scale = techniques.input_scale(model)
         dataset = self.dataset_at(scale)
         if scale not in self.images:
@@ -161,7 +204,8 @@ def run_search(model, search: Search, calib: list, progress: bool = True,
         if search.out_of_time():
             break
         row = search.measure(step.apply(model), step.name, [step.name])
-        alone.append((step, row))
+        if row is not None:
+            alone.append((step, row))
         bar.update()
     chosen = _combine(model, base, alone, search, search.max_ap_drop, bar)
     if finetune is not None:
@@ -192,7 +236,7 @@ def _combine(model, base: dict, alone: list, search: Search, budget: float, bar=
         # on the original model a step is what was measured alone
         row = alone_row if current is model else search.measure(trial, " + ".join(applied),
                                                                  applied)
-        if base["AP"] - row["AP"] <= budget and \
+        if row is not None and base["AP"] - row["AP"] <= budget and \
                 row["relative_latency"] < current_row["relative_latency"]:
             current, current_row = trial, row
             used.add(step.technique)
@@ -222,7 +266,7 @@ def _recover(model, base: dict, alone: list, search: Search, finetune: Finetune,
                           train_config=finetune.train_config)
         applied = [*row["applied"], f"distill {finetune.epochs} epochs"]
         row = search.measure(student, " + ".join(applied), applied)
-        if base["AP"] - row["AP"] <= search.max_ap_drop:
+        if row is not None and base["AP"] - row["AP"] <= search.max_ap_drop:
             precision = [(s, r) for s, r in alone if s.technique == PRECISION]
             return _combine(model, base, precision, search, search.max_ap_drop,
                             start=(student, row))

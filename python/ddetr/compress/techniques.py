@@ -98,6 +98,17 @@ def _attn_modules(model: DeformableDetr) -> dict[str, list[str]]:
     return {"encoder": enc, "decoder": dec}
 
 
+def _float_attention(model: DeformableDetr, name: str, what: str):
+    """MSDeformAttn ``name`` of model, whose sampling_offsets / attention_weights must be
+    float (their rows are sliced)."""
+    attn = model.get_submodule(name)
+    if not all(type(m) is torch.nn.Linear for m in (attn.sampling_offsets,
+                                                  attn.attention_weights)):
+        raise ValueError(f"model: its sampling_offsets / attention_weights are int8; "
+                         f"{what} before to_int8 includes them")
+    return attn
+
+
 def _keep_points(usage: Tensor, points: int) -> Tensor:
     """(M, L, P) mean weights -> (M, L, points) indices of the largest, in order."""
     return usage.topk(points, dim=-1).indices.sort(dim=-1).values
@@ -134,17 +145,53 @@ def prune_points(model: DeformableDetr, enc_points: int | None = None,
         if not isinstance(points, int) or isinstance(points, bool) or not 1 <= points <= total:
             raise ValueError(f"{part[:3]}_points: expected an int in [1, {total}], got {points!r}")
         for name in _attn_modules(model)[part]:
-            attn = model.get_submodule(name)
-            if not all(type(m) is torch.nn.Linear for m in (attn.sampling_offsets,
-                                                          attn.attention_weights)):
-                raise ValueError("model: its sampling_offsets / attention_weights are int8; "
-                                 "prune points before to_int8 includes them")
+            attn = _float_attention(model, name, "prune points")
             shape = (attn.n_heads, attn.n_levels, attn.n_points)
             mean = usage[name] if usage is not None else -torch.arange(shape[2]).expand(shape)
             _slice_points(state, name, _keep_points(mean.float(), points))
         changes[key] = points
     record = {"technique": "prune_points", "enc_points": enc_points, "dec_points": dec_points}
     return rebuild(model, state, record, **changes)
+
+
+def drop_levels(model: DeformableDetr, levels: list[int]) -> DeformableDetr:
+    """The model on the feature levels ``levels`` only (indices into its
+    ``num_feature_levels`` pyramid, ascending, a subset of ``model.feature_levels``; e.g.
+    the most attended by ``level_usage``): every encoder and decoder attention samples
+    only those levels, its softmax renormalising over their points, and the encoder takes
+    only their tokens. Without the coarsest levels the backbone's last stage and the extra
+    projections are not run. All current levels: the model itself."""
+    check_model(model)
+    current = model.feature_levels
+    if (not isinstance(levels, (list, tuple)) or not levels
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
+            or list(levels) != sorted(set(levels)) or not set(levels) <= set(current)):
+        raise ValueError(f"levels: expected ascending distinct level indices from the "
+                         f"model's levels {current}, got {levels!r}")
+    positions = torch.tensor([current.index(v) for v in levels])
+    state = state_copy(model)
+    state["transformer.level_embed"] = state["transformer.level_embed"][positions].clone()
+    names = _attn_modules(model)
+    for name in names["encoder"] + names["decoder"]:
+        attn = _float_attention(model, name, "drop levels")
+        for part, per_point in (("sampling_offsets", 2), ("attention_weights", 1)):
+            for suffix in ("weight", "bias"):
+                key = f"{name}.{part}.{suffix}"
+                t = state[key]
+                # (M*L*P*k, ...) -> (M, L, P*k, ...): the kept levels' rows
+                view = t.view(attn.n_heads, attn.n_levels, -1, *t.shape[1:])
+                state[key] = view[:, positions.to(t.device)].reshape(-1, *t.shape[1:]).clone()
+    return rebuild(model, state, {"technique": "drop_levels", "levels": list(levels)},
+                   feature_levels=list(levels))
+
+
+def level_usage(model: DeformableDetr, usage: dict) -> dict[int, float]:
+    """``{pyramid level: share of the attention}`` from ``point_usage``: each level's
+    mean attention weight, summed over its points, averaged over heads and modules (the
+    shares sum to 1)."""
+    check_model(model)
+    shares = torch.stack([u.detach().float().sum(-1).mean(0) for u in usage.values()]).mean(0)
+    return {lvl: float(v) for lvl, v in zip(model.feature_levels, shares)}
 
 
 def input_scale(model: DeformableDetr) -> float:

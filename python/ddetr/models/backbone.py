@@ -189,7 +189,9 @@ class ResNet(nn.Module):
             in_ch = width
         self.widths = tuple(widths)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def forward(self, x: Tensor, count: int | None = None) -> list[Tensor]:
+        """The outputs of the return layers, or of the first ``count`` of them (the later
+        stages are not run)."""
         # channels-last (NHWC) activations on large images: the convolution kernels run
         # without layout reorders (1.5x faster at 800x1333 on the CPU); on small ones
         # torch sends most convolutions to its reference kernel, which copies NHWC to
@@ -201,12 +203,13 @@ class ResNet(nn.Module):
         if large:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self._stem(x, channels_last=not exporting and not large and x.device.type == "cpu")
+        wanted = self.return_layers[:count] if count is not None else self.return_layers
         outs = []
         for i in range(1, 5):
-            if i > max(self.return_layers):
+            if i > max(wanted):
                 break
             x = getattr(self, f"layer{i}")(x)
-            if i in self.return_layers:
+            if i in wanted:
                 outs.append(x)
         return outs
 
@@ -259,8 +262,10 @@ class Backbone(nn.Module):
             trainable = train_backbone and pname.split(".")[0] in ("layer2", "layer3", "layer4")
             param.requires_grad_(trainable)
 
-    def forward(self, images: Tensor, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
-        feats = self.body(images)
+    def forward(self, images: Tensor, mask: Tensor, count: int | None = None
+                ) -> list[tuple[Tensor, Tensor]]:
+        """``count``: only the first ``count`` levels (the later stages are not run)."""
+        feats = self.body(images, count)
         return [(f, resize_mask(mask, f.shape[-2:])) for f in feats]
 
 

@@ -41,7 +41,8 @@ CONFIG_KEYS = ("num_classes", "num_queries", "num_feature_levels", "with_box_ref
                "num_decoder_layers", "dim_feedforward", "dropout", "activation",
                "enc_num_points", "dec_num_points", "two_stage_num_proposals", "dilation",
                "position_embedding", "aux_loss", "train_backbone", "encoder_token_ratio",
-               "variant", "dn_number", "dn_label_noise_ratio", "dn_box_noise_scale")
+               "variant", "dn_number", "dn_label_noise_ratio", "dn_box_noise_scale",
+               "feature_levels")
 VARIANTS = ("deformable", "dino")
 
 
@@ -85,6 +86,9 @@ class DeformableDetr(nn.Module):
             (about dn_number positive and as many negative queries per batch; 0: none),
             the label flip rate (half of it flips) and the box noise (see
             ``ddetr.models.denoising``).
+        feature_levels: the levels of the ``num_feature_levels`` pyramid the transformer
+            uses, ascending indices (None: all). The others are not computed: without the
+            coarsest levels the backbone stops early (``ddetr.compress.drop_levels``).
     """
 
     def __init__(self, num_classes: int = 91, num_queries: int = 300, num_feature_levels: int = 4,
@@ -98,12 +102,14 @@ class DeformableDetr(nn.Module):
                  train_backbone: bool = True, encoder_token_ratio: float = 1.0,
                  native_layers: bool | None = None, recompute_activations: bool = False,
                  variant: str = "deformable", dn_number: int = 100,
-                 dn_label_noise_ratio: float = 0.5, dn_box_noise_scale: float = 1.0):
+                 dn_label_noise_ratio: float = 0.5, dn_box_noise_scale: float = 1.0,
+                 feature_levels: list[int] | None = None):
         super().__init__()
         # the architecture's arguments (not the weights file nor the run-time switches),
         # as save_pretrained records them
         self.config = copy.deepcopy({k: v for k, v in locals().items() if k in CONFIG_KEYS})
         _check_config(self.config)
+        self.config["feature_levels"] = _kept_levels(feature_levels, num_feature_levels)
         self._build(**self.config)
         if backbone_weights is not None:
             load_backbone_weights(self.backbone[0].body, backbone_weights)
@@ -126,9 +132,11 @@ class DeformableDetr(nn.Module):
                dim_feedforward, dropout, activation, enc_num_points, dec_num_points,
                two_stage_num_proposals, dilation, position_embedding, aux_loss,
                train_backbone, encoder_token_ratio, variant, dn_number, dn_label_noise_ratio,
-               dn_box_noise_scale) -> None:
+               dn_box_noise_scale, feature_levels) -> None:
         self.num_queries = two_stage_num_proposals if two_stage else num_queries
         self.num_feature_levels, self.num_classes = num_feature_levels, num_classes
+        # the pyramid's levels the transformer takes (indices into num_feature_levels)
+        self.feature_levels = list(feature_levels or range(num_feature_levels))
         self.with_box_refine, self.two_stage, self.aux_loss = with_box_refine, two_stage, aux_loss
         self.variant, self.dino = variant, variant == "dino"
         # (DINO's forward takes the targets, for its denoising queries)
@@ -139,7 +147,7 @@ class DeformableDetr(nn.Module):
         self.backbone = nn.Sequential(body, _position_encoding(position_embedding, d_model,
                                                                self.dino))
         sizes = (d_model, num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward,
-                 dropout, activation, num_feature_levels, enc_num_points, dec_num_points)
+                 dropout, activation, len(self.feature_levels), enc_num_points, dec_num_points)
         if self.dino:
             self.transformer = DinoTransformer(*sizes, num_queries, two_stage_num_proposals,
                                                encoder_token_ratio)
@@ -147,6 +155,8 @@ class DeformableDetr(nn.Module):
         else:
             self.transformer = DeformableTransformer(*sizes, two_stage, two_stage_num_proposals,
                                                      encoder_token_ratio)
+        if feature_levels is not None:
+            self.transformer.proposal_levels = list(feature_levels)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, d_model * 2)
         self.input_proj = input_proj(body.num_channels, d_model, num_feature_levels)
@@ -238,18 +248,26 @@ class DeformableDetr(nn.Module):
                                            **self.denoising)
 
     def _pyramid(self, images: Tensor, mask: Tensor):
-        """Backbone levels projected to d_model, plus the extra stride-2 levels; each
-        with its padding mask and position encoding."""
+        """The levels of ``feature_levels``: backbone levels projected to d_model, extra
+        stride-2 levels (each from the one before, the first from the last backbone
+        stage); each with its padding mask and position encoding. Stages and projections
+        that no kept level needs are not run."""
         backbone, position = self.backbone[0], self.backbone[1]
-        features = backbone(images, mask)
+        stages = len(backbone.strides)
+        kept, top = self.feature_levels, self.feature_levels[-1]
+        features = backbone(images, mask, min(top + 1, stages))
         srcs, masks, pos = [], [], []
-        for lvl, (feat, level_mask) in enumerate(features):
-            srcs.append(self.input_proj[lvl](feat))
-            masks.append(level_mask)
-            pos.append(position(level_mask).to(feat.dtype))
-        for lvl in range(len(features), self.num_feature_levels):
-            src = self.input_proj[lvl](features[-1][0] if lvl == len(features) else srcs[-1])
-            level_mask = resize_mask(mask, src.shape[-2:])
+        extra = None
+        for lvl in range(top + 1):
+            if lvl < stages:
+                if lvl not in kept:
+                    continue
+                src, level_mask = self.input_proj[lvl](features[lvl][0]), features[lvl][1]
+            else:
+                extra = self.input_proj[lvl](features[-1][0] if lvl == stages else extra)
+                if lvl not in kept:
+                    continue
+                src, level_mask = extra, resize_mask(mask, extra.shape[-2:])
             srcs.append(src)
             masks.append(level_mask)
             pos.append(position(level_mask).to(src.dtype))
@@ -273,11 +291,12 @@ class DeformableDetr(nn.Module):
         return logits, boxes
 
     def level_strides(self) -> list[int]:
-        """The stride of every feature level: the backbone's, then doubling."""
+        """The stride of every feature level the transformer takes: the backbone's, then
+        doubling (those of ``feature_levels``)."""
         strides = list(self.backbone[0].strides)
         while len(strides) < self.num_feature_levels:
             strides.append(strides[-1] * 2)
-        return strides
+        return [strides[lvl] for lvl in self.feature_levels]
 
     def postprocess(self, outputs: dict, target_sizes, num_select: int = 100) -> list[dict]:
         """``PostProcess(num_select)(outputs, target_sizes)``: per image the top
@@ -342,6 +361,19 @@ def _check_config(cfg: dict) -> None:
     ratio = cfg["encoder_token_ratio"]
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
         raise ValueError(f"encoder_token_ratio: expected a number in (0, 1], got {ratio!r}")
+
+
+def _kept_levels(levels, total: int) -> list[int] | None:
+    """``feature_levels`` checked: None, or ascending distinct ints in [0, total); None also
+    when every level is kept (the full model's config)."""
+    if levels is None:
+        return None
+    if (not isinstance(levels, (list, tuple)) or not levels
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
+            or list(levels) != sorted(set(levels)) or not 0 <= levels[0] <= levels[-1] < total):
+        raise ValueError(f"feature_levels: expected None or ascending distinct ints in "
+                         f"[0, {total}) (num_feature_levels {total}), got {levels!r}")
+    return None if len(levels) == total else list(levels)
 
 
 def _position_encoding(kind: str, d_model: int, dino: bool) -> nn.Module:

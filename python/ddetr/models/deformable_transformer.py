@@ -31,10 +31,15 @@ class TransformerOutput(NamedTuple):
     enc_outputs_coord_unact: Tensor | None  # (N, S, 4) box logits, two-stage only
 
 
+class TooFewTokens(ValueError):
+    """A two-stage model asked for more proposals than its images have encoder tokens."""
+
+
 def check_num_proposals(k: int, tokens: int) -> None:
-    """ValueError when the ``k`` proposals to keep exceed the ``tokens`` encoder tokens."""
+    """TooFewTokens (a ValueError) when the ``k`` proposals to keep exceed the ``tokens``
+    encoder tokens."""
     if k > tokens:
-        raise ValueError(f"two_stage_num_proposals ({k}) exceeds the {tokens} encoder tokens "
+        raise TooFewTokens(f"two_stage_num_proposals ({k}) exceeds the {tokens} encoder tokens "
                          f"of these images")
 
 
@@ -65,6 +70,9 @@ class DeformableTransformer(nn.Module):
             [DeformableTransformerDecoderLayer(**common, num_points=dec_num_points)
              for _ in range(num_decoder_layers)])
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        # each level's index in the detector's full pyramid (None: 0, 1, ...); set by a
+        # detector that dropped levels (``feature_levels``): it sizes the proposal boxes
+        self.proposal_levels: list[int] | None = None
         self._make_query_modules()
         self._reset_parameters()
         # Sparse DETR: built last (the other parameters draw the same initial values)
@@ -154,7 +162,7 @@ class DeformableTransformer(nn.Module):
         """One proposal per encoder token: ``(features (N, S, C), class logits (N, S, K),
         box logits (N, S, 4))``, the box head correcting the token's own proposal box
         (invalid tokens: zero features, +inf box logits)."""
-        logits, keep = encoder_proposals(padding_mask, sizes, memory.dtype)
+        logits, keep = encoder_proposals(padding_mask, sizes, memory.dtype, self.proposal_levels)
         features = self.enc_output_norm(self.enc_output(memory.masked_fill(~keep, 0.0)))
         return features, class_head(features), box_head(features) + logits
 

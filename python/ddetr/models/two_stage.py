@@ -3,7 +3,8 @@ embedding of the selected proposals that seeds the decoder queries.
 
 The official ``gen_encoder_output_proposals`` / ``get_proposal_pos_embed`` semantics:
 the pixel (i, j) of level l, of a map whose valid (unpadded) size is (h, w), proposes
-the box centred at ((j + 0.5) / w, (i + 0.5) / h) with width and height 0.05 * 2**l.
+the box centred at ((j + 0.5) / w, (i + 0.5) / h) with width and height 0.05 * 2**l
+(l the level's index in the model's full pyramid, also when some levels were dropped).
 Proposals with a coordinate outside (0.01, 0.99), and proposals on padding, are
 invalid: their logits are +inf and their encoder features are zeroed.
 """
@@ -16,10 +17,12 @@ import torch
 from torch import Tensor
 
 
-def proposal_boxes(padding_mask: Tensor, spatial_shapes, dtype=torch.float32) -> Tensor:
+def proposal_boxes(padding_mask: Tensor, spatial_shapes, dtype=torch.float32,
+                   level_ids=None) -> Tensor:
     """(N, S) padding mask and the (H, W) of each level ((L, 2) tensor or pairs) -> (N, S, 4)
     boxes_cxcywh, normalised by each image's valid extent on each level (padding pixels
-    get boxes past 1)."""
+    get boxes past 1). ``level_ids``: each level's index in the full pyramid, which sets
+    its box size (None: 0, 1, ...)."""
     n = padding_mask.shape[0]
     device = padding_mask.device
     boxes, start = [], 0
@@ -38,18 +41,20 @@ def proposal_boxes(padding_mask: Tensor, spatial_shapes, dtype=torch.float32) ->
         # (N, 2) valid (w, h) -> (N, 1, 1, 2)
         valid = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)
         centres = (grid[None].expand(n, -1, -1, -1) + 0.5) / valid
-        sizes = torch.ones_like(centres) * (0.05 * 2.0 ** lvl)
+        level = lvl if level_ids is None else level_ids[lvl]
+        sizes = torch.ones_like(centres) * (0.05 * 2.0 ** level)
         # (N, H, W, 4) -> (N, H*W, 4)
         boxes.append(torch.cat([centres, sizes], -1).view(n, -1, 4))
         start += h * w
     return torch.cat(boxes, 1)
 
 
-def encoder_proposals(padding_mask: Tensor, spatial_shapes,
-                      dtype=torch.float32) -> tuple[Tensor, Tensor]:
+def encoder_proposals(padding_mask: Tensor, spatial_shapes, dtype=torch.float32,
+                      level_ids=None) -> tuple[Tensor, Tensor]:
     """Returns ``(logits (N, S, 4), keep (N, S, 1) bool)``: the proposals as
-    inverse-sigmoid box coordinates (+inf where invalid) and which ones are valid."""
-    boxes = proposal_boxes(padding_mask, spatial_shapes, dtype)
+    inverse-sigmoid box coordinates (+inf where invalid) and which ones are valid
+    (``level_ids`` as ``proposal_boxes``)."""
+    boxes = proposal_boxes(padding_mask, spatial_shapes, dtype, level_ids)
     inside = ((boxes > 0.01) & (boxes < 0.99)).all(-1, keepdim=True)
     keep = inside & ~padding_mask[..., None]
     logits = torch.log(boxes / (1 - boxes))
