@@ -37,6 +37,8 @@ SETTINGS = (
     ("100 of 300 queries", lambda m, x: compress.reduce_queries(m, 100)),
     ("encoder 2 of 4 points", lambda m, x: compress.prune_points(m, enc_points=2)),
     ("encoder tokens rho 0.3", lambda m, x: _sparse(m, x, 0.3)),
+    ("levels 0-2 of 0-3", lambda m, x: compress.drop_levels(m, [0, 1, 2])),
+    ("levels 0-1 (no C5)", lambda m, x: compress.drop_levels(m, [0, 1])),
     ("all four", lambda m, x: _sparse(compress.prune_points(compress.reduce_queries(
         compress.truncate_decoder(m, 3), 100), enc_points=2), x, 0.3)),
     ("bfloat16", lambda m, x: compress.to_bfloat16(m)),
