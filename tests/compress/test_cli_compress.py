@@ -78,3 +78,15 @@ def test_bad_arguments_named(kwargs, name):
 def test_not_a_detector_is_refused():
     with pytest.raises(ValueError, match="model"):
         compress.compress(torch.nn.Linear(2, 2), [])
+
+
+def test_report_plot_names_the_front_and_survives_outliers(tmp_path):
+    from ddetr.compress.api import _pareto
+    rows = [{"name": n, "AP": ap, "relative_latency": rl}
+            for n, ap, rl in (("original", 0.5, 1.0), ("fast", 0.3, 0.6), ("slow", 0.49, 11.0),
+                              ("worse", 0.29, 0.7), ("mid", 0.45, 0.8))]
+    assert [r["name"] for r in _pareto(rows)] == ["original", "fast", "mid"]
+    report = {"rows": rows, "original": rows[0], "chosen": rows[0], "cpu": "test CPU",
+              "max_ap_drop": 0.01}
+    _, png = compress.write_report(report, str(tmp_path))
+    assert (tmp_path / "report.png").stat().st_size > 1000 and png.endswith("report.png")

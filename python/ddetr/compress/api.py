@@ -4,6 +4,7 @@ report (JSON rows and a PNG of AP against latency)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -82,31 +83,60 @@ def write_report(report: dict, out_dir: str) -> tuple[str, str]:
     return json_path, png_path
 
 
-def _scatter(report: dict, path: str, size=(800, 500)) -> None:
+# relative latencies with a tick on the log axis of the report's plot
+_LATENCY_TICKS = (0.25, 0.33, 0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def _pareto(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both latency (lower) and AP (higher)."""
+    return [r for r in rows if not any(
+        o["relative_latency"] <= r["relative_latency"] and o["AP"] >= r["AP"]
+        and (o["relative_latency"], o["AP"]) != (r["relative_latency"], r["AP"]) for o in rows)]
+
+
+def _scatter(report: dict, path: str, size=(900, 560)) -> None:
+    """AP against relative latency on a log axis; the budget's AP line, the original and
+    the chosen candidate marked, the candidates on the speed / AP front named."""
     image = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 64, 36, size[0] - 20, size[1] - 48
-    xs = [r["relative_latency"] for r in report["rows"]]
-    ys = [r["AP"] for r in report["rows"]]
-    x_lo, x_hi = 0.0, max(xs) * 1.08
-    y_lo, y_hi = max(0.0, min(ys) - 0.05), max(ys) + 0.02
+    rows = report["rows"]
+    xs = [r["relative_latency"] for r in rows]
+    ys = [r["AP"] for r in rows]
+    x_lo, x_hi = math.log(min(min(xs), 1.0) / 1.15), math.log(max(max(xs), 1.0) * 1.15)
+    y_lo, y_hi = max(0.0, min(ys) - 0.05), max(ys) + 0.03
 
     def px(x, y):
-        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
+        return (left + (math.log(x) - x_lo) / (x_hi - x_lo) * (right - left),
                 bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
 
     draw.rectangle((left, top, right, bottom), outline=INK)
     for y in ticks(y_lo, y_hi):
-        draw.line([(left, px(0, y)[1]), (right, px(0, y)[1])], fill=GRID)
-        draw.text((left - 6, px(0, y)[1]), f"{y:.3g}", fill=INK, anchor="rm")
-    for x in ticks(x_lo, x_hi):
-        draw.text((px(x, y_lo)[0], bottom + 6), f"{x:.3g}", fill=INK, anchor="mt")
-    draw.text(((left + right) / 2, bottom + 24), "batch-1 latency relative to the original (timed side by side)", fill=INK, anchor="mt")
+        draw.line([(left, px(1, y)[1]), (right, px(1, y)[1])], fill=GRID)
+        draw.text((left - 6, px(1, y)[1]), f"{y:.3g}", fill=INK, anchor="rm")
+    for x in _LATENCY_TICKS:
+        if x_lo <= math.log(x) <= x_hi:
+            xp = px(x, y_lo)[0]
+            draw.line([(xp, top), (xp, bottom)], fill=GRID)
+            draw.text((xp, bottom + 6), f"{x:g}", fill=INK, anchor="mt")
+    floor = report["original"]["AP"] - report["max_ap_drop"]
+    if y_lo <= floor <= y_hi:
+        yp = px(1, floor)[1]
+        draw.line([(left, yp), (right, yp)], fill=(214, 39, 40), width=1)
+        draw.text((right - 4, yp - 3), "AP budget", fill=(214, 39, 40), anchor="rb")
+    draw.text(((left + right) / 2, bottom + 24), "batch-1 latency relative to the original "
+              "(log scale, timed side by side; < 1 is faster)", fill=INK, anchor="mt")
     draw.text((left, 10), f"COCO AP against latency ({report['cpu']}); "
               f"max AP drop {report['max_ap_drop']}", fill=INK)
-    for r in report["rows"]:
+    for r in rows:
         x, y = px(r["relative_latency"], r["AP"])
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
+    marked = {report["original"]["name"], report["chosen"]["name"]}
+    for r in _pareto(rows):
+        if r["name"] in marked:
+            continue
+        x, y = px(r["relative_latency"], r["AP"])
+        draw.text((x + 6, y + 2), r["name"], fill=(90, 90, 90))
     same = report["chosen"]["name"] == report["original"]["name"]
     marks = [("original = chosen" if same else "original", "original", (0, 0, 0))]
     marks += [] if same else [("chosen", "chosen", (214, 39, 40))]
