@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddetr.models import weights
+from ddetr.ops.conv import conv2d
 
 # name -> (block, blocks per stage); widths follow torchvision (64 stem channels).
 RESNET_SPECS = {
@@ -90,12 +91,14 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     made on every call (a pass over the weights, small beside the convolution; a cache of
     them went stale when weights changed without moving their version counter, as
     torch's fused AdamW and writes through ``.data`` change them). A batch
-    norm that trains runs as is."""
+    norm that trains runs as is. bfloat16 on a CPU without oneDNN's bfloat16 runs in
+    float32 (``ddetr.ops.conv.conv2d``)."""
     if not _foldable(norm) or conv.bias is not None:
-        return norm(conv(x))
+        return norm(conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                           conv.groups))
     sources = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
     weight, shift = _fold(*sources, norm.eps)
-    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _add_relu(out: Tensor, identity: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from ddetr.models.detr_transformer import DetrTransformer
 from ddetr.models.heads import MLP
 from ddetr.models.position_encoding import build_position_encoding
 from ddetr.models.postprocess import SoftmaxPostProcess
+from ddetr.ops.conv import Conv2d
 
 CONFIG_KEYS = ("num_classes", "num_queries", "backbone", "d_model", "num_heads",
                "num_encoder_layers", "num_decoder_layers", "dim_feedforward", "dropout",
@@ -67,7 +68,7 @@ class Detr(nn.Module):
         self.transformer = DetrTransformer(d_model, num_heads, num_encoder_layers,
                                            num_decoder_layers, dim_feedforward, dropout,
                                            activation)
-        self.input_proj = nn.Conv2d(body.num_channels[-1], d_model, 1)
+        self.input_proj = Conv2d(body.num_channels[-1], d_model, 1)
         self.query_embed = nn.Embedding(num_queries, d_model)
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)

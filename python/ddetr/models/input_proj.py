@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ddetr.ops.conv import Conv2d
+
 
 class _GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` that also takes groups of a single value (d_model 32 on a 1x1 map
@@ -22,11 +24,11 @@ class _GroupNorm(nn.GroupNorm):
 def input_proj(num_channels: list[int], d_model: int, num_levels: int) -> nn.ModuleList:
     """1x1 conv + GroupNorm(32) per backbone level, then 3x3 stride-2 conv + GroupNorm
     per extra level (the first on the last backbone level, the next on the previous)."""
-    projs = [nn.Sequential(nn.Conv2d(c, d_model, 1), _GroupNorm(32, d_model))
+    projs = [nn.Sequential(Conv2d(c, d_model, 1), _GroupNorm(32, d_model))
              for c in num_channels]
     in_ch = num_channels[-1]
     for _ in range(num_levels - len(num_channels)):
-        projs.append(nn.Sequential(nn.Conv2d(in_ch, d_model, 3, stride=2, padding=1),
+        projs.append(nn.Sequential(Conv2d(in_ch, d_model, 3, stride=2, padding=1),
                                    _GroupNorm(32, d_model)))
         in_ch = d_model
     for proj in projs:
