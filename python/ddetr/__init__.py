@@ -35,14 +35,15 @@ def build_info() -> dict:
     and ``gemm_int8_kernel`` (the kernels the bfloat16 layers and the int8 linears run on
     this CPU, chosen at run time), ``msda_tuning`` (the CPU MSDA kernels' prefetch
     distances and backward pass, and where they came from: ``ddetr.ops.msda_tuning``),
-    ``bf16_conv`` (how a CPU bfloat16 convolution runs: "onednn", or "widen" to float32
-    where oneDNN has no bfloat16 on this CPU; ``ddetr.ops.conv``),
+    ``bf16_cpu`` (how CPU bfloat16 convolutions and linear layers outside the native
+    layers run: "onednn", or "widen" to float32 where oneDNN has no bfloat16 on this CPU;
+    ``ddetr.ops.bf16_cpu``),
     ``cpu`` (name, family, model and vector extensions),
     and ``import_error`` when the extension is missing.
     """
     from ddetr import _cpu
     from ddetr.ops.blas import blas_core
-    from ddetr.ops.conv import bf16_conv_path
+    from ddetr.ops.bf16_cpu import bf16_cpu_path
 
     info = {"version": __version__, "native": _native.available()}
     if _native.available():
@@ -53,7 +54,7 @@ def build_info() -> dict:
                     import_error=str(_native.IMPORT_ERROR))
     info["threads"] = torch.get_num_threads()
     info["blas"] = blas_core()
-    info["bf16_conv"] = bf16_conv_path()
+    info["bf16_cpu"] = bf16_cpu_path()
     if _native.available():
         from ddetr._native import gemm
         info["gemm_bf16_kernel"] = gemm.bf16_kernel()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddetr.models import weights
-from ddetr.ops.conv import conv2d
+from ddetr.ops.bf16_cpu import conv2d
 
 # name -> (block, blocks per stage); widths follow torchvision (64 stem channels).
 RESNET_SPECS = {
@@ -92,7 +92,7 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     them went stale when weights changed without moving their version counter, as
     torch's fused AdamW and writes through ``.data`` change them). A batch
     norm that trains runs as is. bfloat16 on a CPU without oneDNN's bfloat16 runs in
-    float32 (``ddetr.ops.conv.conv2d``)."""
+    float32 (``ddetr.ops.bf16_cpu.conv2d``)."""
     if not _foldable(norm) or conv.bias is not None:
         return norm(conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
                            conv.groups))

@@ -35,6 +35,7 @@ from ddetr.models.input_proj import input_proj
 from ddetr.models.int8 import use_int8
 from ddetr.models.position_encoding import PositionEmbeddingSine, build_position_encoding
 from ddetr.models.postprocess import PostProcess
+from ddetr.ops.bf16_cpu import linear_module
 
 CONFIG_KEYS = ("num_classes", "num_queries", "num_feature_levels", "with_box_refine",
                "two_stage", "backbone", "d_model", "num_heads", "num_encoder_layers",
@@ -286,7 +287,7 @@ class DeformableDetr(nn.Module):
                 coord = delta + reference
             else:
                 coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            logits.append(self.class_embed[lvl](hs[lvl]))
+            logits.append(linear_module(self.class_embed[lvl], hs[lvl]))
             boxes.append(coord.sigmoid())
         return logits, boxes
 

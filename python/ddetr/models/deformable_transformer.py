@@ -21,6 +21,7 @@ from ddetr.models.transformer_layers import (DeformableTransformerDecoder,
                                              DeformableTransformerEncoderLayer)
 from ddetr.models.two_stage import encoder_proposals, proposal_pos_embed
 from ddetr.ops import encoder_reference_points, flatten_multiscale
+from ddetr.ops.bf16_cpu import linear_module
 
 
 class TransformerOutput(NamedTuple):
@@ -155,7 +156,7 @@ class DeformableTransformer(nn.Module):
         # (Lq, C) -> (N, Lq, C)
         query_pos = query_pos[None].expand(n, -1, -1)
         tgt = tgt[None].expand(n, -1, -1)
-        return query_pos, tgt, self.reference_points(query_pos).sigmoid()
+        return query_pos, tgt, linear_module(self.reference_points, query_pos).sigmoid()
 
     def score_proposals(self, memory: Tensor, padding_mask: Tensor, sizes: list,
                         class_head: nn.Module, box_head: nn.Module):
@@ -163,8 +164,9 @@ class DeformableTransformer(nn.Module):
         box logits (N, S, 4))``, the box head correcting the token's own proposal box
         (invalid tokens: zero features, +inf box logits)."""
         logits, keep = encoder_proposals(padding_mask, sizes, memory.dtype, self.proposal_levels)
-        features = self.enc_output_norm(self.enc_output(memory.masked_fill(~keep, 0.0)))
-        return features, class_head(features), box_head(features) + logits
+        features = self.enc_output_norm(linear_module(self.enc_output,
+                                                      memory.masked_fill(~keep, 0.0)))
+        return features, linear_module(class_head, features), box_head(features) + logits
 
     def _proposal_queries(self, memory: Tensor, padding_mask: Tensor, sizes: list):
         """Scores one proposal per encoder token with the extra (last) heads, keeps the
@@ -180,6 +182,6 @@ class DeformableTransformer(nn.Module):
         boxes = torch.gather(enc_coord, 1, top[..., None].expand(-1, -1, 4)).detach()
         # (the sine embedding is computed in float32; a bfloat16 model takes it in bfloat16)
         pos = proposal_pos_embed(boxes, self.d_model // 2).to(memory.dtype)
-        embed = self.pos_trans_norm(self.pos_trans(pos))
+        embed = self.pos_trans_norm(linear_module(self.pos_trans, pos))
         query_pos, tgt = torch.split(embed, self.d_model, dim=2)
         return query_pos, tgt, boxes.sigmoid(), enc_class, enc_coord

@@ -22,7 +22,7 @@ from ddetr.models.detr_transformer import DetrTransformer
 from ddetr.models.heads import MLP
 from ddetr.models.position_encoding import build_position_encoding
 from ddetr.models.postprocess import SoftmaxPostProcess
-from ddetr.ops.conv import Conv2d
+from ddetr.ops.bf16_cpu import Conv2d
 
 CONFIG_KEYS = ("num_classes", "num_queries", "backbone", "d_model", "num_heads",
                "num_encoder_layers", "num_decoder_layers", "dim_feedforward", "dropout",

@@ -15,6 +15,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddetr.ops.bf16_cpu import linear_module
+
 
 class MLP(nn.Module):
     """``num_layers`` linear layers with ReLU between them (the official box head)."""
@@ -27,8 +29,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
-        return self.layers[-1](x)
+            x = F.relu(linear_module(layer, x))
+        return linear_module(self.layers[-1], x)
 
 
 def build_heads(d_model: int, num_classes: int, num_pred: int, with_box_refine: bool,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ddetr.ops.conv import Conv2d
+from ddetr.ops.bf16_cpu import Conv2d
 
 
 class _GroupNorm(nn.GroupNorm):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 
 from ddetr._native import gemm as native
+from ddetr.ops import bf16_cpu
 from ddetr.ops.int8 import Int8Linear
 
 blas_available = native.blas_available
@@ -116,9 +117,11 @@ def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
     """``F.linear(x, weight, bias)`` (then ReLU with ``relu``): x (..., K), weight (N, K),
-    bias (N,) -> (..., N)."""
+    bias (N,) -> (..., N). In bfloat16 on a CPU without oneDNN's bfloat16: in float32,
+    rounded once (``ddetr.ops.bf16_cpu``)."""
     if not _native_ok(x, weight, bias):
-        out = F.linear(x, weight, bias)
+        out = bf16_cpu.linear(x, weight, bias) if bf16_cpu.widened(x, weight) else \
+            F.linear(x, weight, bias)
         return F.relu(out) if relu else out
     lead = x.shape[:-1]
     # (..., K) -> (M, K)
