@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ddetr.models.backbone import (Backbone, FrozenBatchNorm2d, ResNet, load_backbone_weights,
+from ddetr.models.backbone import (Backbone, FrozenBatchNorm2d, ResNet, _fold_into_weights,
+                                   conv_norm, load_backbone_weights,
                                    resize_mask)
 
 from tests.models.detr_cases import TINY_BACKBONE
@@ -119,3 +120,42 @@ def test_load_weights_wrong_shape_names_tensor():
     del state["layer2.0.conv1.weight"]
     with pytest.raises(ValueError, match="missing keys"):
         load_backbone_weights(target, state)
+
+
+def _frozen_and_eval_norms(channels):
+    g = torch.Generator().manual_seed(1)
+    frozen = FrozenBatchNorm2d(channels).double()
+    bn = nn.BatchNorm2d(channels).double().eval()
+    for norm in (frozen, bn):
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(channels, generator=g, dtype=torch.float64))
+            norm.bias.copy_(torch.randn(channels, generator=g, dtype=torch.float64))
+            norm.running_mean.copy_(torch.randn(channels, generator=g, dtype=torch.float64))
+            norm.running_var.copy_(torch.rand(channels, generator=g, dtype=torch.float64) + 0.5)
+    return frozen, bn
+
+
+@pytest.mark.parametrize("size, folds", [(32, True), (4, False), (5, False)])
+def test_conv_norm_folds_or_normalises_the_output(size, folds):
+    # 16 -> 12 channels, 3x3 stride 2: a filter has 144 weights; a 32x32 input gives 256
+    # output pixels (folded into the weights), 4x4 or 5x5 gives 4 or 9 (norm on the output)
+    conv = nn.Conv2d(16, 12, 3, stride=2, padding=1, bias=False).double()
+    x = torch.randn(2, 16, size, size, dtype=torch.float64)
+    assert _fold_into_weights(conv, x) is folds
+    for norm in _frozen_and_eval_norms(12):
+        out = conv_norm(conv, norm, x)
+        expected = norm(conv(x))
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        params = [conv.weight] + [p for p in norm.parameters()]
+        grads = torch.autograd.grad(out.square().sum(), params)
+        expected_grads = torch.autograd.grad(expected.square().sum(), params)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_norm_always_folds_in_a_traced_graph(monkeypatch):
+    conv = nn.Conv2d(16, 12, 3, padding=1, bias=False)
+    x = torch.randn(1, 16, 2, 2)
+    assert not _fold_into_weights(conv, x)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert _fold_into_weights(conv, x)

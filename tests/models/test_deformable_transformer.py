@@ -8,6 +8,7 @@ import torch
 from ddetr.models.box_ops import inverse_sigmoid
 from ddetr.models.deformable_transformer import DeformableTransformer
 from ddetr.models.heads import MLP, build_heads
+from ddetr.models import position_encoding, two_stage
 from ddetr.models.two_stage import encoder_proposals, proposal_boxes, proposal_pos_embed
 
 SHAPES = torch.tensor([[2, 2], [1, 2]])
@@ -121,3 +122,43 @@ def test_shared_heads_without_refinement():
     assert isinstance(bbox_embed[0], MLP)
     assert bbox_embed[0].layers[-1].bias.tolist() == [0.0, 0.0, -2.0, -2.0]
     torch.testing.assert_close(class_embed[0].bias, torch.full((3,), -math.log(99.0)))
+
+
+def test_unpadded_proposals_are_made_once_per_sizes():
+    two_stage._UNPADDED.clear()
+    unpadded = torch.zeros(3, 6, dtype=torch.bool)
+    logits, keep = encoder_proposals(unpadded, SHAPES)
+    want_logits, want_keep = two_stage._proposals(unpadded, SHAPES, torch.float32, None)
+    assert torch.equal(logits, want_logits) and torch.equal(keep, want_keep)
+    again, _ = encoder_proposals(unpadded[:2], SHAPES)
+    assert again.shape == (2, 6, 4) and again.data_ptr() == logits.data_ptr()
+    # the level ids set the box sizes: another entry
+    shifted, _ = encoder_proposals(unpadded, SHAPES, level_ids=[1, 2])
+    assert torch.equal(shifted, two_stage._proposals(unpadded, SHAPES, torch.float32, [1, 2])[0])
+    assert not torch.equal(shifted, logits)
+    # a padded mask never reads the cache
+    padded_logits, _ = encoder_proposals(padding_mask(), SHAPES)
+    assert torch.isinf(padded_logits[1, [1, 3]]).all()
+    # at most _UNPADDED_KEPT sizes are kept, the least recently used dropped first
+    for w in range(1, 12):
+        encoder_proposals(torch.zeros(1, 2 * w, dtype=torch.bool), [(2, w)])
+    assert len(two_stage._UNPADDED) == two_stage._UNPADDED_KEPT
+    assert all(key[0] != ((2, 2), (1, 2)) for key in two_stage._UNPADDED)
+
+
+def test_cached_constants_made_in_inference_mode_serve_autograd():
+    # a first call under torch.inference_mode (ddetr predict) must not leave inference
+    # tensors that a later training step would save for its backward
+    two_stage._UNPADDED.clear()
+    position_encoding._FREQUENCIES.clear()
+    unpadded = torch.zeros(2, 6, dtype=torch.bool)
+    with torch.inference_mode():
+        encoder_proposals(unpadded, SHAPES)
+        proposal_pos_embed(torch.zeros(1, 1, 4), num_pos_feats=8)
+    coords = torch.randn(1, 3, 4, requires_grad=True)
+    logits, keep = encoder_proposals(unpadded, SHAPES)
+    features = torch.randn(2, 6, 4, requires_grad=True)
+    loss = proposal_pos_embed(coords, num_pos_feats=8).sum() + \
+        (features.masked_fill(~keep, 0.0) * logits).sum()
+    loss.backward()
+    assert coords.grad.abs().sum() > 0 and features.grad.abs().sum() > 0

@@ -74,31 +74,52 @@ def norm_scale_shift(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
     """(C,) ``scale`` and ``shift`` of a batch norm with fixed statistics: it computes
     ``x * scale + shift`` per channel."""
     scale = weight * (var + eps).rsqrt()
-    return scale, bias - mean * scale
+    return scale, torch.addcmul(bias, mean, scale, value=-1)
 
 
 def _fold(weight: Tensor, norm_weight: Tensor, norm_bias: Tensor, mean: Tensor, var: Tensor,
           eps: float) -> tuple[Tensor, Tensor]:
     """(conv weight with the norm's scale per output channel, the norm's shift as bias)."""
     scale, shift = norm_scale_shift(norm_weight, norm_bias, mean, var, eps)
-    return (weight * scale.to(weight.dtype)[:, None, None, None], shift.to(weight.dtype))
+    return weight * scale.to(weight.dtype).view(-1, 1, 1, 1), shift.to(weight.dtype)
 
 
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
-    """``norm(conv(x))``. A frozen norm, or a batch norm in eval mode, is folded into the
-    convolution (weights scaled per output channel, shift as the bias): one pass over
-    the output instead of three, and no extra full-size tensors. The folded weights are
-    made on every call (a pass over the weights, small beside the convolution; a cache of
-    them went stale when weights changed without moving their version counter, as
-    torch's fused AdamW and writes through ``.data`` change them). A batch
-    norm that trains runs as is. bfloat16 on a CPU without oneDNN's bfloat16 runs in
-    float32 (``ddetr.ops.bf16_cpu.conv2d``)."""
+    """``norm(conv(x))``. A frozen norm, or a batch norm in eval mode, is a per-channel
+    ``x * scale + shift`` applied where it costs least. Folded into the convolution
+    (weights scaled per output channel, shift as the bias) when the output is larger
+    than a filter, as everywhere on large images: one pass over the output instead of
+    three, and no extra full-size tensors. Otherwise (the later stages of a small image,
+    where a 256x256x3x3 weight is 144 times a 256x4x4 output) one inference batch norm
+    over the output: a single op where folding takes seven. The folded weights are made
+    on every call: a cache of them went stale when weights changed without moving their
+    version counter (torch's fused AdamW, writes through ``.data``). A batch norm that
+    trains runs as is. bfloat16 on a CPU without oneDNN's bfloat16 runs in float32
+    (``ddetr.ops.bf16_cpu.conv2d``)."""
     if not _foldable(norm) or conv.bias is not None:
         return norm(conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
                            conv.groups))
-    sources = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-    weight, shift = _fold(*sources, norm.eps)
-    return conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if _fold_into_weights(conv, x):
+        sources = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        weight, shift = _fold(*sources, norm.eps)
+        return conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    out = conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return F.batch_norm(out, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                        False, 0.0, norm.eps)
+
+
+def _fold_into_weights(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether ``conv(x)`` has more output pixels than a filter has weights (then the
+    norm goes into the weights). An exported or traced graph always folds: one form
+    whatever the (maybe symbolic) size."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or \
+            torch.jit.is_tracing():
+        return True
+    pixels = x.shape[0]
+    for size, k, s, p, d in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.padding,
+                                conv.dilation):
+        pixels *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+    return pixels * conv.weight.shape[0] >= conv.weight.numel()
 
 
 def _add_relu(out: Tensor, identity: Tensor) -> Tensor:

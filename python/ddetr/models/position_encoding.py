@@ -48,15 +48,36 @@ class PositionEmbeddingSine(nn.Module):
             eps = 1e-6
             y = (y + self.offset) / (y[:, -1:, :] + eps) * self.scale
             x = (x + self.offset) / (x[:, :, -1:] + eps) * self.scale
-        return torch.cat((self._sinusoids(y), self._sinusoids(x)), dim=3).permute(0, 3, 1, 2)
+        # both axes at once: (N, H, W, 2) -> (N, H, W, 2, F) -> (N, H, W, 2F) = cat(y, x)
+        angles = torch.stack((y, x), -1)[..., None] / sine_frequencies(
+            self.num_pos_feats, self.temperature, mask.device)
+        return interleave_sin_cos(angles).flatten(3).permute(0, 3, 1, 2)
 
-    def _sinusoids(self, pos: Tensor) -> Tensor:
-        """(N, H, W) positions -> (N, H, W, F): sin on even channels, cos on odd ones."""
-        i = torch.arange(self.num_pos_feats, dtype=torch.float32, device=pos.device)
-        freq = self.temperature ** (2 * (i // 2) / self.num_pos_feats)
-        angles = pos[..., None] / freq
-        # (N, H, W, F/2) sin, cos -> (N, H, W, F/2, 2) -> (N, H, W, F) interleaved
-        return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=4).flatten(3)
+
+_FREQUENCIES: dict = {}
+
+
+def sine_frequencies(num_pos_feats: int, temperature: float, device) -> Tensor:
+    """(F,) float32 ``temperature ** (2 * floor(i / 2) / F)``, made once per device (a
+    constant: recomputing it took five ops per use; a traced graph computes it). Never
+    an inference-mode tensor, so autograd may save it whoever asked first."""
+    def make():
+        i = torch.arange(num_pos_feats, dtype=torch.float32, device=device)
+        return temperature ** (2 * (i // 2) / num_pos_feats)
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return make()
+    key = (num_pos_feats, float(temperature), str(device))
+    freq = _FREQUENCIES.get(key)
+    if freq is None:
+        with torch.inference_mode(False):  # (a normal tensor, also when made in one)
+            freq = _FREQUENCIES[key] = make()
+    return freq
+
+
+def interleave_sin_cos(angles: Tensor) -> Tensor:
+    """(..., F) angles -> (..., F): sin of the even channels and cos of the odd ones."""
+    # (..., F/2) sin, cos -> (..., F/2, 2) -> (..., F)
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), -1).flatten(-2)
 
 
 class PositionEmbeddingLearned(nn.Module):

@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from ddetr.models.position_encoding import interleave_sin_cos, sine_frequencies
+
 
 def proposal_boxes(padding_mask: Tensor, spatial_shapes, dtype=torch.float32,
                    level_ids=None) -> Tensor:
@@ -53,7 +55,32 @@ def encoder_proposals(padding_mask: Tensor, spatial_shapes, dtype=torch.float32,
                       level_ids=None) -> tuple[Tensor, Tensor]:
     """Returns ``(logits (N, S, 4), keep (N, S, 1) bool)``: the proposals as
     inverse-sigmoid box coordinates (+inf where invalid) and which ones are valid
-    (``level_ids`` as ``proposal_boxes``)."""
+    (``level_ids`` as ``proposal_boxes``). Without padding (asked on the CPU only, where
+    asking costs no device sync) they depend on the sizes alone and are made once per
+    sizes (the last ``_UNPADDED_KEPT`` of them), not on every call."""
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if tracing or padding_mask.is_cuda or bool(padding_mask.any()):
+        return _proposals(padding_mask, spatial_shapes, dtype, level_ids)
+    if isinstance(spatial_shapes, Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    key = (tuple(tuple(int(v) for v in hw) for hw in spatial_shapes),
+           None if level_ids is None else tuple(level_ids), dtype, str(padding_mask.device))
+    cached = _UNPADDED.pop(key, None)
+    if cached is None:
+        with torch.inference_mode(False):  # (normal tensors, usable with autograd later)
+            cached = _proposals(padding_mask[:1].clone(), spatial_shapes, dtype, level_ids)
+    _UNPADDED[key] = cached  # (re)inserted last: the most recently used
+    while len(_UNPADDED) > _UNPADDED_KEPT:
+        del _UNPADDED[next(iter(_UNPADDED))]
+    n = padding_mask.shape[0]
+    return tuple(t.expand(n, -1, -1) for t in cached)
+
+
+_UNPADDED: dict = {}
+_UNPADDED_KEPT = 8
+
+
+def _proposals(padding_mask: Tensor, spatial_shapes, dtype, level_ids) -> tuple[Tensor, Tensor]:
     boxes = proposal_boxes(padding_mask, spatial_shapes, dtype, level_ids)
     inside = ((boxes > 0.01) & (boxes < 0.99)).all(-1, keepdim=True)
     keep = inside & ~padding_mask[..., None]
@@ -72,8 +99,6 @@ def sine_embed(coords: Tensor, num_pos_feats: int = 128, temperature: float = 10
     """(N, Q, K) coordinates in [0, 1] -> (N, Q, K * num_pos_feats) float32: each coordinate
     scaled to [0, 2*pi] and divided by ``num_pos_feats`` frequencies, sin on even and cos on
     odd channels, the coordinates one after the other."""
-    i = torch.arange(num_pos_feats, dtype=torch.float32, device=coords.device)
-    freq = temperature ** (2 * (i // 2) / num_pos_feats)
+    freq = sine_frequencies(num_pos_feats, temperature, coords.device)
     angles = (coords.float() * (2 * math.pi))[..., None] / freq  # (N, Q, K, F)
-    # (N, Q, K, F/2) sin, cos -> (N, Q, K, F/2, 2) -> (N, Q, K*F)
-    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=4).flatten(2)
+    return interleave_sin_cos(angles).flatten(2)
