@@ -1,6 +1,6 @@
 """Where a batch-1 forward of a small detector goes: the whole model against its backbone
 alone and against the backbone with the input projections and position encodings (the
-``_pyramid`` the transformer takes), timed round robin in one process, and how many aten
+``pyramid`` the transformer takes), timed round robin in one process, and how many aten
 ops each runs (counted, not timed: the one figure here that the machine's noise does not
 move).
 
@@ -78,7 +78,7 @@ def run(args) -> dict:
     mask = torch.zeros(1, h, w, dtype=torch.bool)
     parts = {"model": lambda: model(x),
              "backbone": lambda: model.backbone[0](x, mask),
-             "pyramid": lambda: model._pyramid(x, mask)}
+             "pyramid": lambda: model.pyramid(x, mask)}
     rows = []
     with torch.no_grad():
         times = {name: [] for name in parts}

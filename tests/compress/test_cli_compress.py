@@ -43,6 +43,9 @@ def test_report_lists_every_candidate_and_the_choice(compressed):
     assert report["chosen"]["relative_latency"] <= 1.0 == report["original"]["relative_latency"]
     assert all(r["relative_latency"] > 0 for r in report["rows"])
     assert "chosen:" in printed and (tmp_path / "small" / "report.png").stat().st_size > 1000
+    assert 0 < report["pyramid_share"] <= 1
+    assert report["transformer_bound"] == pytest.approx(1 / report["pyramid_share"])
+    assert "cuts of the transformer alone can give at most" in printed
 
 
 @pytest.mark.slow
@@ -90,3 +93,11 @@ def test_report_plot_names_the_front_and_survives_outliers(tmp_path):
               "max_ap_drop": 0.01}
     _, png = compress.write_report(report, str(tmp_path))
     assert (tmp_path / "report.png").stat().st_size > 1000 and png.endswith("report.png")
+
+
+def test_pyramid_share_is_a_part_of_the_forward():
+    from ddetr.compress.measure import pyramid_share
+    from tests.models.detr_cases import tiny_model
+    images = [torch.rand(3, 64, 64) for _ in range(3)]
+    share = pyramid_share(tiny_model().eval(), images, torch.device("cpu"), warmup=1)
+    assert 0 < share <= 1

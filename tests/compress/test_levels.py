@@ -36,7 +36,7 @@ def test_kept_levels_as_in_the_original(variant, levels):
     assert small.feature_levels == levels and small.config["feature_levels"] == levels
     # the pyramid: exactly the original's levels, in order
     with torch.no_grad():
-        want, got = model._pyramid(x, mask), small._pyramid(x, mask)
+        want, got = model.pyramid(x, mask), small.pyramid(x, mask)
     for w, g in zip(want, got):
         assert len(g) == len(levels)
         for lvl, t in zip(levels, g):

@@ -123,7 +123,7 @@ def test_eval_has_no_denoising_and_ignores_targets():
 
 def _decode(model):
     """The transformer's output and every layer's boxes, on the test images."""
-    srcs, masks, pos = model._pyramid(*images())
+    srcs, masks, pos = model.pyramid(*images())
     queries = None if model.two_stage else model.query_embed.weight  # (DINO: no denoising)
     out = model.transformer(srcs, masks, pos, queries)
     return out, model._predict(out.hs, out.init_reference, out.inter_references)[1]

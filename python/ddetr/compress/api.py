@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ddetr import _cpu
+from ddetr.compress.measure import pyramid_share
 from ddetr.compress.search import Finetune, Search, run_search
 from ddetr.engine.plot import GRID, INK, ticks
 from ddetr.models.deformable_detr import DeformableDetr
@@ -39,7 +40,10 @@ def compress(model: DeformableDetr, val_dataset, max_ap_drop: float = 0.01,
     """The fastest combination of the techniques found whose COCO AP on ``val_dataset``
     (a ``CocoDetection``) is at most ``max_ap_drop`` below the model's, and the report
     ``{"rows": every candidate measured, "chosen": its row, "original": the model's row,
-    "speedup", "ap_drop", "cpu", "device", ...}``. ``calib_images``: the first images of
+    "speedup", "ap_drop", "cpu", "device", "pyramid_share", "transformer_bound", ...}``
+    (``pyramid_share``: the backbone, input projections and position encodings' share of
+    the original's batch-1 time; ``transformer_bound``: 1 / that, the most any cut of the
+    transformer alone can give). ``calib_images``: the first images of
     the set, for the point and query statistics; ``latency_images``: batch-1 timing;
     ``time_budget``: minutes, after which the search stops trying candidates;
     ``dataset_at``: ``scale -> the validation set with images scale times the size``, to
@@ -64,11 +68,13 @@ def compress(model: DeformableDetr, val_dataset, max_ap_drop: float = 0.01,
     start = time.perf_counter()
     chosen, row, rows = run_search(model, search, calib, progress, finetune)
     original = rows[0]
+    share = pyramid_share(model, search.reference[1], device)
     report = {"cpu": _cpu.describe(), "device": str(device), "threads": torch.get_num_threads(),
               "max_ap_drop": max_ap_drop, "search_s": time.perf_counter() - start,
               "original": original, "chosen": row, "rows": rows,
               "speedup": 1.0 / row["relative_latency"],
-              "ap_drop": original["AP"] - row["AP"], "applied": chosen.compression}
+              "ap_drop": original["AP"] - row["AP"], "applied": chosen.compression,
+              "pyramid_share": share, "transformer_bound": 1.0 / share}
     return chosen, report
 
 

@@ -56,3 +56,28 @@ def latency(model, images: list, device, warmup: int = 2, reference=None) -> dic
     if reference is not None:
         row["relative_latency"] = statistics.median(times) / statistics.median(reference_times)
     return row
+
+
+@torch.no_grad()
+def pyramid_share(model, images: list, device, warmup: int = 2) -> float:
+    """The median batch-1 time of ``model.pyramid`` (backbone, input projections and
+    position encodings) over that of the whole forward, the two taking turns image by
+    image. No cut of the transformer alone can make the model more than 1 / this
+    faster."""
+    model.eval()
+    dtype = next(model.parameters()).dtype
+
+    def pyramid(x):  # (1, 3, H, W), as the forward takes it
+        x = x.to(dtype)
+        return model.pyramid(x, torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.bool,
+                                            device=x.device))
+
+    for image in images[:warmup]:
+        model(image[None].to(device))
+        pyramid(image[None].to(device))
+    whole, part = [], []
+    for image in images:
+        whole.append(_timed(model, image, device))
+        part.append(_timed(pyramid, image, device))
+    # (a part of the forward: above 1 only through the machine's noise)
+    return min(1.0, statistics.median(part) / statistics.median(whole))

@@ -212,7 +212,7 @@ class DeformableDetr(nn.Module):
         images, mask = batch_images(images, mask)
         # a converted model (model.to(torch.bfloat16)) takes float32 images as they come
         images = images.to(self.input_proj[0][0].weight.dtype)
-        srcs, masks, pos = self._pyramid(images, mask)
+        srcs, masks, pos = self.pyramid(images, mask)
         dn = self._denoising_queries(targets)
         if self.dino:
             out = self.transformer(srcs, masks, pos, dn)
@@ -248,11 +248,14 @@ class DeformableDetr(nn.Module):
         return denoising.denoising_queries(targets, self.label_enc, self.num_classes,
                                            **self.denoising)
 
-    def _pyramid(self, images: Tensor, mask: Tensor):
-        """The levels of ``feature_levels``: backbone levels projected to d_model, extra
-        stride-2 levels (each from the one before, the first from the last backbone
-        stage); each with its padding mask and position encoding. Stages and projections
-        that no kept level needs are not run."""
+    def pyramid(self, images: Tensor, mask: Tensor):
+        """What the transformer takes, as lists over the levels of ``feature_levels``:
+        ``(srcs (N, d_model, H_l, W_l), masks (N, H_l, W_l) bool, pos (N, d_model, H_l,
+        W_l))`` for (N, 3, H, W) images (in the model's dtype) and their (N, H, W) padding
+        mask: backbone levels projected to d_model, extra stride-2 levels (each from the
+        one before, the first from the last backbone stage); each with its padding mask
+        and position encoding. Stages and projections that no kept level needs are not
+        run."""
         backbone, position = self.backbone[0], self.backbone[1]
         stages = len(backbone.strides)
         kept, top = self.feature_levels, self.feature_levels[-1]
