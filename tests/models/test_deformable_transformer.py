@@ -162,3 +162,21 @@ def test_cached_constants_made_in_inference_mode_serve_autograd():
         (features.masked_fill(~keep, 0.0) * logits).sum()
     loss.backward()
     assert coords.grad.abs().sum() > 0 and features.grad.abs().sum() > 0
+
+
+def test_unpadded_proposals_from_many_threads():
+    # several threads filling and evicting the cache at once get the right proposals
+    import concurrent.futures
+    two_stage._UNPADDED.clear()
+
+    def work(seed):
+        for i in range(60):
+            w = 1 + (seed * 7 + i) % 12  # 12 sizes: more than the cache keeps
+            mask = torch.zeros(2, 2 * w, dtype=torch.bool)
+            logits, _ = encoder_proposals(mask, [(2, w)])
+            want, _ = two_stage._proposals(mask, [(2, w)], torch.float32, None)
+            assert torch.equal(logits, want)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(4)))
+    assert len(two_stage._UNPADDED) <= two_stage._UNPADDED_KEPT

@@ -12,6 +12,7 @@ invalid: their logits are +inf and their encoder features are zeroed.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -65,18 +66,20 @@ def encoder_proposals(padding_mask: Tensor, spatial_shapes, dtype=torch.float32,
         spatial_shapes = spatial_shapes.tolist()
     key = (tuple(tuple(int(v) for v in hw) for hw in spatial_shapes),
            None if level_ids is None else tuple(level_ids), dtype, str(padding_mask.device))
-    cached = _UNPADDED.pop(key, None)
-    if cached is None:
-        with torch.inference_mode(False):  # (normal tensors, usable with autograd later)
-            cached = _proposals(padding_mask[:1].clone(), spatial_shapes, dtype, level_ids)
-    _UNPADDED[key] = cached  # (re)inserted last: the most recently used
-    while len(_UNPADDED) > _UNPADDED_KEPT:
-        del _UNPADDED[next(iter(_UNPADDED))]
+    with _UNPADDED_LOCK:  # (models may run in several threads at once)
+        cached = _UNPADDED.pop(key, None)
+        if cached is None:
+            with torch.inference_mode(False):  # (normal tensors, usable with autograd later)
+                cached = _proposals(padding_mask[:1].clone(), spatial_shapes, dtype, level_ids)
+        _UNPADDED[key] = cached  # (re)inserted last: the most recently used
+        while len(_UNPADDED) > _UNPADDED_KEPT:
+            del _UNPADDED[next(iter(_UNPADDED))]
     n = padding_mask.shape[0]
     return tuple(t.expand(n, -1, -1) for t in cached)
 
 
 _UNPADDED: dict = {}
+_UNPADDED_LOCK = threading.Lock()
 _UNPADDED_KEPT = 8
 
 
