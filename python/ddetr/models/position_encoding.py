@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ddetr.models.size_cache import SizeCache, tracing
+
 
 class PositionEmbeddingSine(nn.Module):
     """Sine encoding; ``forward(mask)`` maps a (N, H, W) padding mask to (N, 2F, H, W).
@@ -41,6 +43,17 @@ class PositionEmbeddingSine(nn.Module):
         self.scale = 2 * math.pi if scale is None else scale
 
     def forward(self, mask: Tensor) -> Tensor:
+        # without padding (asked on the CPU only, where asking costs no device sync) the
+        # encoding depends on the size alone: made once per size, handed out as a copy
+        if tracing() or mask.is_cuda or bool(mask.any()):
+            return self._encode(mask)
+        n, h, w = mask.shape
+        key = (h, w, str(mask.device), self.num_pos_feats, float(self.temperature),
+               self.normalize, float(self.scale), self.offset)
+        cached = UNPADDED.get(key, lambda: self._encode(mask[:1].clone()))
+        return cached.expand(n, -1, -1, -1).clone()
+
+    def _encode(self, mask: Tensor) -> Tensor:
         not_mask = ~mask
         y = not_mask.cumsum(1, dtype=torch.float32)
         x = not_mask.cumsum(2, dtype=torch.float32)
@@ -54,24 +67,20 @@ class PositionEmbeddingSine(nn.Module):
         return interleave_sin_cos(angles).flatten(3).permute(0, 3, 1, 2)
 
 
-_FREQUENCIES: dict = {}
+# the sine encodings of unpadded masks: 16 sizes (4 to 5 levels of a few image sizes)
+UNPADDED = SizeCache(16)
+FREQUENCIES = SizeCache(16)
 
 
 def sine_frequencies(num_pos_feats: int, temperature: float, device) -> Tensor:
     """(F,) float32 ``temperature ** (2 * floor(i / 2) / F)``, made once per device (a
-    constant: recomputing it took five ops per use; a traced graph computes it). Never
-    an inference-mode tensor, so autograd may save it whoever asked first."""
+    constant: recomputing it took five ops per use; a traced graph computes it)."""
     def make():
         i = torch.arange(num_pos_feats, dtype=torch.float32, device=device)
         return temperature ** (2 * (i // 2) / num_pos_feats)
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if tracing():
         return make()
-    key = (num_pos_feats, float(temperature), str(device))
-    freq = _FREQUENCIES.get(key)
-    if freq is None:
-        with torch.inference_mode(False):  # (a normal tensor, also when made in one)
-            freq = _FREQUENCIES[key] = make()
-    return freq
+    return FREQUENCIES.get((num_pos_feats, float(temperature), str(device)), make)
 
 
 def interleave_sin_cos(angles: Tensor) -> Tensor:

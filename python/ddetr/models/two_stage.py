@@ -12,12 +12,12 @@ invalid: their logits are +inf and their encoder features are zeroed.
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 from torch import Tensor
 
 from ddetr.models.position_encoding import interleave_sin_cos, sine_frequencies
+from ddetr.models.size_cache import SizeCache, tracing
 
 
 def proposal_boxes(padding_mask: Tensor, spatial_shapes, dtype=torch.float32,
@@ -58,29 +58,21 @@ def encoder_proposals(padding_mask: Tensor, spatial_shapes, dtype=torch.float32,
     inverse-sigmoid box coordinates (+inf where invalid) and which ones are valid
     (``level_ids`` as ``proposal_boxes``). Without padding (asked on the CPU only, where
     asking costs no device sync) they depend on the sizes alone and are made once per
-    sizes (the last ``_UNPADDED_KEPT`` of them), not on every call."""
-    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    if tracing or padding_mask.is_cuda or bool(padding_mask.any()):
+    sizes (``UNPADDED``), not on every call."""
+    if tracing() or padding_mask.is_cuda or bool(padding_mask.any()):
         return _proposals(padding_mask, spatial_shapes, dtype, level_ids)
     if isinstance(spatial_shapes, Tensor):
         spatial_shapes = spatial_shapes.tolist()
     key = (tuple(tuple(int(v) for v in hw) for hw in spatial_shapes),
            None if level_ids is None else tuple(level_ids), dtype, str(padding_mask.device))
-    with _UNPADDED_LOCK:  # (models may run in several threads at once)
-        cached = _UNPADDED.pop(key, None)
-        if cached is None:
-            with torch.inference_mode(False):  # (normal tensors, usable with autograd later)
-                cached = _proposals(padding_mask[:1].clone(), spatial_shapes, dtype, level_ids)
-        _UNPADDED[key] = cached  # (re)inserted last: the most recently used
-        while len(_UNPADDED) > _UNPADDED_KEPT:
-            del _UNPADDED[next(iter(_UNPADDED))]
+    cached = UNPADDED.get(key, lambda: _proposals(padding_mask[:1].clone(), spatial_shapes,
+                                                  dtype, level_ids))
     n = padding_mask.shape[0]
-    return tuple(t.expand(n, -1, -1) for t in cached)
+    return tuple(t.expand(n, -1, -1) for t in cached)  # (read only: added, masked by)
 
 
-_UNPADDED: dict = {}
-_UNPADDED_LOCK = threading.Lock()
-_UNPADDED_KEPT = 8
+# the unpadded proposals of the last 8 sizes
+UNPADDED = SizeCache(8)
 
 
 def _proposals(padding_mask: Tensor, spatial_shapes, dtype, level_ids) -> tuple[Tensor, Tensor]:
