@@ -188,3 +188,45 @@ def test_d_model_32_at_batch_1_on_a_tiny_image():
         pair = model(torch.cat([x[:1, :, :48, :48]] * 2))
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(alone[key][0], pair[key][0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["box_refine", "two_stage"])
+def test_refined_boxes_are_the_box_outputs(variant, monkeypatch):
+    # with box refinement the decoder's refined boxes (before the detach) are the box
+    # outputs: the same values and the same gradients as running the box head again
+    # from each layer's output and input reference (the official computation)
+    model = tiny_model(variant, dropout=0.0).train()
+    x, mask = images()
+    with torch.no_grad():
+        out = model.transformer(*model.pyramid(x, mask),
+                                None if model.two_stage else model.query_embed.weight)
+    assert out.boxes is not None and out.boxes.shape[0] == TINY["num_decoder_layers"]
+    reused = loss_and_grads(model, x, mask)
+    reused_out = model(x, mask)
+    predict = DeformableDetr._predict
+    monkeypatch.setattr(DeformableDetr, "_predict",
+                        lambda self, hs, init, inter, refined=None: predict(self, hs, init, inter))
+    again = loss_and_grads(model, x, mask)
+    again_out = model(x, mask)
+    torch.testing.assert_close(reused_out["pred_boxes"], again_out["pred_boxes"],
+                               rtol=0, atol=0)
+    for a, b in zip(reused_out["aux_outputs"], again_out["aux_outputs"]):
+        torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=0)
+    assert reused.keys() == again.keys()
+    total = torch.cat([g.flatten() for g in again.values()]).norm()
+    for name, grad in again.items():
+        if name.startswith("input_proj.") and name.endswith(".0.bias"):
+            # true gradient 0 (they feed a GroupNorm of one channel per group): both
+            # are rounding noise, tiny against the total
+            assert reused[name].norm() < 1e-6 * total and grad.norm() < 1e-6 * total
+            continue
+        # (the two sum the box head's gradient contributions in another order)
+        assert (reused[name] - grad).norm() <= 1e-5 * grad.norm(), name
+
+
+def test_without_refinement_the_heads_read_out():
+    model = tiny_model("plain")
+    x, mask = images()
+    with torch.no_grad():
+        out = model.transformer(*model.pyramid(x, mask), model.query_embed.weight)
+    assert out.boxes is None

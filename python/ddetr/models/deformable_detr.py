@@ -219,7 +219,8 @@ class DeformableDetr(nn.Module):
         else:
             query_embed = None if self.two_stage else self.query_embed.weight
             out = self.transformer(srcs, masks, pos, query_embed)
-        logits, boxes_cxcywh = self._predict(out.hs, out.init_reference, out.inter_references)
+        logits, boxes_cxcywh = self._predict(out.hs, out.init_reference, out.inter_references,
+                                             out.boxes)
         if dn is not None:
             dn_logits, logits = zip(*(denoising.split(x, dn) for x in logits))
             dn_boxes, boxes_cxcywh = zip(*(denoising.split(x, dn) for x in boxes_cxcywh))
@@ -277,12 +278,19 @@ class DeformableDetr(nn.Module):
             pos.append(position(level_mask).to(src.dtype))
         return srcs, masks, pos
 
-    def _predict(self, hs: Tensor, init_reference: Tensor, inter_references: Tensor):
+    def _predict(self, hs: Tensor, init_reference: Tensor, inter_references: Tensor,
+                 refined: Tensor | None = None):
         """Per decoder layer: class logits and boxes_cxcywh, the box head predicting a
-        correction of that layer's input reference in logit space."""
+        correction of that layer's input reference in logit space. ``refined``: the
+        decoder's refined boxes (box refinement), which are exactly those boxes: then
+        the box head is not run again."""
         logits, boxes = [], []
         eps = denoising.DINO_EPS if self.dino else 1e-5  # (each official code's)
         for lvl in range(hs.shape[0]):
+            logits.append(linear_module(self.class_embed[lvl], hs[lvl]))
+            if refined is not None:
+                boxes.append(refined[lvl])
+                continue
             reference = inverse_sigmoid(init_reference if lvl == 0 else inter_references[lvl - 1],
                                         eps)
             delta = self.bbox_embed[lvl](hs[lvl])
@@ -290,7 +298,6 @@ class DeformableDetr(nn.Module):
                 coord = delta + reference
             else:
                 coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            logits.append(linear_module(self.class_embed[lvl], hs[lvl]))
             boxes.append(coord.sigmoid())
         return logits, boxes
 

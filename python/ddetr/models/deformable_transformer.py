@@ -30,6 +30,9 @@ class TransformerOutput(NamedTuple):
     inter_references: Tensor      # (layers, N, Lq, 2|4) the reference after each layer
     enc_outputs_class: Tensor | None       # (N, S, num_classes), two-stage only
     enc_outputs_coord_unact: Tensor | None  # (N, S, 4) box logits, two-stage only
+    # (layers, N, Lq, 4) boxes_cxcywh: each layer's refined boxes before the detach (the
+    # box outputs), when the decoder refines them; else None (the detector's heads run)
+    boxes: Tensor | None = None
 
 
 class TooFewTokens(ValueError):
@@ -124,10 +127,12 @@ class DeformableTransformer(nn.Module):
             if query_embed is None:
                 raise ValueError("query_embed: required unless two_stage")
             query_pos, tgt, reference_points = self._learned_queries(query_embed, memory.shape[0])
-        hs, refs = self.decoder(tgt, reference_points, memory, flat.levels,
-                                flat.level_start_index, flat.valid_ratios, query_pos, value_mask)
+        hs, refs, boxes = self.decoder(tgt, reference_points, memory, flat.levels,
+                                       flat.level_start_index, flat.valid_ratios, query_pos,
+                                       value_mask)
         return TransformerOutput(torch.stack(hs), reference_points, torch.stack(refs),
-                                 enc_class, enc_coord)
+                                 enc_class, enc_coord,
+                                 None if boxes is None else torch.stack(boxes))
 
     def encode(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]):
         """Flattens the levels and runs the encoder. Returns ``(memory (N, S, C), flat

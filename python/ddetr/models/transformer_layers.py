@@ -216,9 +216,11 @@ class DeformableTransformerDecoder(nn.Module):
     def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index,
                 valid_ratios, query_pos=None, memory_padding_mask=None):
         """reference_points (N, Lq, 2) points or (N, Lq, 4) boxes_cxcywh, normalised to the
-        valid image area. Returns ``(hs (layers, N, Lq, C), references (layers, N, Lq, 2|4))``:
-        every layer's output and the reference it hands to the next layer."""
-        out, hs, refs = tgt, [], []
+        valid image area. Returns ``(hs, references, boxes)``: every layer's output (N, Lq,
+        C), the reference it hands to the next layer, and (with ``bbox_embed``) its refined
+        boxes (N, Lq, 4) before the detach, which are the detector's box outputs for that
+        layer (so its box head runs once per layer), or None without refinement."""
+        out, hs, refs, boxes = tgt, [], [], []
         for i, layer in enumerate(self.layers):
             # normalised to the valid area -> to the padded map, per level:
             # (N, Lq, 2|4) x (N, L, 2|4) -> (N, Lq, L, 2|4)
@@ -227,20 +229,23 @@ class DeformableTransformerDecoder(nn.Module):
             out = layer(out, query_pos, level_refs, memory, spatial_shapes, level_start_index,
                         memory_padding_mask)
             if self.bbox_embed is not None:
-                reference_points = self._refine(self.bbox_embed[i](out), reference_points)
+                refined = self._refine(self.bbox_embed[i](out), reference_points)
+                boxes.append(refined)
+                # the next layer's reference is not back-propagated through (the
+                # official detach); the box output is
+                reference_points = refined.detach()
             hs.append(out)
             refs.append(reference_points)
-        return hs, refs
+        return hs, refs, (boxes or None)
 
     @staticmethod
     def _refine(delta: Tensor, reference_points: Tensor) -> Tensor:
-        # the head predicts a correction in logit space; the new reference is not
-        # back-propagated through (the official detach)
+        # the head predicts a correction of the reference in logit space
         if reference_points.shape[-1] == 4:
             refined = delta + inverse_sigmoid(reference_points)
         else:
             # a point becomes a box: (cx, cy) corrected, (w, h) from the delta alone
             refined = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points),
                                  delta[..., 2:]], -1)
-        return refined.sigmoid().detach()
+        return refined.sigmoid()
 
