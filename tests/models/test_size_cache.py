@@ -71,3 +71,13 @@ def test_a_traced_graph_computes_the_encoding(monkeypatch):
     torch.testing.assert_close(PositionEmbeddingSine(8)(mask),
                                PositionEmbeddingSine(8)._encode(mask), rtol=0, atol=0)
     assert position_encoding.UNPADDED.keys() == []
+
+
+def test_known_unpadded(monkeypatch):
+    from ddetr.models.size_cache import known_unpadded
+    mask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    assert known_unpadded(mask)
+    mask[1, 2, 3] = True
+    assert not known_unpadded(mask)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert not known_unpadded(torch.zeros(1, 3, 4, dtype=torch.bool))  # a graph cannot ask

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddetr.models import weights
+from ddetr.models.size_cache import tracing
 from ddetr.ops.bf16_cpu import conv2d
 
 # name -> (block, blocks per stage); widths follow torchvision (64 stem channels).
@@ -112,8 +113,7 @@ def _fold_into_weights(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether ``conv(x)`` has more output pixels than a filter has weights (then the
     norm goes into the weights). An exported or traced graph always folds: one form
     whatever the (maybe symbolic) size."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or \
-            torch.jit.is_tracing():
+    if tracing():
         return True
     pixels = x.shape[0]
     for size, k, s, p, d in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.padding,

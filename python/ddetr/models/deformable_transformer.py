@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ddetr.models.ms_deform_attn import MSDeformAttn
+from ddetr.models.size_cache import known_unpadded
 from ddetr.models.token_selection import TokenScorer, select_tokens
 from ddetr.models.transformer_layers import (DeformableTransformerDecoder,
                                              DeformableTransformerDecoderLayer,
@@ -142,10 +143,8 @@ class DeformableTransformer(nn.Module):
         # (H, W) pairs as ints: known while tracing, so torch.compile needs no data
         sizes = [tuple(src.shape[-2:]) for src in srcs]
         enc_refs = encoder_reference_points(sizes, flat.valid_ratios)
-        # without padding anywhere (one image, or equal sizes) the values need no masking:
-        # skipped on the CPU, where asking costs no device sync (a traced graph cannot ask)
-        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-        value_mask = flat.mask if tracing or flat.mask.is_cuda or bool(flat.mask.any()) else None
+        # without padding anywhere (one image, or equal sizes) the values need no masking
+        value_mask = None if known_unpadded(flat.mask) else flat.mask
         # flat.levels (a LevelTable) stands for spatial_shapes from here down: the native
         # calls read its Python ints instead of copying the tensor to the host each time
         token_index = None

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ddetr.models.size_cache import SizeCache, tracing
+from ddetr.models.size_cache import SizeCache, known_unpadded, tracing
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -43,9 +43,9 @@ class PositionEmbeddingSine(nn.Module):
         self.scale = 2 * math.pi if scale is None else scale
 
     def forward(self, mask: Tensor) -> Tensor:
-        # without padding (asked on the CPU only, where asking costs no device sync) the
-        # encoding depends on the size alone: made once per size, handed out as a copy
-        if tracing() or mask.is_cuda or bool(mask.any()):
+        # without padding the encoding depends on the size alone: made once per size,
+        # handed out as a copy
+        if not known_unpadded(mask):
             return self._encode(mask)
         n, h, w = mask.shape
         key = (h, w, str(mask.device), self.num_pos_feats, float(self.temperature),

@@ -16,6 +16,7 @@ import threading
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 
 def tracing() -> bool:
@@ -23,6 +24,13 @@ def tracing() -> bool:
     ``torch.jit.trace``): then nothing is cached, and the graph computes it."""
     return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
             or torch.jit.is_tracing())
+
+
+def known_unpadded(mask: Tensor) -> bool:
+    """Whether the (N, ...) bool padding mask ``mask`` is known to hold no padding: asked
+    on the CPU only, where asking costs no device sync, and never while tracing (a traced
+    graph cannot ask). False means "maybe padded"."""
+    return not (tracing() or mask.is_cuda or bool(mask.any()))
 
 
 class SizeCache:

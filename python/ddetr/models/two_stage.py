@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ddetr.models.position_encoding import interleave_sin_cos, sine_frequencies
-from ddetr.models.size_cache import SizeCache, tracing
+from ddetr.models.size_cache import SizeCache, known_unpadded
 
 
 def proposal_boxes(padding_mask: Tensor, spatial_shapes, dtype=torch.float32,
@@ -59,7 +59,7 @@ def encoder_proposals(padding_mask: Tensor, spatial_shapes, dtype=torch.float32,
     (``level_ids`` as ``proposal_boxes``). Without padding (asked on the CPU only, where
     asking costs no device sync) they depend on the sizes alone and are made once per
     sizes (``UNPADDED``), not on every call."""
-    if tracing() or padding_mask.is_cuda or bool(padding_mask.any()):
+    if not known_unpadded(padding_mask):
         return _proposals(padding_mask, spatial_shapes, dtype, level_ids)
     if isinstance(spatial_shapes, Tensor):
         spatial_shapes = spatial_shapes.tolist()
