@@ -3,7 +3,9 @@ training config and every random number generator, so a resumed run continues ex
 as an uninterrupted one (same data order, augmentations and dropout).
 
 Layout (a ``torch.save`` dict, the official keys plus ``rng``, ``scaler``, ``config``):
-``{"model", "optimizer", "lr_scheduler", "epoch", "config", "rng", "scaler"}``, holding
+``{"model", "optimizer", "lr_scheduler", "epoch", "config", "rng", "scaler"}``, and
+``"ema"`` (``{"model", "decay", "updates"}``) when the run keeps a weight average
+(``--ema_decay``; ``inference_weights`` then picks it), holding
 only tensors and plain data (the generators' states too), so ``read_checkpoint`` loads
 it with ``weights_only``: no code in a downloaded file runs. Files needing more (an
 older ddetr's, with pickled numpy states) load only with ``trust_pickle=True``.
@@ -66,16 +68,28 @@ def _numpy_state(saved) -> tuple:
 
 
 def save_checkpoint(path: str, model, optimizer, lr_scheduler, epoch: int, config: dict,
-                    scaler=None, rng_states: list | None = None) -> None:
+                    scaler=None, rng_states: list | None = None, ema=None) -> None:
     """Writes the checkpoint atomically (a temporary file, then a rename).
     ``rng_states``: every process's ``rng_state()`` in rank order (default: this one's).
-    ``config`` must be plain data (paths become strings, numpy scalars numbers)."""
+    ``config`` must be plain data (paths become strings, numpy scalars numbers).
+    ``ema``: the run's ``WeightAverage``, if any."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch,
              "config": plain_data(config, "config"),
              "rng": rng_states if rng_states is not None else [rng_state()],
              "scaler": scaler.state_dict() if scaler is not None else None}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     write_atomic(state, path)
+
+
+def inference_weights(state: dict) -> dict:
+    """The state dict a checkpoint's model is used with: the weight average when the run
+    kept one (``"ema"``), else ``"model"``."""
+    ema = state.get("ema")
+    if isinstance(ema, dict) and isinstance(ema.get("model"), dict):
+        return ema["model"]
+    return state["model"]
 
 
 def write_atomic(state: dict, path: str) -> None:
@@ -131,13 +145,22 @@ def _unpickle(path: str):
 
 
 def resume(state: dict, model, optimizer=None, lr_scheduler=None, scaler=None,
-           restore_rng: bool = True, rank: int = 0) -> int:
+           restore_rng: bool = True, rank: int = 0, ema=None) -> int:
     """Restores what ``save_checkpoint`` saved into the given objects (any may be None)
     and process ``rank``'s generators (the first saved ones if the checkpoint has fewer
     processes); returns the epoch to start from (the saved epoch + 1). A model tensor
     missing from the checkpoint is a ValueError; extra keys are logged and ignored, as
-    the official ``--resume`` (a FLOP counter's leftovers)."""
+    the official ``--resume`` (a FLOP counter's leftovers). ``ema`` (a
+    ``WeightAverage``): restored from the checkpoint's average, or, when it has none,
+    restarted from the restored model's weights."""
     weights.load_weights(model, state["model"], source="checkpoint", unexpected_ok=True)
+    if ema is not None:
+        if isinstance(state.get("ema"), dict):
+            ema.load_state_dict(state["ema"])
+        else:
+            logger.warning("checkpoint: no weight average saved; the average restarts "
+                           "from the resumed weights")
+            ema.module.load_state_dict(model.state_dict())
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if lr_scheduler is not None and state.get("lr_scheduler") is not None:

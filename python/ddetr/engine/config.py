@@ -105,6 +105,10 @@ class TrainConfig:
     epochs: int = _f(50, "training epochs")
     lr_drop: int = _f(40, "epochs between lr drops (x0.1)")
     clip_max_norm: float = _f(0.1, "gradient clipping max norm (0 disables)")
+    ema_decay: float = _f(0.0, "keep an exponential moving average of the weights, moved "
+                               "after every step with this decay (e.g. 0.999; 0 disables): "
+                               "evaluation and the checkpoint's inference weights (ddetr "
+                               "eval, predict, compress, export) use the average")
     amp: str = _f("off", "mixed precision: off, bf16, fp16 (CUDA only) or auto "
                          "(bf16 on the CPU, fp16 on CUDA)")
     # run

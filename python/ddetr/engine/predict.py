@@ -15,7 +15,7 @@ from ddetr.data.transforms import val_transforms
 from ddetr.engine import checkpoint as ckpt
 from ddetr.engine.draw import draw_detections, draw_sampling_points
 from ddetr.engine.sampling_points import SamplingPointRecorder
-from ddetr.models import DeformableDetr, Detr
+from ddetr.models import DeformableDetr, Detr, weights
 from ddetr.models.box_ops import box_cxcywh_to_xyxy
 from ddetr.models.postprocess import classification_of, query_scores
 
@@ -45,7 +45,8 @@ def load_detector(path: str, device="cpu", trust_pickle: bool = False) -> Detect
     else:
         model = DeformableDetr(**config["model"])
         model.restore_compression(config.get("compression", []))  # (ddetr compress)
-    ckpt.resume(state, model, restore_rng=False)
+    weights.load_weights(model, ckpt.inference_weights(state), source="checkpoint",
+                         unexpected_ok=True)
     train = config.get("train", {})
     names = {c["id"]: c["name"] for c in config.get("categories", [])}
     return Detector(model.to(device).eval(), names, train.get("base_size", 800),

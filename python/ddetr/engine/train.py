@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ddetr.engine import amp as amp_mode
 from ddetr.engine import builders, checkpoint, distributed
 from ddetr.engine.config import write_config
+from ddetr.engine.ema import WeightAverage
 from ddetr.engine.evaluate import evaluate
 from ddetr.engine.optim import build_optimizer
 
@@ -68,10 +69,12 @@ def train_step(model, criterion, images, mask, targets, optimizer, clip_max_norm
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int,
                     clip_max_norm: float = 0.1, amp: str = "off", scaler=None,
-                    progress: bool = True, max_steps: int | None = None) -> dict[str, float]:
+                    progress: bool = True, max_steps: int | None = None,
+                    ema: WeightAverage | None = None) -> dict[str, float]:
     """Trains one pass over ``loader``; returns the epoch's mean of every logged value
     (averaged over processes), ``images_per_s`` and ``skipped_images`` (undecodable
-    images met, all processes)."""
+    images met, all processes). ``ema``: a weight average of ``model`` (unwrapped from
+    DDP), moved after every step."""
     model.train()
     criterion.train()
     sums: dict[str, float] = {}
@@ -85,6 +88,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int,
         images, mask, targets = to_device(images, mask, targets, device)
         values = train_step(model, criterion, images, mask, targets, optimizer, clip_max_norm,
                             amp, scaler)
+        if ema is not None:
+            ema.update(getattr(model, "module", model))
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
         steps += 1
@@ -146,7 +151,8 @@ def setup(config) -> SimpleNamespace:
     run = SimpleNamespace(config=config, device=device, train_set=train_set, val_set=val_set,
                           model=model, criterion=builders.build_criterion(config, num_classes),
                           optimizer=optimizer, scheduler=scheduler, amp=mode,
-                          scaler=amp_mode.grad_scaler(mode, device), start_epoch=0)
+                          scaler=amp_mode.grad_scaler(mode, device), start_epoch=0,
+                          ema=WeightAverage(model, config.ema_decay) if config.ema_decay else None)
     _resume(run)
     run.ddp_model = model
     if distributed.is_distributed():
@@ -165,7 +171,7 @@ def _resume(run: SimpleNamespace) -> None:
         return
     state = checkpoint.read_checkpoint(run.config.resume, run.config.trust_pickle)
     run.start_epoch = checkpoint.resume(state, run.model, run.optimizer, run.scheduler,
-                                        run.scaler, rank=distributed.rank())
+                                        run.scaler, rank=distributed.rank(), ema=run.ema)
     logger.info("resumed from %s at epoch %d", run.config.resume, run.start_epoch)
 
 
@@ -189,14 +195,17 @@ def run_epoch(run: SimpleNamespace, epoch: int, max_steps: int | None) -> dict:
     run.train_loader.sampler.set_epoch(epoch)
     stats = train_one_epoch(run.ddp_model, run.criterion, run.train_loader, run.optimizer,
                             run.device, epoch, config.clip_max_norm, run.amp, run.scaler,
-                            config.progress, max_steps)
+                            config.progress, max_steps, run.ema)
     run.scheduler.step()
     distributed.broadcast_buffers(run.model)  # every process evaluates the same model
+    if run.ema is not None:
+        distributed.broadcast_buffers(run.ema.module)
     record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
               "lr": run.optimizer.param_groups[0]["lr"]}
     due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
     if run.val_set is not None and due:
-        result = evaluate(run.model, run.val_set, run.device, config.batch_size,
+        evaluated = run.model if run.ema is None else run.ema.module
+        result = evaluate(evaluated, run.val_set, run.device, config.batch_size,
                           config.num_workers, run.amp, config.progress)
         record["coco_eval_bbox"] = result["stats"]
         record["bad_val_images"] = result["bad_images"]
@@ -208,7 +217,7 @@ def run_epoch(run: SimpleNamespace, epoch: int, max_steps: int | None) -> dict:
                  "categories": run.train_set.coco.dataset["categories"]}
         checkpoint.save_checkpoint(os.path.join(config.output_dir, "checkpoint.pth"), run.model,
                                    run.optimizer, run.scheduler, epoch, saved, run.scaler,
-                                   rng_states)
+                                   rng_states, run.ema)
     return record
 
 
