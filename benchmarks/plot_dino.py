@@ -10,7 +10,8 @@ main job's final AP, and writes the same figures as JSON beside the PNG.
         --dino dino/output-synthetic/log.jsonl --out benchmarks/results/dino
 
 ``--dino`` may be given several times, as ``LABEL=PATH`` to name each run (e.g. two
-schedules).
+schedules); ``--other LABEL=PATH`` adds further runs to compare with (e.g. the main job
+with a weight average), drawn and tabulated the same way.
 """
 
 from __future__ import annotations
@@ -66,11 +67,14 @@ def main(argv=None) -> int:
     parser.add_argument("--deformable", required=True, help="the main job's log.jsonl")
     parser.add_argument("--dino", required=True, action="append",
                         help="a --arch dino run's log.jsonl, or LABEL=PATH; repeatable")
+    parser.add_argument("--other", action="append", default=[],
+                        help="another run's log.jsonl to draw beside them, as LABEL=PATH; "
+                             "repeatable")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "dino"),
                         help="folder for dino_vs_deformable.png and .json")
     args = parser.parse_args(argv)
     runs = {"Deformable DETR": run_figures(args.deformable)}
-    for entry in args.dino:
+    for entry in args.dino + args.other:
         label, _, path = entry.rpartition("=")
         runs[label or "DINO"] = run_figures(path)
     os.makedirs(args.out, exist_ok=True)
