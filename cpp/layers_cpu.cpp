@@ -291,23 +291,27 @@ template <class T> struct CpuOps {
  private:
   // out = softmax(scale * x) over n entries (out may alias x); the max is subtracted.
   // An out in A keeps the exponentials between the passes; a bf16 out gets them computed
-  // again instead, so it is rounded once.
+  // again instead, so it is rounded once. Masked entries (-inf, as DINO's denoising mask
+  // makes two thirds of them) are 0 without calling exp: the same value, exp(-inf) = 0.
   template <class In, class Out> static void softmax(int64_t n, A scale, const In* x, Out* out) {
     A mx = -std::numeric_limits<A>::infinity();
     for (int64_t j = 0; j < n; ++j) mx = std::max(mx, scale * to_acc(x[j]));
+    const auto e = [&](int64_t j) {
+      const A v = scale * to_acc(x[j]);
+      return v == -std::numeric_limits<A>::infinity() ? A(0) : A(std::exp(v - mx));
+    };
     A sum = 0;
     if constexpr (std::is_same<Out, A>::value) {
       for (int64_t j = 0; j < n; ++j) {
-        out[j] = std::exp(scale * to_acc(x[j]) - mx);
+        out[j] = e(j);
         sum += out[j];
       }
       const A inv = A(1) / sum;
       for (int64_t j = 0; j < n; ++j) out[j] *= inv;
     } else {
-      for (int64_t j = 0; j < n; ++j) sum += std::exp(scale * to_acc(x[j]) - mx);
+      for (int64_t j = 0; j < n; ++j) sum += e(j);
       const A inv = A(1) / sum;
-      for (int64_t j = 0; j < n; ++j)
-        out[j] = from_acc<Out>(std::exp(scale * to_acc(x[j]) - mx) * inv);
+      for (int64_t j = 0; j < n; ++j) out[j] = from_acc<Out>(e(j) * inv);
     }
   }
 
