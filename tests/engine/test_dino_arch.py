@@ -51,6 +51,11 @@ def test_arch_dino_brings_the_recipe(tmp_path):
     demo = make_config({"arch": "dino"})
     assert (demo.num_queries, demo.d_model, demo.dn_number, demo.cls_loss_coef) == \
         (60, 64, 100, 2.0)
+    # and its own schedule (README, DINO), while the main job's stays the demo's
+    assert (demo.batch_size, demo.ema_decay, demo.epochs, demo.lr_drop) == (2, 0.999, 6, 6)
+    main_job = make_config({})
+    assert (main_job.batch_size, main_job.ema_decay, main_job.epochs, main_job.lr_drop) == \
+        (8, 0.0, 10, 8)
 
 
 def test_train_help_with_arch_dino_states_its_defaults(capsys):
@@ -67,6 +72,8 @@ def test_train_help_with_arch_dino_states_its_defaults(capsys):
                           ("--set_cost_giou", "2.0"), ("--d_model", "256")):
         start = text.rindex(f"{flag} {flag.upper()[2:]}")  # (its help, after the usage)
         assert f"(default {default}" in text[start:start + 400], flag
+    start = text.rindex("--ema_decay EMA_DECAY")
+    assert "(default 0.0; synthetic demo 0.999)" in text[start:start + 600]
     try:
         cli.main(["train", "--help"])
     except SystemExit:
