@@ -18,6 +18,8 @@ import copy
 import torch
 from torch import nn
 
+from ddetr.models import weights
+
 
 class WeightAverage:
     """The average (``module``, a copy of the model in eval mode without gradients) and
@@ -60,7 +62,6 @@ class WeightAverage:
                 "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        from ddetr.models import weights
         weights.load_weights(self.module, state["model"], source="checkpoint['ema']",
                              unexpected_ok=True)
         self.updates = int(state.get("updates", 0))
