@@ -10,7 +10,7 @@ namespace ddetr {
 
 void layer_saved_sizes(const LayerShape& s, const LayerOptions& o,
                        int64_t sizes[kLayerSavedCount]) {
-  const layer_detail::Dims d(s);
+  const layer_detail::Dims d(s, kLayerBlockRows);  // (no saved size depends on the block)
   const int64_t dec = s.decoder ? 1 : 0;
   const int64_t vals[kLayerSavedCount] = {
       dec * d.T * 3 * d.C,                              // qkv

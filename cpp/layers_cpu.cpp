@@ -41,6 +41,7 @@ template <class T> struct CpuOps {
   int threads;
   float* gemm_scratch = nullptr;  // bf16 only: kGemmBf16ScratchFloats floats
   static constexpr size_t kAlign = 64;
+  static constexpr int64_t kBlockRows = kLayerBlockRows;
 
   int team(int64_t work) const { return resolve_threads(threads, work, kSerialBelow); }
 

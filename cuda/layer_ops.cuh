@@ -151,6 +151,11 @@ template <class T> struct CudaOps {
   bool deterministic = false;
   cuda_detail::BlasWorkspace blas;  // the pass's cuBLAS workspace (layers.cu)
   static constexpr size_t kAlign = 256;
+  // A whole 800x1333 image (22,223 tokens) in one block: blocks of 2048 rows cost 11
+  // launches of every per-row kernel and GEMMs too small to fill the GPU (measured on an
+  // H200: the native encoder layer at 0.6x the PyTorch path's speed). The workspace
+  // grows to about 10 KB per row (a few hundred MB), small beside the GPU's memory.
+  static constexpr int64_t kBlockRows = 32768;
 
   // C in U: T, or Acc<T> (the parameter-gradient accumulators, bf16's attention scores)
   template <class U>

@@ -123,7 +123,7 @@ def test_batch_mask_and_no_pos(kind, n, mask, pos):
 
 
 def test_many_blocks_of_rows():
-    # an encoder longer than one block of rows (kLayerBlockRows = 2048) per image
+    # an encoder longer than one block of rows (CpuOps::kBlockRows = 2048) per image
     lv = [(48, 50)]
     layer = make_layer("encoder", lv, torch.float32)
     inp = make_inputs("encoder", lv, n=2, dtype=torch.float32)
@@ -544,6 +544,24 @@ def test_cuda_matches_cpu(kind, ref_dim, deterministic):
     assert_close_relative([g.cpu() for g in got], want, 1e-10)
     if deterministic:
         assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.cuda
+def test_many_blocks_of_rows_cuda():
+    # more rows than one CUDA block (CudaOps::kBlockRows = 32768) and than one inference
+    # block of the PyTorch path: natively, on the PyTorch path, and without autograd
+    # (float64: no TF32 question between cuBLAS calls)
+    lv = [(130, 260)]
+    layer = make_layer("encoder", lv, device="cuda")
+    inp = make_inputs("encoder", lv, n=1, device="cuda")
+    native = outputs_and_grads(layer, "encoder", inp, True)
+    assert_close_relative(native, outputs_and_grads(layer, "encoder", inp, False), 1e-10,
+                          _names(layer, "encoder", inp))
+    with torch.no_grad():
+        for flag in (True, False):
+            layer.native_layers = flag
+            out = layer(inp["x"], inp["pos"], inp["ref"], inp["shapes"], None, inp["mask"])
+            assert (out - native[0]).norm() <= 1e-10 * native[0].norm(), flag
 
 
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])

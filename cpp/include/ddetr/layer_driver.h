@@ -10,7 +10,7 @@
 //
 // Order of work. Forward: the encoder's value projection over all (N, S) rows, or the
 // decoder's masked memory; the decoder's self-attention stage over all its (N, Lq) rows
-// (it mixes the queries of one image); then, per block of at most kLayerBlockRows query
+// (it mixes the queries of one image); then, per block of at most Ops::kBlockRows query
 // rows of one image, deformable attention, add & norm, FFN, add & norm. Backward: the
 // blocks in the same order (weight and bias gradients summed over blocks in that fixed
 // order, so results are the same bits on every run), the encoder's value projection
@@ -38,7 +38,7 @@ namespace layer_detail {
 
 template <class T, class Ops> size_t workspace_bytes(const Ops& ops, const LayerShape& s,
                                                      const LayerOptions& o, bool backward) {
-  const Dims d(s);
+  const Dims d(s, Ops::kBlockRows);
   Carver ws(nullptr, Ops::kAlign);
   const LayerSaved<T> saved = counting_saved<T>(s, o);
   if (backward)

@@ -390,7 +390,7 @@ void layer_backward(const Ops& ops, const LayerArgs<T>& a, const T* grad_out,
   if (!a.o.training) throw std::invalid_argument("layer: the backward needs a training forward");
   check_call(a);
   if (!gi.x) throw std::invalid_argument("layer: the input gradient buffer is missing");
-  const Dims d(s);
+  const Dims d(s, Ops::kBlockRows);
   Carver ws(workspace, Ops::kAlign);
   const BackwardSpace<T> sp(ws, s, d, a.saved, msda_scratch(ops, s, d));
   check_workspace(ws.used(), workspace_bytes);

@@ -161,7 +161,7 @@ void layer_forward(const Ops& ops, const LayerArgs<T>& a, T* out, void* workspac
   using namespace layer_detail;
   const LayerShape& s = a.s;
   check_call(a);
-  const Dims d(s);
+  const Dims d(s, Ops::kBlockRows);
   Carver ws(workspace, Ops::kAlign);
   const ForwardSpace<T> sp(ws, s, d, a.saved);
   check_workspace(ws.used(), workspace_bytes);

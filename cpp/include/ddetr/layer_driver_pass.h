@@ -66,9 +66,9 @@ class Carver {
 // Sizes used throughout.
 struct Dims {
   int64_t N, Lq, S, C, F, M, D, K, B, T;  // K = M*L*P, B = rows per block, T = N*Lq
-  explicit Dims(const LayerShape& s)
+  Dims(const LayerShape& s, int64_t block_rows)
       : N(s.N), Lq(s.Lq), S(s.msda.S), C(s.C), F(s.F), M(s.msda.M), D(s.msda.D),
-        K(s.msda.M * s.msda.L * s.msda.P), B(std::min(s.Lq, kLayerBlockRows)),
+        K(s.msda.M * s.msda.L * s.msda.P), B(std::min(s.Lq, block_rows)),
         T(s.N * s.Lq) {}
 };
 
@@ -111,7 +111,7 @@ template <class T, class Ops> struct LayerPass {
                                // x (encoder) or y0 = LN_sa(...) (decoder)
 
   LayerPass(const Ops& ops_, const LayerArgs<T>& a, ValueMaps<T> maps_, const T* xin_)
-      : ops(ops_), s(a.s), d(a.s), o(a.o), w(a.w), in(a.in), saved(a.saved), maps(maps_),
+      : ops(ops_), s(a.s), d(a.s, Ops::kBlockRows), o(a.o), w(a.w), in(a.in), saved(a.saved), maps(maps_),
         xin(xin_) {}
 };
 

@@ -11,6 +11,7 @@
 // either T or A (member templates).
 //
 //   static constexpr size_t kAlign;   // alignment of workspace carve-outs, in bytes
+//   static constexpr int64_t kBlockRows;  // query rows per block of the per-row stages
 //
 //   gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc, bias, relu)
 //       C (M, N) = op(A) op(B) + beta * C, then C[m, n] += bias[n] (bias may be null),

@@ -56,8 +56,10 @@
 // has zeros).
 //
 // Memory: the native code never allocates tensor memory. Every pass also takes a
-// workspace of layer_workspace_bytes bytes. Work goes in blocks of kLayerBlockRows
-// query rows, so the workspace stays small whatever the image size.
+// workspace of layer_workspace_bytes bytes. Work goes in blocks of query rows (each
+// backend's Ops::kBlockRows: kLayerBlockRows on the CPU, where a block's activations
+// stay in cache; far more on a GPU, where small blocks mean small launches), so the
+// workspace stays bounded whatever the image size.
 //
 // Types: T = float, double or bf16 for every tensor (parameters, inputs, outputs, saved
 // activations, gradients) except the reference points and their gradient, which are in

@@ -29,8 +29,11 @@ from ddetr.ops import dropout, module_linear, relu_dropout
 
 # In inference (no autograd) the encoder runs the per-token part of a layer over blocks
 # of this many tokens after projecting all values: the FFN's hidden activations and the
-# sampling tensors then stay small and in cache instead of hundreds of MB per layer.
+# sampling tensors then stay small and in cache instead of hundreds of MB per layer. On
+# a GPU, blocks that small are launches too small to fill it: a whole 800x1333 image
+# (22,223 tokens) goes in one block there.
 INFERENCE_BLOCK_TOKENS = 2048
+INFERENCE_BLOCK_TOKENS_GPU = 32768
 
 
 # No in-place ops on sub-module outputs here: a forward hook on linear1 or output_proj
@@ -109,8 +112,9 @@ class DeformableTransformerEncoderLayer(nn.Module):
                                 level_start_index)
         # every token's output depends on the values and its own row only: blocks of rows
         out = torch.empty_like(src)
-        for i in range(0, src.shape[1], INFERENCE_BLOCK_TOKENS):
-            rows = slice(i, i + INFERENCE_BLOCK_TOKENS)
+        block = INFERENCE_BLOCK_TOKENS_GPU if src.is_cuda else INFERENCE_BLOCK_TOKENS
+        for i in range(0, src.shape[1], block):
+            rows = slice(i, i + block)
             out[:, rows] = self._tokens(src[:, rows], None if pos is None else pos[:, rows],
                                         reference_points[:, rows], value, spatial_shapes,
                                         level_start_index)

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# What a session with a lent GPU runs, in one call: build the extension for the GPU,
+# run every CUDA test, run the CUDA tests of the native ops under compute-sanitizer
+# (memcheck, and racecheck on the kernels that share memory between threads), then
+# the GPU benchmarks. Logs and JSON go to $OUT (default: benchmarks/results/gpu_run).
+#
+#   bash benchmarks/gpu_session.sh [stage ...]   # stages: build tests sanitize bench
+#
+# Each stage has its own time limit, so one that hangs cannot eat the others' time.
+# Python packages missing on the GPU machine can be put in .whl/ (installed first).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu_run}
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build tests sanitize bench)
+want() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+say() { echo "### $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/ddetr_site .whl/*.whl >>"$LOG" 2>&1
+  export PYTHONPATH=/tmp/ddetr_site
+fi
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+say "environment"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  nvcc --version | tail -2
+  lscpu | grep -E "Model name|^CPU\(s\)"
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee -a "$LOG"
+
+if want build; then
+  say "build (sm_90)"
+  start=$(date +%s)
+  cmake -S . -B build-gpu -G Ninja -DDDETR_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" \
+    >>"$LOG" 2>&1 && timeout 300 cmake --build build-gpu -j"$(nproc)" >>"$LOG" 2>&1 \
+    || { say "BUILD FAILED"; tail -40 "$LOG"; exit 1; }
+  cp build-gpu/_C*.so python/ddetr/
+  say "built in $(( $(date +%s) - start )) s"
+  $PY -c "import ddetr; print(ddetr.build_info())" 2>&1 | tee -a "$LOG"
+fi
+
+if want tests; then
+  say "CUDA tests"
+  xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 4"
+  timeout "${TESTS_LIMIT:-150}" $PY -m pytest -q -m cuda -p no:cacheprovider -rfE $xdist \
+    --junitxml="$OUT/cuda_tests.xml" tests 2>&1 | tail -60 | tee -a "$LOG"
+  say "tests exit ${PIPESTATUS[0]}"
+fi
+
+if want sanitize; then
+  # memcheck: every CUDA test of the ops and the native layers, float64 gradcheck aside
+  # (thousands of launches, and the same kernels as the float32 cases).
+  say "compute-sanitizer memcheck"
+  timeout "${SANITIZE_LIMIT:-120}" compute-sanitizer --tool memcheck --error-exitcode 3 \
+    --print-limit 20 $PY -m pytest -q -x -m cuda -p no:cacheprovider -k "not gradcheck" \
+    tests/ops tests/models/test_native_layers.py 2>&1 | tail -40 | tee -a "$LOG"
+  say "memcheck exit ${PIPESTATUS[0]}"
+  say "compute-sanitizer racecheck (MSDA backward, layers)"
+  timeout "${RACECHECK_LIMIT:-60}" compute-sanitizer --tool racecheck --error-exitcode 3 \
+    --print-limit 20 $PY -m pytest -q -x -m cuda -p no:cacheprovider \
+    -k "deterministic or matches_cpu" tests/ops/test_msda.py tests/models/test_native_layers.py \
+    2>&1 | tail -30 | tee -a "$LOG"
+  say "racecheck exit ${PIPESTATUS[0]}"
+fi
+
+if want bench; then
+  say "benchmarks"
+  # --in-process: a worker process per measurement costs a CUDA start-up each (~8 s)
+  timeout 100 $PY benchmarks/bench_msda.py --device cuda --shapes E1 E2 D1 --repeats 20 \
+    --warmup 3 --in-process --out "$OUT" 2>&1 | tail -25 | tee -a "$LOG"
+  timeout 60 $PY benchmarks/bench_msda.py --device cuda --shapes E1 D1 --dtype bfloat16 \
+    --repeats 20 --warmup 3 --no-dense --in-process --out "$OUT" 2>&1 | tail -15 | tee -a "$LOG"
+  [ -n "${SKIP_LAYERS:-}" ] || timeout 60 $PY benchmarks/bench_layers.py --device cuda --repeats 20 --warmup 3 \
+    --out "$OUT" 2>&1 | tail -20 | tee -a "$LOG"
+  # parity at 1e-3: cuDNN convolutions run in TF32 by default (1e-4 is the CPU's)
+  timeout 100 $PY benchmarks/bench_model.py --device cuda --repeats 10 --warmup 3 \
+    --tolerance 1e-3 \
+    --out "$OUT" 2>&1 | tail -30 | tee -a "$LOG"
+fi
+say "done"
