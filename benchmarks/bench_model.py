@@ -24,6 +24,12 @@ ddetr runs twice: ``ddetr`` with its native encoder / decoder layers (the defaul
 the extension is built) and ``ddetr-pytorch-layers`` with the layers' PyTorch path
 (``--no-layers-off`` skips the second).
 
+With ``--dtype bfloat16`` both models and the images are cast with
+``.to(torch.bfloat16)`` after the float32 parity check, and only inference is timed:
+transformers in bfloat16, transformers in float32 (a copy kept for that row), ddetr in
+bfloat16 with and without native layers; the JSON also holds ddetr's largest output change
+against its own float32 outputs.
+
 With ``--busy N`` the inference measurements run once more, for transformers and ddetr,
 while N other processes each keep a core busy (the benchmark starts and stops them):
 how much each implementation slows down when it does not have the machine to itself.
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import os
@@ -74,6 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: both models and the images cast with .to(torch.bfloat16) "
+                        "for inference (no training step), transformers also timed in float32; "
+                        "the parity check runs in float32 first")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest |difference| of logits and boxes accepted in the parity check")
     p.add_argument("--busy", type=int, default=0, metavar="N",
@@ -96,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}: expected a positive int")
     if args.busy < 0:
         p.error("--busy: expected a count >= 0")
+    if args.dtype == "bfloat16":
+        args.no_train = True  # bfloat16 training is autocast (ddetr train --amp bf16)
     args.sizes = [_size(p, s) for s in args.sizes]
     args.train_size = _size(p, args.train_size)
     return args
@@ -160,6 +173,7 @@ class Workload:
 
     def __init__(self, hf, ours, criterion, args, device):
         self.hf, self.ours, self.criterion, self.device = hf, ours, criterion, device
+        self.hf_float32 = None  # transformers kept in float32 beside bfloat16 models
         gen = torch.Generator().manual_seed(1)
         self.images = {size: torch.randn(1, 3, *size, generator=gen).to(device)
                        for size in args.sizes}
@@ -167,6 +181,27 @@ class Workload:
                                         generator=gen).to(device)
         self.targets = make_targets(args.train_batch, args.targets, hf.config.num_labels, gen,
                                     device)
+
+    def to_bfloat16(self) -> dict:
+        """Casts both models and the images to bfloat16 (a float32 copy of transformers
+        kept for its own row); returns ddetr's largest output change against float32."""
+        self.hf_float32 = copy.deepcopy(self.hf)
+        with torch.no_grad():
+            before = {size: self.ours.eval()(x) for size, x in self.images.items()}
+        self.hf.to(torch.bfloat16)
+        self.ours.to(torch.bfloat16)
+        self.images_float32 = self.images
+        self.images = {size: x.bfloat16() for size, x in self.images.items()}
+        change = {}
+        with torch.no_grad():
+            for size, x in self.images.items():
+                out = self.ours.eval()(x)
+                change[f"{size[0]}x{size[1]}"] = {
+                    "logits": (out["pred_logits"].float() - before[size]["pred_logits"])
+                    .abs().max().item(),
+                    "boxes": (out["pred_boxes"].float() - before[size]["pred_boxes"])
+                    .abs().max().item()}
+        return change
 
     def inference(self, impl: str, size):
         x = self.images[size]
@@ -176,6 +211,9 @@ class Workload:
             with torch.no_grad():
                 if impl == "transformers":
                     self.hf.eval()(pixel_values=x, pixel_mask=mask)
+                elif impl == "transformers-float32":
+                    self.hf_float32.eval()(pixel_values=self.images_float32[size],
+                                           pixel_mask=mask)
                 else:
                     self._ours(impl).eval()(x)
         return step
@@ -293,7 +331,8 @@ def breakdown(step, model, criterion, device) -> dict:
     ms = {}
     for event in prof.key_averages():
         if event.key.startswith("part::"):
-            ms[event.key[6:]] = event.cpu_time_total / 1e3
+            # on CUDA a range is also listed as a GPU annotation with no CPU time
+            ms[event.key[6:]] = max(ms.get(event.key[6:], 0.0), event.cpu_time_total / 1e3)
     inside = sum(ms.get(p, 0.0) for p in ("backbone", "input projection", "flattening",
                                           "encoder", "decoder"))
     if "model" in ms:
@@ -318,13 +357,18 @@ def run(args) -> dict:
     print("checking that both models agree ...", flush=True)
     parity = work.check_parity(args.tolerance)
     print(f"  {parity}", flush=True)
+    impls = IMPLS[:2] if args.no_layers_off else IMPLS
+    if args.dtype == "bfloat16":
+        parity["ddetr_bfloat16_vs_float32"] = work.to_bfloat16()
+        print(f"  ddetr in bfloat16 against float32: {parity['ddetr_bfloat16_vs_float32']}",
+              flush=True)
+        impls = ("transformers-float32",) + impls
 
     jobs = [(f"inference {h}x{w} b1", lambda impl, s=(h, w): work.inference(impl, s))
             for h, w in args.sizes]
     th, tw = args.train_size
     if not args.no_train:
         jobs.append((f"train step {th}x{tw} b{args.train_batch}", work.train_step))
-    impls = IMPLS[:2] if args.no_layers_off else IMPLS
     rows = []
     for name, make in jobs:
         row = {"measurement": name, "median_ms": {}, "times_ms": {}}
@@ -342,6 +386,14 @@ def run(args) -> dict:
         for row, (name, make) in zip(rows, jobs):
             row["peak_mb"] = {}
             for impl in impls:
+                if impl == "transformers" and args.dtype == "bfloat16" and \
+                        device.type == "cpu":
+                    # torch's CPU grid_sample reads past the end of a bfloat16 input
+                    # (seen with torch 2.13.0): harmless while the next page is mapped,
+                    # a segfault under PeakMemory, which unmaps freed memory at once
+                    row["memory_skipped"] = {impl: "torch's bfloat16 CPU grid_sample reads "
+                                                   "out of bounds (segfault here)"}
+                    continue
                 step = make(impl)
                 with PeakMemory(device, fixed_mmap=True) as mem:
                     step()
@@ -383,18 +435,27 @@ def print_tables(result: dict) -> None:
     rows = result["rows"]
     print()
     print(f"# ddetr's linear layers: {result['blas']}")
-    impls = [i for i in IMPLS if i in rows[0]["median_ms"]]
+    impls = [i for i in ("transformers-float32",) + IMPLS if i in rows[0]["median_ms"]]
     print("(speed-up: transformers / that ddetr; mem ratio: that ddetr / transformers; "
           "ddetr-pytorch-layers: native layers off)")
+    if "transformers-float32" in impls:
+        print("(bfloat16 run: every row but transformers-float32 in bfloat16; speed-up against "
+              "transformers in bfloat16, and in float32 after the slash; memory of "
+              "transformers in bfloat16 not measured on the CPU: torch's grid_sample reads out "
+              "of bounds there, so mem ratio is against transformers-float32)")
     print(f"{'measurement':<28} {'implementation':<21} {'time':>12} {'speed-up':>9}"
           f" {'peak mem':>11} {'mem ratio':>10}")
     for r in rows:
         a = r["median_ms"]["transformers"]
+        a32 = r["median_ms"].get("transformers-float32")
         for impl in impls:
             b = r["median_ms"][impl]
             line = f"{r['measurement']:<28} {impl:<21} {b:9.1f} ms {a / b:8.2f}x"
-            if "peak_mb" in r:
-                ma, mb = r["peak_mb"]["transformers"], r["peak_mb"][impl]
+            if a32 is not None:
+                line += f" / {a32 / b:.2f}x"
+            if impl in r.get("peak_mb", {}):
+                mb = r["peak_mb"][impl]
+                ma = r["peak_mb"].get("transformers", r["peak_mb"].get("transformers-float32"))
                 line += f" {mb:8.0f} MB {mb / max(ma, 1e-9):10.2f}"
             print(line)
     if any("ddetr_parts_ms" in r for r in rows):
@@ -425,7 +486,8 @@ def main(argv=None) -> None:
         "args": {k: v for k, v in vars(args).items() if k != "out"}, **result}
     os.makedirs(args.out, exist_ok=True)
     stamp = started.strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(args.out, f"model_{args.device}_{stamp}{'_quick' if args.quick else ''}.json")
+    tag = ("_bf16" if args.dtype == "bfloat16" else "") + ("_quick" if args.quick else "")
+    path = os.path.join(args.out, f"model_{args.device}_{stamp}{tag}.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     print(f"\nwrote {path}")
