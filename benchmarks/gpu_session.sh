@@ -4,7 +4,11 @@
 # (memcheck, and racecheck on the kernels that share memory between threads), then
 # the GPU benchmarks. Logs and JSON go to $OUT (default: benchmarks/results/gpu_run).
 #
-#   bash benchmarks/gpu_session.sh [stage ...]   # stages: build tests sanitize bench
+#   bash benchmarks/gpu_session.sh [stage ...]   # stages: build tests sanitize bench cpu
+#
+# The GPU machines lent so far have an Intel Xeon with AMX (family 6 model 207) beside
+# the GPU: the `cpu` stage (not run by default) measures the CPU benchmarks there on two
+# cores (taskset), the Intel figures the README's CPU tables lack.
 #
 # Each stage has its own time limit, so one that hangs cannot eat the others' time.
 # Python packages missing on the GPU machine can be put in .whl/ (installed first).
@@ -15,6 +19,9 @@ mkdir -p "$OUT"
 LOG="$OUT/session.log"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build tests sanitize bench)
+for s in "${stages[@]}"; do
+  case $s in build|tests|sanitize|bench|cpu) ;; *) echo "unknown stage: $s"; exit 2 ;; esac
+done
 want() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 say() { echo "### $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 
@@ -84,5 +91,16 @@ if want bench; then
   timeout 100 $PY benchmarks/bench_model.py --device cuda --repeats 10 --warmup 3 \
     --tolerance 1e-3 \
     --out "$OUT" 2>&1 | tail -30 | tee -a "$LOG"
+fi
+if want cpu; then
+  say "CPU benchmarks on two cores of this machine's CPU"
+  two="taskset -c 0,1"
+  timeout 150 $two $PY benchmarks/bench_msda.py --shapes E1 --no-dense --repeats 7 \
+    --out "$OUT" 2>&1 | tail -9 | tee -a "$LOG"
+  timeout 150 $two $PY benchmarks/bench_layers.py --batches 1 --repeats 5 \
+    --out "$OUT" 2>&1 | tail -9 | tee -a "$LOG"
+  timeout 150 $two $PY benchmarks/bench_layers.py --batches 1 --repeats 5 --dtype bfloat16 \
+    --out "$OUT" 2>&1 | tail -9 | tee -a "$LOG"
+  timeout 100 $two $PY benchmarks/bench_gemm_bf16.py --out "$OUT" 2>&1 | tail -15 | tee -a "$LOG"
 fi
 say "done"
