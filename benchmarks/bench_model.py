@@ -173,7 +173,8 @@ class Workload:
 
     def __init__(self, hf, ours, criterion, args, device):
         self.hf, self.ours, self.criterion, self.device = hf, ours, criterion, device
-        self.hf_float32 = None  # transformers kept in float32 beside bfloat16 models
+        # transformers and the images kept in float32 beside bfloat16 models (to_bfloat16)
+        self.hf_float32, self.images_float32 = None, None
         gen = torch.Generator().manual_seed(1)
         self.images = {size: torch.randn(1, 3, *size, generator=gen).to(device)
                        for size in args.sizes}
@@ -192,16 +193,10 @@ class Workload:
         self.ours.to(torch.bfloat16)
         self.images_float32 = self.images
         self.images = {size: x.bfloat16() for size, x in self.images.items()}
-        change = {}
         with torch.no_grad():
-            for size, x in self.images.items():
-                out = self.ours.eval()(x)
-                change[f"{size[0]}x{size[1]}"] = {
-                    "logits": (out["pred_logits"].float() - before[size]["pred_logits"])
-                    .abs().max().item(),
-                    "boxes": (out["pred_boxes"].float() - before[size]["pred_boxes"])
-                    .abs().max().item()}
-        return change
+            return {f"{size[0]}x{size[1]}": _largest_differences(
+                        before[size]["pred_logits"], before[size]["pred_boxes"],
+                        self.ours.eval()(x)) for size, x in self.images.items()}
 
     def inference(self, impl: str, size):
         x = self.images[size]
@@ -252,8 +247,7 @@ class Workload:
                 mask = torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.long, device=x.device)
                 a = self.hf.eval()(pixel_values=x, pixel_mask=mask)
                 b = self.ours.eval()(x)
-                diff = {"logits": (a.logits - b["pred_logits"]).abs().max().item(),
-                        "boxes": (a.pred_boxes - b["pred_boxes"]).abs().max().item()}
+                diff = _largest_differences(a.logits, a.pred_boxes, b)
                 report[f"{size[0]}x{size[1]}"] = diff
                 if max(diff.values()) > tolerance:
                     raise SystemExit(f"parity check failed at {size}: {diff} > {tolerance}")
@@ -265,6 +259,12 @@ class Workload:
         report["loss"] = {"transformers": hf_loss, "ddetr": ours,
                           "relative_difference": abs(hf_loss - ours) / max(abs(hf_loss), 1e-12)}
         return report
+
+
+def _largest_differences(logits: torch.Tensor, boxes: torch.Tensor, ours: dict) -> dict:
+    """Largest |difference| of ddetr's outputs ``ours`` (any dtype) from logits / boxes."""
+    return {"logits": (ours["pred_logits"].float() - logits).abs().max().item(),
+            "boxes": (ours["pred_boxes"].float() - boxes).abs().max().item()}
 
 
 # ---------------------------------------------------------------- the per-part profile

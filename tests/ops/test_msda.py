@@ -146,8 +146,7 @@ def test_float16_on_cpu_runs_in_float32():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_backward_is_deterministic(dtype, device):
-    torch.use_deterministic_algorithms(True)
+def test_backward_is_deterministic(dtype, device, reproducible):
     try:
         # Big enough (281,600 samples) for the CPU kernels to use their thread team, with
         # enough queries (1,100) for the backward to visit them in strips.
@@ -161,7 +160,6 @@ def test_backward_is_deterministic(dtype, device):
                 assert torch.equal(a, b)
     finally:
         torch.set_num_threads(2)
-        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

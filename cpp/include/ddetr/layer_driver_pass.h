@@ -111,8 +111,8 @@ template <class T, class Ops> struct LayerPass {
                                // x (encoder) or y0 = LN_sa(...) (decoder)
 
   LayerPass(const Ops& ops_, const LayerArgs<T>& a, ValueMaps<T> maps_, const T* xin_)
-      : ops(ops_), s(a.s), d(a.s, Ops::kBlockRows), o(a.o), w(a.w), in(a.in), saved(a.saved), maps(maps_),
-        xin(xin_) {}
+      : ops(ops_), s(a.s), d(a.s, Ops::kBlockRows), o(a.o), w(a.w), in(a.in), saved(a.saved),
+        maps(maps_), xin(xin_) {}
 };
 
 // Parameter gradients while the backward accumulates them over blocks of rows: in
