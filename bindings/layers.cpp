@@ -208,8 +208,9 @@ LayerPlan plan(const LayerCall& c) {
   on_layer_device(
       c,
       [&](auto) {
-        p.forward_workspace_bytes = layer_workspace_bytes_cpu(s, o, false, elem);
-        p.backward_workspace_bytes = layer_workspace_bytes_cpu(s, o, true, elem);
+        const int threads = c.device.threads;
+        p.forward_workspace_bytes = layer_workspace_bytes_cpu(s, o, false, elem, threads);
+        p.backward_workspace_bytes = layer_workspace_bytes_cpu(s, o, true, elem, threads);
       },
       [&](auto) {
         p.forward_workspace_bytes =

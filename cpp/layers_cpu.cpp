@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -42,8 +43,51 @@ template <class T> struct CpuOps {
   float* gemm_scratch = nullptr;  // bf16 only: kGemmBf16ScratchFloats floats
   static constexpr size_t kAlign = 64;
   static constexpr int64_t kBlockRows = kLayerBlockRows;
+  // The forward runs its blocks side by side when there are this many per thread.
+  static constexpr int64_t kBlocksPerThread = 4;
 
   int team(int64_t work) const { return resolve_threads(threads, work, kSerialBelow); }
+
+  // float and double: a thread per block when the blocks are many (an 800x1333 image
+  // has 11, enough for 2 threads); bf16 keeps whole-team blocks (its GEMM scratch is
+  // 12 MB a thread).
+  int block_slots(int64_t count) const {
+    if (std::is_same<T, bf16>::value) return 1;
+    const int nt = std::max(1, resolve_threads(threads, 1, 0));
+    return count >= kBlocksPerThread * nt ? nt : 1;
+  }
+
+  // Each thread takes whole blocks (dynamically) and runs them on one-thread ops: one
+  // parallel region for all the blocks instead of one per primitive per block, so a
+  // thread that waits for its core (another process holds it) holds the others up once,
+  // not at every primitive. Measured on 2 cores of a Zen 5 at 800x1333 (11 blocks):
+  // the encoder layer's forward 176 -> 152 ms idle, 359 -> 220 ms beside a busy
+  // process. Every primitive gives the same bits at any thread count, so the output
+  // does too. With one slot the blocks run in order on the whole team.
+  template <class Fn> void run_blocks(int64_t count, Fn&& fn) const {
+    const int nt = block_slots(count);
+    if (nt <= 1) {
+      for (int64_t i = 0; i < count; ++i) fn(i, 0, *this);
+      return;
+    }
+    std::exception_ptr error;
+#pragma omp parallel num_threads(nt)
+    {
+      CpuOps one = *this;
+      one.threads = 1;
+      const int slot = thread_index();
+#pragma omp for DDETR_SHARE_ITEMS
+      for (int64_t i = 0; i < count; ++i) {
+        try {
+          fn(i, slot, one);
+        } catch (...) {
+#pragma omp critical(ddetr_run_blocks)
+          if (!error) error = std::current_exception();
+        }
+      }
+    }
+    if (error) std::rethrow_exception(error);
+  }
 
   template <class U>
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda,
@@ -360,9 +404,13 @@ template <class T> struct CpuOps {
 // of their workspace.
 
 size_t layer_workspace_bytes_cpu(const LayerShape& s, const LayerOptions& o, bool backward,
-                                 int elem_bytes) {
-  return layer_workspace_bytes(CpuOps<float>{0}, s, o, backward, elem_bytes) +
-         (elem_bytes == 2 ? kGemmBf16ScratchBytes : 0);
+                                 int elem_bytes, int num_threads) {
+  if (elem_bytes == 2)
+    return layer_workspace_bytes(CpuOps<bf16>{num_threads}, s, o, backward, elem_bytes) +
+           kGemmBf16ScratchBytes;
+  if (elem_bytes == 8)
+    return layer_workspace_bytes(CpuOps<double>{num_threads}, s, o, backward, elem_bytes);
+  return layer_workspace_bytes(CpuOps<float>{num_threads}, s, o, backward, elem_bytes);
 }
 
 namespace {

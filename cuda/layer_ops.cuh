@@ -157,6 +157,12 @@ template <class T> struct CudaOps {
   // grows to about 10 KB per row (a few hundred MB), small beside the GPU's memory.
   static constexpr int64_t kBlockRows = 32768;
 
+  // one stream: the blocks run one after another, each on the whole GPU
+  int block_slots(int64_t) const { return 1; }
+  template <class Fn> void run_blocks(int64_t count, Fn&& fn) const {
+    for (int64_t i = 0; i < count; ++i) fn(i, 0, *this);
+  }
+
   // C in U: T, or Acc<T> (the parameter-gradient accumulators, bf16's attention scores)
   template <class U>
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,

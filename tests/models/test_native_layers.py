@@ -14,6 +14,8 @@ from ddetr.models import native_layers
 from ddetr.models.native_layers import decoder_layer, encoder_layer
 from ddetr.ops import philox_keep_mask
 from ddetr.ops.native_layers import library_ready
+from ddetr._native import layers as ops_layers
+from ddetr.ops.levels import as_level_table
 
 pytestmark = pytest.mark.skipif(not library_ready(torch.zeros(1)),
                                 reason="native extension or OpenBLAS missing")
@@ -130,6 +132,51 @@ def test_many_blocks_of_rows():
     assert_close_relative(outputs_and_grads(layer, "encoder", inp, True),
                           outputs_and_grads(layer, "encoder", inp, False), 1e-5,
                           _names(layer, "encoder", inp))
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's CPU threads for the test (more than this machine's cores is fine:
+    users have 8-64) and puts them back after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _forward_workspace(kind, lv, n, lq, dtype):
+    s = sum(h * w for h, w in lv)
+    call = ops_layers.LayerCall(
+        decoder=kind == "decoder", batch=n, queries=lq if kind == "decoder" else s,
+        d_model=C, dim_feedforward=FFN, ref_dim=2, tokens=s, num_heads=HEADS, num_levels=len(lv),
+        num_points=POINTS, levels=as_level_table(torch.tensor(lv), None, "cpu").rows,
+        training=True, recompute=False, dropout=0.0, seed=0)
+    return ops_layers.plan(call, torch.zeros(1, dtype=dtype)).forward_workspace_bytes
+
+
+# At least 4 blocks of 2048 rows per thread: the CPU forward runs the blocks side by side,
+# one per thread, each on one-thread primitives (CpuOps::run_blocks); fewer, and every
+# primitive of a block runs on the whole team. The encoder: 3 images of 8 blocks at 6
+# threads; the decoder: 8 images of one block (300 queries) at 2 threads.
+@pytest.mark.parametrize("kind,lv,n,lq,nt", [("encoder", [(128, 120), (32, 32)], 3, 0, 6),
+                                             ("decoder", [(20, 24), (10, 12)], 8, 300, 2)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_blocks_side_by_side(kind, lv, n, lq, nt, dropout, threads):
+    layer = make_layer(kind, lv, dropout=dropout)
+    inp = make_inputs(kind, lv, n=n, lq=lq)
+    threads(1)
+    one_thread = _forward_workspace(kind, lv, n, lq, torch.float64)
+    torch.manual_seed(5)
+    serial = outputs_and_grads(layer, kind, inp, True)
+    threads(nt)
+    # nt block workspaces instead of one: the side-by-side path is the one that ran
+    assert _forward_workspace(kind, lv, n, lq, torch.float64) > one_thread
+    torch.manual_seed(5)
+    parallel = outputs_and_grads(layer, kind, inp, True)
+    for a, b, name in zip(parallel, serial, _names(layer, kind, inp)):
+        assert torch.equal(a, b), f"{name} differs from the one-thread result"
+    if dropout == 0.0:
+        assert_close_relative(parallel, outputs_and_grads(layer, kind, inp, False), 1e-12,
+                              _names(layer, kind, inp))
 
 
 @pytest.mark.parametrize("kind,ref_dim", [("encoder", 2), ("decoder", 2), ("decoder", 4)])

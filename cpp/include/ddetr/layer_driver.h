@@ -11,7 +11,8 @@
 // Order of work. Forward: the encoder's value projection over all (N, S) rows, or the
 // decoder's masked memory; the decoder's self-attention stage over all its (N, Lq) rows
 // (it mixes the queries of one image); then, per block of at most Ops::kBlockRows query
-// rows of one image, deformable attention, add & norm, FFN, add & norm. Backward: the
+// rows of one image, deformable attention, add & norm, FFN, add & norm (blocks write
+// disjoint rows: Ops::run_blocks may run them side by side). Backward: the
 // blocks in the same order (weight and bias gradients summed over blocks in that fixed
 // order, so results are the same bits on every run), the encoder's value projection
 // gradient, then the decoder's self-attention stage.
@@ -44,7 +45,7 @@ template <class T, class Ops> size_t workspace_bytes(const Ops& ops, const Layer
   if (backward)
     BackwardSpace<T>(ws, s, d, saved, msda_scratch(ops, s, d));
   else
-    ForwardSpace<T>(ws, s, d, saved);
+    ForwardSpace<T>(ws, s, d, saved, ops.block_slots(block_count(d)));
   return ws.used();
 }
 

@@ -405,7 +405,7 @@ void layer_backward(const Ops& ops, const LayerArgs<T>& a, const T* grad_out,
   // the decoder's blocks start from y0 = LN_sa(...), rebuilt from its saved xhat
   if (s.decoder)
     ops.layernorm_apply(d.T, d.C, a.saved.xhat_sa, a.w.sa_norm_w, a.w.sa_norm_b, sp.y0);
-  const LayerPass<T, Ops> p(ops, a, maps, s.decoder ? sp.y0 : a.in.x);
+  const LayerPass<T, Ops> p(ops, a, d, maps, s.decoder ? sp.y0 : a.in.x);
   const BackwardState<T> g{grad_out, s.decoder ? sp.dy0 : gi.x, gi, gw, vg, sp.msda,
                            sp.msda_bytes};
   bool accumulate = false;  // the first block writes the parameter gradients

@@ -4,6 +4,8 @@
 // (ddetr/layer_driver_pass.h) and write into the workspace pieces carved for them here.
 #pragma once
 
+#include <vector>
+
 #include "ddetr/layer_driver_pass.h"
 
 namespace ddetr {
@@ -45,17 +47,20 @@ template <class T> struct SelfAttnForward {
   }
 };
 
-// Everything the forward carves from its workspace, in one order for counting and for use.
+// Everything the forward carves from its workspace, in one order for counting and for
+// use: one block workspace per slot of Ops::run_blocks (ops.block_slots(block count)).
 template <class T> struct ForwardSpace {
   T *value, *memory, *ones;
   SelfAttnForward<T> sa;
-  BlockForward<T> blk;
-  ForwardSpace(Carver& ws, const LayerShape& s, const Dims& d, const LayerSaved<T>& saved)
+  std::vector<BlockForward<T>> blk;
+  ForwardSpace(Carver& ws, const LayerShape& s, const Dims& d, const LayerSaved<T>& saved,
+               int slots)
       : value(saved.value || s.decoder ? saved.value : ws.take<T>(d.N * d.S * d.C)),
         memory(ws.take<T>(s.decoder ? d.N * d.S * d.C : 0)),
         ones(ws.take<T>(s.decoder ? d.N * d.S : 0)),
-        sa(ws, d, saved, s.decoder),
-        blk(ws, d, saved, s.decoder) {}
+        sa(ws, d, saved, s.decoder) {
+    for (int i = 0; i < slots; ++i) blk.emplace_back(ws, d, saved, s.decoder);
+  }
 };
 
 // The decoder's self-attention stage: Q K V projections, per-head
@@ -163,7 +168,7 @@ void layer_forward(const Ops& ops, const LayerArgs<T>& a, T* out, void* workspac
   check_call(a);
   const Dims d(s, Ops::kBlockRows);
   Carver ws(workspace, Ops::kAlign);
-  const ForwardSpace<T> sp(ws, s, d, a.saved);
+  const ForwardSpace<T> sp(ws, s, d, a.saved, ops.block_slots(block_count(d)));
   check_workspace(ws.used(), workspace_bytes);
   ValueMaps<T> maps{sp.value, nullptr, nullptr};
   if (s.decoder) {
@@ -174,9 +179,12 @@ void layer_forward(const Ops& ops, const LayerArgs<T>& a, T* out, void* workspac
     if (a.in.mask) ops.mask_rows(d.N * d.S, d.C, a.in.mask, sp.value);
   }
   // the blocks start from x (encoder) or from y0, the self-attention stage's output
-  const LayerPass<T, Ops> p(ops, a, maps, s.decoder ? sp.sa.y0 : a.in.x);
+  const LayerPass<T, Ops> p(ops, a, d, maps, s.decoder ? sp.sa.y0 : a.in.x);
   if (s.decoder) self_attention_forward(p, sp.sa);
-  for_each_block(d, [&](RowBlock blk) { block_forward(p, blk, out, sp.blk); });
+  // every block writes its own rows: the backend may run them side by side
+  ops.run_blocks(block_count(d), [&](int64_t i, int slot, const Ops& block_ops) {
+    block_forward(LayerPass<T, Ops>(p, block_ops), block_at(d, i), out, sp.blk[size_t(slot)]);
+  });
 }
 
 }  // namespace ddetr

@@ -77,11 +77,18 @@ struct RowBlock {
   int64_t n, r0, rows;
 };
 
-// Runs fn(block) for every block of at most d.B query rows of every image, in order.
+// The blocks of at most d.B query rows of every image, numbered image by image.
+inline int64_t block_count(const Dims& d) { return d.N * ((d.Lq + d.B - 1) / d.B); }
+
+inline RowBlock block_at(const Dims& d, int64_t i) {
+  const int64_t per_image = (d.Lq + d.B - 1) / d.B;
+  const int64_t n = i / per_image, q0 = (i % per_image) * d.B;
+  return RowBlock{n, n * d.Lq + q0, std::min(d.B, d.Lq - q0)};
+}
+
+// Runs fn(block) for every block, in order.
 template <class Fn> void for_each_block(const Dims& d, Fn&& fn) {
-  for (int64_t n = 0; n < d.N; ++n)
-    for (int64_t q0 = 0; q0 < d.Lq; q0 += d.B)
-      fn(RowBlock{n, n * d.Lq + q0, std::min(d.B, d.Lq - q0)});
+  for (int64_t i = 0, count = block_count(d); i < count; ++i) fn(block_at(d, i));
 }
 
 // The encoder's value input: the memory, or x itself (the dense layer, Lq = S).
@@ -110,9 +117,14 @@ template <class T, class Ops> struct LayerPass {
   const T* xin;                // (T, C) rows the deformable attention starts from:
                                // x (encoder) or y0 = LN_sa(...) (decoder)
 
-  LayerPass(const Ops& ops_, const LayerArgs<T>& a, ValueMaps<T> maps_, const T* xin_)
-      : ops(ops_), s(a.s), d(a.s, Ops::kBlockRows), o(a.o), w(a.w), in(a.in), saved(a.saved),
-        maps(maps_), xin(xin_) {}
+  LayerPass(const Ops& ops_, const LayerArgs<T>& a, const Dims& d_, ValueMaps<T> maps_,
+            const T* xin_)
+      : ops(ops_), s(a.s), d(d_), o(a.o), w(a.w), in(a.in), saved(a.saved), maps(maps_),
+        xin(xin_) {}
+  // The same pass on other ops: the forward's per-block ops (Ops::run_blocks).
+  LayerPass(const LayerPass& p, const Ops& ops_)
+      : ops(ops_), s(p.s), d(p.d), o(p.o), w(p.w), in(p.in), saved(p.saved), maps(p.maps),
+        xin(p.xin) {}
 };
 
 // Parameter gradients while the backward accumulates them over blocks of rows: in

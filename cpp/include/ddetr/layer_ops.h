@@ -12,6 +12,14 @@
 //
 //   static constexpr size_t kAlign;   // alignment of workspace carve-outs, in bytes
 //   static constexpr int64_t kBlockRows;  // query rows per block of the per-row stages
+//   block_slots(count)     how many of a forward's `count` blocks may run at once (each
+//                          gets its own block workspace)
+//   run_blocks(count, fn)  calls fn(i, slot, block_ops) once for each i in [0, count):
+//                          block i on ops `block_ops`, with workspace `slot` in
+//                          [0, block_slots(count)), which no other call running at the
+//                          same time has. The forward's blocks write disjoint rows, so
+//                          they may run side by side (the CPU: a block per thread, on
+//                          one-thread ops); block_ops must give the same bits as the ops.
 //
 //   gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc, bias, relu)
 //       C (M, N) = op(A) op(B) + beta * C, then C[m, n] += bias[n] (bias may be null),

@@ -175,8 +175,10 @@ void layer_saved_sizes(const LayerShape& s, const LayerOptions& o,
 void validate(const LayerShape& s);
 
 // Workspace bytes of a forward (backward = false) or backward pass.
+// On the CPU it depends on num_threads (torch's setting; 0: OpenMP's): the forward gives
+// each thread a block workspace.
 size_t layer_workspace_bytes_cpu(const LayerShape& s, const LayerOptions& o, bool backward,
-                                 int elem_bytes);
+                                 int elem_bytes, int num_threads);
 size_t layer_workspace_bytes_cuda(const LayerShape& s, const LayerOptions& o, bool backward,
                                   int elem_bytes, bool deterministic, int device);
 

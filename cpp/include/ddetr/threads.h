@@ -36,6 +36,15 @@ inline int resolve_threads(int requested, int64_t work, int64_t serial_below) {
 #endif
 }
 
+// Inside a parallel region: this thread's number in its team (0 outside one).
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 // Inside a parallel region: this thread's share [begin, end) of `total` items, in
 // contiguous slices that are multiples of `align` (the last may be shorter or empty).
 inline std::pair<int64_t, int64_t> thread_slice(int64_t total, int64_t align) {
