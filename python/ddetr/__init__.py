@@ -37,14 +37,13 @@ def build_info() -> dict:
     distances and backward pass, and where they came from: ``ddetr.ops.msda_tuning``),
     ``bf16_cpu`` (how CPU bfloat16 convolutions and linear layers outside the native
     layers run: "onednn", or "widen" to float32 where oneDNN has no bfloat16 on this CPU;
-    ``ddetr.ops.bf16_cpu``), ``conv_cpu`` (how CPU float32 convolutions run: "onednn",
-    oneDNN's kernel at every size, or "torch", torch's choice; ``DDETR_CONV_CPU``),
+    ``ddetr.ops.bf16_cpu``),
     ``cpu`` (name, family, model and vector extensions),
     and ``import_error`` when the extension is missing.
     """
     from ddetr import _cpu
     from ddetr.ops.blas import blas_core
-    from ddetr.ops.bf16_cpu import bf16_cpu_path, float32_conv_path
+    from ddetr.ops.bf16_cpu import bf16_cpu_path
 
     info = {"version": __version__, "native": _native.available()}
     if _native.available():
@@ -56,7 +55,6 @@ def build_info() -> dict:
     info["threads"] = torch.get_num_threads()
     info["blas"] = blas_core()
     info["bf16_cpu"] = bf16_cpu_path()
-    info["conv_cpu"] = float32_conv_path()
     if _native.available():
         from ddetr._native import gemm
         info["gemm_bf16_kernel"] = gemm.bf16_kernel()

@@ -1,6 +1,5 @@
 """``ddetr.ops.bf16_cpu``: CPU bfloat16 convolutions and linear layers widened to float32
-where oneDNN has no bfloat16, and float32 convolutions always on oneDNN's kernel, each
-path forced on any CPU, against a float64 reference."""
+where oneDNN has no bfloat16, each path forced on any CPU, against a float64 reference."""
 
 import pytest
 import torch
@@ -74,9 +73,7 @@ def test_module_keeps_the_state_dict_and_bf16(monkeypatch):
     ours.load_state_dict(plain.state_dict())
     assert ours.state_dict().keys() == plain.state_dict().keys()
     x = torch.randn(1, 4, 9, 9)
-    torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-6)  # oneDNN's kernel
-    monkeypatch.setenv("DDETR_CONV_CPU", "torch")
-    assert torch.equal(ours(x), plain(x))  # torch's own choice: the same call
+    assert torch.equal(ours(x), plain(x))
     ours.bfloat16()
     out = ours(x.bfloat16())
     assert out.dtype == torch.bfloat16
@@ -129,78 +126,3 @@ def test_linear_module_widens_only_plain_bf16_linears(monkeypatch):
     layer.register_forward_hook(lambda *a: seen.append(1))
     linear_module(layer, xb)  # a hooked module runs its own forward, so its hook fires
     assert seen == [1]
-
-
-# ---- float32 convolutions: oneDNN's kernel even where torch would take its reference one
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("batch,channels_last", [(1, False), (1, True), (2, False)])
-@pytest.mark.parametrize("path", ["auto", "torch"])
-def test_float32_conv_against_float64(case, batch, channels_last, path, monkeypatch):
-    monkeypatch.setenv("DDETR_CONV_CPU", path)
-    x, weight, bias, args = (t.float() if isinstance(t, torch.Tensor) else t
-                             for t in inputs(case))
-    x = x[:batch].contiguous(memory_format=torch.channels_last if channels_last
-                             else torch.contiguous_format).requires_grad_()
-    weight.requires_grad_()
-    bias.requires_grad_()
-    got = conv2d(x, weight, bias, **args)
-    leaves = [x, weight, bias]
-    g = torch.randn(got.shape, generator=torch.Generator().manual_seed(3))
-    grads = torch.autograd.grad(got, leaves, g)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    want = F.conv2d(*ref_leaves, **args)
-    want_grads = torch.autograd.grad(want, ref_leaves, g.double())
-    assert got.dtype == torch.float32
-    for a, b in zip([got, *grads], [want, *want_grads]):
-        assert (a.double() - b).abs().max() <= 1e-5 * max(b.abs().max(), 1.0)
-    if path == "torch":  # torch's own choice, bit for bit
-        assert torch.equal(got, F.conv2d(x, weight, bias, **args))
-
-
-def test_float32_conv_path_and_bad_setting(monkeypatch):
-    from ddetr.ops.bf16_cpu import float32_conv_path
-    monkeypatch.delenv("DDETR_CONV_CPU", raising=False)
-    assert float32_conv_path() == ("onednn" if torch.backends.mkldnn.is_available() else "torch")
-    import ddetr
-    assert ddetr.build_info()["conv_cpu"] == float32_conv_path()
-    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    assert float32_conv_path() == "torch"
-    monkeypatch.setenv("DDETR_CONV_CPU", "fast")
-    with pytest.raises(ValueError, match="DDETR_CONV_CPU"):
-        float32_conv_path()
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-def test_demo_model_batch_1_has_no_reference_convolution(monkeypatch):
-    # the synthetic demo's model (resnet18-tiny, 128 px): at batch 1 torch would run 17
-    # of its 24 convolutions on aten::_slow_conv2d_forward
-    from ddetr.engine.builders import build_model
-    from ddetr.engine.config import TrainConfig, synthetic_preset
-    config = TrainConfig(**{k: v for k, v in synthetic_preset().items()
-                            if k in vars(TrainConfig())})
-    torch.manual_seed(0)
-    model = build_model(config, num_classes=4).eval()
-    x = torch.randn(1, 3, 128, 128)
-
-    def conv_ops(path):
-        monkeypatch.setenv("DDETR_CONV_CPU", path)
-        with torch.no_grad(), torch.profiler.profile() as prof:
-            out = model(x)
-        names = [e.key for e in prof.key_averages()]
-        return out, {n for n in names if "conv" in n}
-
-    want, torch_ops = conv_ops("torch")
-    got, ours = conv_ops("auto")
-    assert "aten::_slow_conv2d_forward" in torch_ops  # the case is the one at stake
-    assert "aten::_slow_conv2d_forward" not in ours and "aten::mkldnn_convolution" in ours
-    for key in ("pred_logits", "pred_boxes"):
-        assert torch.allclose(got[key], want[key], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
-def test_float32_conv_traced_graph_keeps_the_plain_convolution():
-    x, weight, bias = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
-    graph = torch.jit.trace(lambda x: conv2d(x, weight, bias, padding=1), (x,)).graph
-    kinds = {node.kind() for node in graph.nodes()}
-    assert "aten::_convolution" in kinds and "aten::mkldnn_convolution" not in kinds

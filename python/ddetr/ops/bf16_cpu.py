@@ -1,5 +1,4 @@
-"""Convolutions and linear layers that stay fast on every CPU: bfloat16, and float32
-convolutions at batch 1.
+"""Convolutions and linear layers in bfloat16 that stay fast on every CPU.
 
 torch runs a bfloat16 convolution or matrix product on the CPU through oneDNN only where
 the CPU has AVX512-BW/VL/DQ or AVX-NE-CONVERT; elsewhere (AVX2 CPUs: AMD Zen 2/3, Intel
@@ -15,15 +14,6 @@ Everything else (float32, CUDA, CPUs with oneDNN's bfloat16) is torch's own call
 The path is chosen once per process: ``bf16_cpu_path()`` says which ("onednn" or
 "widen"); the environment variable ``DDETR_BF16_CPU`` (``auto``, ``widen``, ``torch``)
 forces one, read at each call (tests force both on any CPU).
-
-float32 convolutions on the CPU: torch sends a batch-1 convolution with a 3x3 or smaller
-filter and an input of at most 20,480 values to its reference kernel
-(``aten::_slow_conv2d_forward``: im2col and a GEMM), judging that faster for small inputs;
-at the demo model's 128 px that is 17 of its 24 convolutions. ``conv2d`` calls oneDNN's
-(``aten::mkldnn_convolution``, what torch itself runs at batch 2 and up) for every float32
-CPU convolution when oneDNN is there and enabled (``torch.backends.mkldnn``), outside
-autocast and graph tracing; batch-1 inference of the demo model took 10% less time
-(``float32_conv_path()``; ``DDETR_CONV_CPU=torch`` keeps torch's choice).
 """
 
 from __future__ import annotations
@@ -71,41 +61,11 @@ def widened(x: Tensor, weight: Tensor) -> bool:
     return in_bf16 and bf16_cpu_path() == "widen"
 
 
-def float32_conv_path() -> str:
-    """How a float32 CPU convolution runs here: ``"onednn"`` (always oneDNN's kernel) or
-    ``"torch"`` (torch's choice, its reference kernel for small batch-1 inputs): oneDNN
-    where it is available and enabled, unless ``DDETR_CONV_CPU=torch`` (read at each
-    call; ``auto`` or unset: the default)."""
-    choice = os.environ.get("DDETR_CONV_CPU", "auto").strip().lower() or "auto"
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"DDETR_CONV_CPU: expected 'auto' or 'torch', got {choice!r}")
-    usable = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-    return "onednn" if choice == "auto" and usable else "torch"
-
-
-def _onednn_float32(x: Tensor, weight: Tensor, padding) -> bool:
-    # a graph being traced or exported keeps the plain convolution (one portable op)
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return False
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.numel() > 0 and weight.dtype == torch.float32
-            and not isinstance(padding, str) and not torch.is_autocast_enabled("cpu")
-            and float32_conv_path() == "onednn")
-
-
-def _pair(v) -> list[int]:
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
-
-
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``; a CPU bfloat16
     convolution on a CPU without oneDNN's bfloat16 runs in float32 and is rounded to
-    bfloat16 once; a CPU float32 one always takes oneDNN's kernel (``float32_conv_path``)
-    (differentiable either way)."""
-    if _onednn_float32(x, weight, padding):
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, _pair(padding), _pair(stride),
-                                                 _pair(dilation), groups)
+    bfloat16 once (differentiable either way)."""
     if not widened(x, weight):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     with torch.autocast("cpu", enabled=False):
