@@ -53,7 +53,7 @@ def test_arch_dino_brings_the_recipe(tmp_path):
         (60, 64, 100, 2.0)
     # and its own schedule (README, DINO), while the main job's stays the demo's
     assert (demo.batch_size, demo.ema_decay, demo.epochs, demo.lr_drop) == (2, 0.999, 6, 6)
-    assert (demo.lr, demo.lr_backbone) == (5e-4, 1e-3)  # the main job's: 1e-3, 1e-3
+    assert (demo.lr, demo.lr_backbone) == (1e-3, 1e-3)  # the main job's
     main_job = make_config({})
     assert (main_job.batch_size, main_job.ema_decay, main_job.epochs, main_job.lr_drop) == \
         (8, 0.0, 10, 8)
@@ -76,7 +76,7 @@ def test_train_help_with_arch_dino_states_its_defaults(capsys):
     start = text.rindex("--ema_decay EMA_DECAY")
     assert "(default 0.0; synthetic demo 0.999)" in text[start:start + 600]
     start = text.rindex("--lr LR")
-    assert "(default 0.0001; synthetic demo 0.0005)" in text[start:start + 400]
+    assert "(default 0.0001; synthetic demo 0.001)" in text[start:start + 400]
     try:
         cli.main(["train", "--help"])
     except SystemExit:
