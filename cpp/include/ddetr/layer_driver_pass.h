@@ -78,10 +78,12 @@ struct RowBlock {
 };
 
 // The blocks of at most d.B query rows of every image, numbered image by image.
-inline int64_t block_count(const Dims& d) { return d.N * ((d.Lq + d.B - 1) / d.B); }
+inline int64_t blocks_per_image(const Dims& d) { return (d.Lq + d.B - 1) / d.B; }
+
+inline int64_t block_count(const Dims& d) { return d.N * blocks_per_image(d); }
 
 inline RowBlock block_at(const Dims& d, int64_t i) {
-  const int64_t per_image = (d.Lq + d.B - 1) / d.B;
+  const int64_t per_image = blocks_per_image(d);
   const int64_t n = i / per_image, q0 = (i % per_image) * d.B;
   return RowBlock{n, n * d.Lq + q0, std::min(d.B, d.Lq - q0)};
 }
