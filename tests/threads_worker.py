@@ -152,6 +152,20 @@ def layer_cases():
                                                               shapes, None)
                         return _grads(out, leaves + list(layer.parameters()))
                     yield f"{kind} layer M{m} N{n} {dtype}", run
+    # 3 images of 8 blocks of 2048 rows: at up to 6 threads (4 blocks a thread) the
+    # forward runs its blocks side by side on one-thread primitives, above that on the team
+    big = torch.tensor([(128, 120), (32, 32)])
+    for m in (5, 8):
+        def run_big(m=m):
+            layer = _layer("encoder", m, torch.float32)
+            g = torch.Generator().manual_seed(1)
+            lq = int((big[:, 0] * big[:, 1]).sum())
+            x, pos = _rand(g, 3, lq, 120), _rand(g, 3, lq, 120)
+            ref = _rand(g, 3, lq, 2, 2)
+            torch.manual_seed(3)
+            out = native_layers.encoder_layer(layer, x, pos, ref, big, None)
+            return _grads(out, [x, pos, ref] + list(layer.parameters()))
+        yield f"encoder layer M{m} N3 24 blocks", run_big
 
 
 def linear_cases():
