@@ -1,6 +1,8 @@
 """The bfloat16 CPU GEMM (ddetr's gemm_bf16) at the encoder layer's shapes, against the
 alternatives, in GFLOP/s (2 M N K flops per GEMM):
 
+* ``amx``: ddetr's AMX kernel (the same packs, 32 x 32 tiles of TDPBF16PS), on CPUs with
+  AMX-BF16;
 * ``avx512``: ddetr's AVX512-BF16 kernel (packed bf16 pairs, VDPBF16PS), bf16 in, C bf16
   (linear shapes) or float (the weight-gradient shape, as the native layers use it);
 * ``widen``: ddetr's fallback, bf16 panels widened to float and OpenBLAS's sgemm;
@@ -35,7 +37,7 @@ from ddetr.ops.blas import blas_available  # noqa: E402
 from _common import device_name, extension_built, git, write_result  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-IMPLS = ("avx512", "widen", "torch", "sgemm")
+IMPLS = ("amx", "avx512", "widen", "torch", "sgemm")
 LINEAR_KN = ((256, 256), (256, 768), (256, 1024), (1024, 256))
 
 
@@ -82,7 +84,7 @@ def make_calls(s: dict, ws: native_gemm.Workspace, threads: int) -> dict:
         native_gemm.gemm_sizes(a32, b32, c32, m=m, n=n, k=k, lda=a32.shape[1],
                                ldb=b32.shape[1], ldc=n, trans_a=ta, trans_b=tb, threads=threads)
 
-    return {"avx512": native("avx512"), "widen": native("widen"),
+    return {"amx": native("amx"), "avx512": native("avx512"), "widen": native("widen"),
             "torch": lambda: torch.matmul(op_a, op_b), "sgemm": sgemm}
 
 
@@ -106,6 +108,10 @@ def measure(s: dict, impls, ws: native_gemm.Workspace, args) -> dict:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     impls = list(args.impls)
+    if not native_gemm.bf16_amx_supported() and "amx" in impls:
+        print("this CPU lacks AMX-BF16 (or the OS does not grant it): no amx column",
+              file=sys.stderr)
+        impls.remove("amx")
     if not native_gemm.bf16_avx512_supported() and "avx512" in impls:
         print("this CPU lacks AVX512-BF16: no avx512 column", file=sys.stderr)
         impls.remove("avx512")
@@ -126,19 +132,22 @@ def run(args) -> dict:
 
 def print_table(result: dict) -> None:
     meta, impls = result["meta"], result["meta"]["impls"]
+    # the ratio columns: ddetr's fastest kernel here against the widening path and torch
+    fast = next((k for k in ("amx", "avx512") if k in impls), None)
+    if not {"widen", "torch"} <= set(impls):
+        fast = None
     print(f"# bf16 GEMM, GFLOP/s (median of {meta['repeats']}), {meta['device_name']}, "
           f"{meta['threads']} threads")
     print(f"{'shape':12} {'M':>6} {'N':>5} {'K':>6} {'op':5} " +
           " ".join(f"{i:>8}" for i in impls) +
-          ("  avx512/widen avx512/torch" if {"avx512", "widen", "torch"} <= set(impls) else ""))
+          (f"  {fast}/widen {fast}/torch" if fast else ""))
     for row in result["results"]:
         op = ("T" if row["trans_a"] else "N") + ("T" if row["trans_b"] else "N")
         line = (f"{row['name']:12} {row['M']:>6} {row['N']:>5} {row['K']:>6} {op:5} " +
                 " ".join(f"{row[i]['gflops']:>8.1f}" for i in impls))
-        if {"avx512", "widen", "torch"} <= set(impls):
-            fast = row["avx512"]["gflops"]
-            line += (f"  {fast / row['widen']['gflops']:>11.2f}x"
-                     f" {fast / row['torch']['gflops']:>11.2f}x")
+        if fast:
+            line += (f"  {row[fast]['gflops'] / row['widen']['gflops']:>11.2f}x"
+                     f" {row[fast]['gflops'] / row['torch']['gflops']:>11.2f}x")
         print(line)
 
 

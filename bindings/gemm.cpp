@@ -1,7 +1,7 @@
 // CPU GEMMs (ddetr/blas.h): loading OpenBLAS at run time, float32 / float64 through it,
 // and bfloat16 A, B and bias with C in `c_dtype` (bfloat16 or float32), which needs a
 // 64-byte aligned workspace of gemm_workspace_bytes("bfloat16") bytes, on the `kernel`
-// "auto", "avx512" or "widen" (Bf16GemmKernel). One GemmCall, filled by
+// "auto", "amx", "amx_emulated", "avx512" or "widen" (Bf16GemmKernel). One GemmCall, filled by
 // python/ddetr/_native/gemm.py. The int8 GEMM (ddetr/gemm_int8.h): Int8PackCall packs
 // int8 weights once for a kernel, Int8GemmCall runs the GEMM on float32 or int8 A,
 // Int8QuantizeCall quantises rows alone.
@@ -43,7 +43,10 @@ Bf16GemmKernel bf16_kernel(const std::string& name) {
   if (name == "auto") return Bf16GemmKernel::automatic;
   if (name == "avx512") return Bf16GemmKernel::avx512;
   if (name == "widen") return Bf16GemmKernel::widen;
-  throw std::invalid_argument("gemm: kernel must be auto, avx512 or widen, got " + name);
+  if (name == "amx") return Bf16GemmKernel::amx;
+  if (name == "amx_emulated") return Bf16GemmKernel::amx_emulated;
+  throw std::invalid_argument(
+      "gemm: kernel must be auto, amx, amx_emulated, avx512 or widen, got " + name);
 }
 
 GemmArgs gemm_args(const GemmCall& c) {
@@ -95,7 +98,12 @@ void gemm_call(const GemmCall c) {
 }
 
 std::string default_bf16_kernel() {
-  return gemm_bf16_default_kernel() == Bf16GemmKernel::avx512 ? "avx512" : "widen";
+  switch (gemm_bf16_default_kernel()) {
+    case Bf16GemmKernel::amx: return "amx";
+    case Bf16GemmKernel::amx_emulated: return "amx_emulated";
+    case Bf16GemmKernel::avx512: return "avx512";
+    default: return "widen";
+  }
 }
 
 struct Int8PackCall {
@@ -274,6 +282,8 @@ void bind_gemm(py::module_& m) {
   m.def("gemm_bf16_kernel", &default_bf16_kernel, "What kernel \"auto\" runs.");
   m.def("gemm_bf16_avx512_supported", &gemm_bf16_avx512_supported,
         "Whether this CPU runs the AVX512-BF16 kernel.");
+  m.def("gemm_bf16_amx_supported", &gemm_bf16_amx_supported,
+        "Whether this CPU (and its operating system) runs the AMX kernel.");
   m.def("load_blas", &load_blas, py::arg("path"), "Opens OpenBLAS at `path`.");
   m.def("blas_loaded", &blas_loaded);
   m.def("blas_core", &blas_core, "OpenBLAS's name for its kernels (\"\" before a load).");

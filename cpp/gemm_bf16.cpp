@@ -35,15 +35,21 @@
 // summed by one micro-kernel in the same order whatever the thread count, so the result
 // does not depend on it: the blocking depends on K and N only.
 //
-// Which path runs: the AVX512-BF16 kernel when the CPU has it (checked once with
-// __builtin_cpu_supports; the kernel carries its own target attribute, so the library
-// builds with any -march), else the widening path of gemm_bf16_widen.cpp. The environment
-// variable DDETR_BF16_GEMM=widen forces the widening path (for tests and benchmarks).
+// The AMX path (below, before the driver) shares the packs, the blocking, the driver
+// and the epilogue, with 32 x 32 micro-tiles of tile instructions.
+//
+// Which path runs: AMX when the CPU has AMX-BF16 (and the OS grants the tile state),
+// else the AVX512-BF16 kernel when the CPU has it (checked once, the kernels carry their
+// own target attributes, so the library builds with any -march), else the widening path
+// of gemm_bf16_widen.cpp. The environment variable DDETR_BF16_GEMM (amx, amx_emulated,
+// avx512, widen) forces one (for tests and benchmarks).
 #include "ddetr/blas.h"
 #include "ddetr/threads.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -53,8 +59,23 @@
 #define DDETR_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define DDETR_AVX512BF16_INLINE \
   DDETR_AVX512BF16 __attribute__((always_inline)) inline
+// AMX intrinsics: GCC 11, clang 12
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define DDETR_HAVE_AMX_PATH 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+// The AMX micro-tile's target (also that of its emulation, which issues no tile
+// instruction: one function body for both).
+#define DDETR_TILES __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#else
+#define DDETR_HAVE_AMX_PATH 0
+#define DDETR_TILES DDETR_AVX512BF16
+#endif
+#define DDETR_TILES_INLINE DDETR_TILES __attribute__((always_inline)) inline
 #else
 #define DDETR_HAVE_AVX512_BF16_PATH 0
+#define DDETR_HAVE_AMX_PATH 0
 #endif
 
 namespace ddetr {
@@ -75,18 +96,40 @@ bool avx512_bf16_supported() {
 #endif
 }
 
+// AMX-BF16 tiles in the CPU (CPUID leaf 7: EDX bit 24 AMX-TILE, bit 22 AMX-BF16),
+// AVX512-BF16 (the AMX path packs and finishes with it), and the tile state granted to
+// this process (Linux asks for it once; other systems: no AMX path).
+bool amx_supported() {
+#if DDETR_HAVE_AMX_PATH && defined(__linux__)
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!avx512_bf16_supported() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!(d >> 24 & 1) || !(d >> 22 & 1)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
 #if DDETR_HAVE_AVX512_BF16_PATH
 
-constexpr int kMr = 14;              // rows of the micro-tile
-constexpr int kNv = 2;               // zmm vectors (16 columns each) across it
-constexpr int kNr = 16 * kNv;        // columns of the micro-tile
+constexpr int kNr = 32;              // columns of a micro-tile (both kernels)
+constexpr int kMr = 14;              // AVX512-BF16: rows of the micro-tile
+constexpr int kNv = kNr / 16;        // AVX512-BF16: zmm vectors across it
+constexpr int kAmxMr = 32;           // AMX: rows of the micro-tile (two A tiles)
+constexpr int64_t kAmxPairs = 16;    // AMX: K pairs a tile row holds (64 bytes)
 constexpr int64_t kMaxKc = 1024;     // K elements per block (even)
 constexpr int64_t kBWords = int64_t(1) << 18;    // packed B block: 1 MB
 constexpr int64_t kAccFloats = int64_t(1) << 19;  // partial sums across K blocks: 2 MB
 static_assert(kBWords + kAccFloats <= kGemmBf16ScratchFloats, "scratch too small");
 static_assert(kMaxKc % 2 == 0 && kBWords >= kMaxKc / 2 * kNr, "B block below one panel");
+static_assert(kMaxKc / 2 % kAmxPairs == 0, "an AMX A panel of kMaxKc is whole tiles");
 
-// Block sizes of one GEMM: they depend on K and N only, never on the thread count.
+// Block sizes of one GEMM: they depend on K, N and the kernel only, never on the thread
+// count.
 struct Blocking {
   int64_t kc = 0, nk = 1;  // K block (even unless it is all of an odd K) and count
   int64_t nc = 0, nn = 1;  // N block (a multiple of kNr) and count
@@ -96,15 +139,17 @@ struct Blocking {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-Blocking blocking(int64_t M, int64_t N, int64_t K) {
+// `mr`: rows of the kernel's micro-tile; `pair_align`: its packs hold the K pairs of a
+// block rounded up to a multiple of this (zero pairs at the end).
+Blocking blocking(int64_t M, int64_t N, int64_t K, int64_t mr, int64_t pair_align) {
   Blocking b;
   b.nk = std::max<int64_t>(1, ceil_div(K, kMaxKc));
   b.kc = b.nk == 1 ? K : round_up(ceil_div(K, b.nk), 2);
-  const int64_t pairs = std::max<int64_t>(1, ceil_div(b.kc, 2));
+  const int64_t pairs = round_up(std::max<int64_t>(1, ceil_div(b.kc, 2)), pair_align);
   const int64_t max_nc = std::max<int64_t>(kNr, kBWords / pairs / kNr * kNr);
   b.nn = ceil_div(N, max_nc);
   b.nc = round_up(ceil_div(N, b.nn), kNr);
-  b.mc = b.nk == 1 ? M : std::max<int64_t>(kMr, kAccFloats / b.nc / kMr * kMr);
+  b.mc = b.nk == 1 ? M : std::max<int64_t>(mr, kAccFloats / b.nc / mr * mr);
   return b;
 }
 
@@ -237,20 +282,24 @@ DDETR_AVX512BF16 void pack_a(const GemmArgs& g, int64_t m0, int rows, int64_t k0
 }
 
 // This thread's share of the B block: columns [n0, n0 + nc) of op(B), K elements
-// [k0, k0 + kc), as NR-column panels of ceil(kc / 2) pairs each.
+// [k0, k0 + kc), as NR-column panels of `pair_rows` pairs each (ceil(kc / 2) of them
+// packed, the rest zero).
 DDETR_AVX512BF16 void pack_b_share(const GemmArgs& g, int64_t n0, int64_t nc, int64_t k0,
-                                   int64_t kc, uint32_t* out) {
+                                   int64_t kc, int64_t pair_rows, uint32_t* out) {
   const auto* B = static_cast<const bf16*>(g.B);
-  const int64_t pairs = ceil_div(kc, 2);
+  const int64_t pairs = ceil_div(kc, 2), npanels = ceil_div(nc, kNr);
+  const auto [j0, j1] = thread_slice(npanels, 1);
   if (g.trans_b) {  // B is (N, K): each column of op(B) is a row of B; panels shared out
-    const auto [j0, j1] = thread_slice(ceil_div(nc, kNr), 1);
     for (int64_t j = j0; j < j1; ++j)
       pack_row_words(B + (n0 + j * kNr) * g.ldb + k0, g.ldb,
-                     int(std::min<int64_t>(kNr, nc - j * kNr)), kc, kNr, out + j * pairs * kNr);
+                     int(std::min<int64_t>(kNr, nc - j * kNr)), kc, kNr,
+                     out + j * pair_rows * kNr);
   } else {  // rows of B are rows of op(B); pairs shared out
     const auto [p0, p1] = thread_slice(pairs, 8);
-    pack_row_pairs(B + k0 * g.ldb + n0, g.ldb, nc, kc, p0, p1, kNr, pairs * kNr, out);
+    pack_row_pairs(B + k0 * g.ldb + n0, g.ldb, nc, kc, p0, p1, kNr, pair_rows * kNr, out);
   }
+  for (int64_t j = j0; j < j1; ++j)  // the padding pairs
+    std::fill(out + (j * pair_rows + pairs) * kNr, out + (j + 1) * pair_rows * kNr, 0u);
 }
 
 // ---------------------------------------------------------------------------
@@ -276,36 +325,45 @@ DDETR_AVX512BF16_INLINE __m512 load_bf16(const bf16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-template <int MR, int NV>
-DDETR_AVX512BF16_INLINE void finish_tile(__m512 (&acc)[MR][NV], const Tile& t) {
-  __mmask16 mask[NV];
-  __m512 bias[NV];
+// Columns [16 v, 16 v + 16) of row i of the tile (`mask`: those in C), from their sums
+// x: beta * C, bias, ReLU, rounding, store.
+DDETR_AVX512BF16_INLINE void finish_vector(__m512 x, const Tile& t, int i, int v,
+                                           __mmask16 mask, __m512 bias) {
+  const int64_t at = i * t.ldc + 16 * v;
+  if (t.beta != 0.f) {
+    const __m512 old = t.c_float ? _mm512_maskz_loadu_ps(mask, static_cast<float*>(t.c) + at)
+                                 : load_bf16(static_cast<bf16*>(t.c) + at, mask);
+    x = _mm512_fmadd_ps(_mm512_set1_ps(t.beta), old, x);
+  }
+  if (t.bias) x = _mm512_add_ps(x, bias);
+  if (t.relu) x = _mm512_max_ps(x, _mm512_setzero_ps());  // NaN -> 0, as !(x > 0) -> 0
+  if (t.c_float)
+    _mm512_mask_storeu_ps(static_cast<float*>(t.c) + at, mask, x);
+  else
+    _mm256_mask_storeu_epi16(static_cast<bf16*>(t.c) + at, mask,
+                             (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+// The tile's column masks and bias vectors.
+template <int NV>
+DDETR_AVX512BF16_INLINE void tile_columns(const Tile& t, __mmask16 (&mask)[NV],
+                                          __m512 (&bias)[NV]) {
   for (int v = 0; v < NV; ++v) {
     mask[v] = first_bits16(t.cols - 16 * v);
     bias[v] = t.bias ? load_bf16(t.bias + 16 * v, mask[v]) : _mm512_setzero_ps();
   }
-  const __m512 beta = _mm512_set1_ps(t.beta), zero = _mm512_setzero_ps();
+}
+
+template <int MR, int NV>
+DDETR_AVX512BF16_INLINE void finish_tile(__m512 (&acc)[MR][NV], const Tile& t) {
+  __mmask16 mask[NV];
+  __m512 bias[NV];
+  tile_columns<NV>(t, mask, bias);
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     if (i >= t.rows) break;
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      __m512 x = acc[i][v];
-      const int64_t at = i * t.ldc + 16 * v;
-      if (t.beta != 0.f) {
-        const __m512 old = t.c_float
-                               ? _mm512_maskz_loadu_ps(mask[v], static_cast<float*>(t.c) + at)
-                               : load_bf16(static_cast<bf16*>(t.c) + at, mask[v]);
-        x = _mm512_fmadd_ps(beta, old, x);
-      }
-      if (t.bias) x = _mm512_add_ps(x, bias[v]);
-      if (t.relu) x = _mm512_max_ps(x, zero);  // NaN -> 0, as !(x > 0) -> 0
-      if (t.c_float)
-        _mm512_mask_storeu_ps(static_cast<float*>(t.c) + at, mask[v], x);
-      else
-        _mm256_mask_storeu_epi16(static_cast<bf16*>(t.c) + at, mask[v],
-                                 (__m256i)_mm512_cvtneps_pbh(x));
-    }
+    for (int v = 0; v < NV; ++v) finish_vector(acc[i][v], t, i, v, mask[v], bias[v]);
   }
 }
 
@@ -372,8 +430,262 @@ DDETR_AVX512BF16 void any_kernel(int64_t pairs, const uint32_t* a, const uint32_
   narrow_kernel<kNv>(pairs, a, b, t);
 }
 
+// The AVX512-BF16 kernel as the driver below sees it.
+struct Avx512Kernel {
+  static constexpr int kRows = kMr;
+  static constexpr int64_t kPairAlign = 1;
+  static void begin() {}
+  static void end() {}
+  DDETR_AVX512BF16 static void pack(const GemmArgs& g, int64_t m0, int rows, int64_t k0,
+                                    int64_t kc, int64_t /*pair_rows*/, uint32_t* out) {
+    pack_a(g, m0, rows, k0, kc, out);
+  }
+  DDETR_AVX512BF16 static void run(int64_t pair_rows, const uint32_t* a, const uint32_t* b,
+                                   const Tile& t) {
+    any_kernel(pair_rows, a, b, t);
+  }
+};
+
 // ---------------------------------------------------------------------------
-// Driver: the blocking loops of one thread of the team.
+// AMX path. TDPBF16PS multiplies tiles: C (16 rows x 16 floats) += A (16 rows x 16 bf16
+// pairs) B (16 pair rows x 16 columns of pairs), each float of C taking, pair after pair
+// in k order, a[2k] b[2k] and a[2k + 1] b[2k + 1] (denormal inputs read as zero,
+// denormal results flushed, as VDPBF16PS). A micro-tile is 32 x 32: tiles 0-3 hold C
+// (rows 16 (c / 2), columns 16 (c % 2)), 4 and 5 the two 16-row halves of the A panel, 6
+// and 7 the two 16-column halves of the B panel. The B panel is the AVX512-BF16 kernel's
+// (pair p of its 32 columns at words [32 p, 32 p + 32)), its pairs padded with zeros to
+// a multiple of 16, so a B tile is 16 consecutive pairs read 128 bytes apart. The A panel
+// is 32 rows of `pair_rows` words (row-major, rows and pairs past the matrix zero). Sums
+// between K blocks wait in the scratch as with AVX512-BF16 (tile loads and stores of
+// it), and the epilogue runs from a 32 x 32 float copy of the tiles with the same
+// AVX-512 code, so beta, bias, ReLU and rounding are those of the other kernel.
+//
+// The tile instructions are behind a Tiles class: HardwareTiles issues them;
+// EmulatedTiles does the same arithmetic in C++ (thread-local tile registers), so every
+// CPU with AVX512-BF16 runs and tests the AMX path's packing, blocking and epilogue
+// (kernel amx_emulated, slow); HardwareTiles adds only the instructions themselves.
+//
+// Before the first tile instruction a Linux process asks for the tile state once
+// (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); the CPU check and that request
+// are amx_supported().
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};  // bytes per row of tile t
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+const TileConfig& tile_config() {
+  static const TileConfig c = [] {
+    TileConfig t;
+    for (int i = 0; i < 8; ++i) t.colsb[i] = 64, t.rows[i] = 16;
+    return t;
+  }();
+  return c;
+}
+
+#if DDETR_HAVE_AMX_PATH
+// The tile number of an AMX intrinsic is part of the instruction: the switches fold away
+// once the calls, whose numbers are constants, are inlined.
+#define DDETR_EACH_TILE(t, X)   \
+  switch (t) {                  \
+    case 0: X(0); break;        \
+    case 1: X(1); break;        \
+    case 2: X(2); break;        \
+    case 3: X(3); break;        \
+    case 4: X(4); break;        \
+    case 5: X(5); break;        \
+    case 6: X(6); break;        \
+    default: X(7); break;       \
+  }
+struct HardwareTiles {
+  DDETR_TILES_INLINE static void configure(const TileConfig& c) { _tile_loadconfig(&c); }
+  DDETR_TILES_INLINE static void release() { _tile_release(); }
+  DDETR_TILES_INLINE static void zero(int t) {
+#define DDETR_X(n) _tile_zero(n)
+    DDETR_EACH_TILE(t, DDETR_X)
+#undef DDETR_X
+  }
+  DDETR_TILES_INLINE static void load(int t, const void* p, int64_t stride) {
+#define DDETR_X(n) _tile_loadd(n, p, stride)
+    DDETR_EACH_TILE(t, DDETR_X)
+#undef DDETR_X
+  }
+  DDETR_TILES_INLINE static void store(int t, void* p, int64_t stride) {
+#define DDETR_X(n) _tile_stored(n, p, stride)
+    DDETR_EACH_TILE(t, DDETR_X)
+#undef DDETR_X
+  }
+  // C tile c += A tile 4 + c / 2 times B tile 6 + c % 2
+  DDETR_TILES_INLINE static void dot(int c) {
+    switch (c) {
+      case 0: _tile_dpbf16ps(0, 4, 6); break;
+      case 1: _tile_dpbf16ps(1, 4, 7); break;
+      case 2: _tile_dpbf16ps(2, 5, 6); break;
+      default: _tile_dpbf16ps(3, 5, 7); break;
+    }
+  }
+};
+#undef DDETR_EACH_TILE
+#endif
+
+// Flushes a bfloat16 or float denormal to a zero of its sign.
+inline float flush_denormal(float x) {
+  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.f, x) : x;
+}
+inline float bf16_value(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return flush_denormal(f);
+}
+
+struct EmulatedTiles {
+  struct State {
+    TileConfig config;
+    alignas(64) unsigned char tile[8][16][64];
+  };
+  static State& state() {
+    thread_local State s;
+    return s;
+  }
+  static void configure(const TileConfig& c) {
+    state().config = c;
+    std::memset(state().tile, 0, sizeof(state().tile));
+  }
+  static void release() {}
+  static void zero(int t) { std::memset(state().tile[t], 0, sizeof(state().tile[t])); }
+  static void load(int t, const void* p, int64_t stride) {
+    State& s = state();
+    zero(t);
+    for (int r = 0; r < s.config.rows[t]; ++r)
+      std::memcpy(s.tile[t][r], static_cast<const char*>(p) + r * stride, s.config.colsb[t]);
+  }
+  static void store(int t, void* p, int64_t stride) {
+    State& s = state();
+    for (int r = 0; r < s.config.rows[t]; ++r)
+      std::memcpy(static_cast<char*>(p) + r * stride, s.tile[t][r], s.config.colsb[t]);
+  }
+  static void dot(int c) {
+    State& s = state();
+    const int a = 4 + c / 2, b = 6 + c % 2;
+    const int rows = s.config.rows[c], cols = s.config.colsb[c] / 4;
+    const int pairs = s.config.colsb[a] / 4;
+    for (int m = 0; m < rows; ++m)
+      for (int n = 0; n < cols; ++n) {
+        float acc;
+        std::memcpy(&acc, &s.tile[c][m][4 * n], 4);
+        for (int k = 0; k < pairs; ++k)
+          for (int h = 0; h < 2; ++h) {
+            uint16_t x, y;
+            std::memcpy(&x, &s.tile[a][m][4 * k + 2 * h], 2);
+            std::memcpy(&y, &s.tile[b][k][4 * n + 2 * h], 2);
+            acc = flush_denormal(acc + bf16_value(x) * bf16_value(y));
+          }
+        std::memcpy(&s.tile[c][m][4 * n], &acc, 4);
+      }
+  }
+};
+
+// The A panel: rows [m0, m0 + rows) of op(A), K elements [k0, k0 + kc), as kAmxMr rows
+// of pair_rows words (pair p of row r at word r * pair_rows + p).
+DDETR_AVX512BF16 void pack_a_rows(const GemmArgs& g, int64_t m0, int rows, int64_t k0,
+                                  int64_t kc, int64_t pair_rows, uint32_t* out) {
+  const auto* A = static_cast<const bf16*>(g.A);
+  if (!g.trans_a) {  // rows of op(A) are rows of A: copied, 32 elements at a time
+    for (int r = 0; r < kAmxMr; ++r) {
+      bf16* row = reinterpret_cast<bf16*>(out + r * pair_rows);
+      const bf16* src = A + (m0 + r) * g.lda + k0;
+      for (int64_t k = 0; k < 2 * pair_rows; k += 32) {
+        const __mmask32 m = r < rows ? first_bits32(kc - k) : 0;
+        _mm512_storeu_si512(row + k, _mm512_maskz_loadu_epi16(m, src + k));
+      }
+    }
+    return;
+  }
+  // A is (K, M): pairs of rows of A interleaved into the pair-major layout of the other
+  // kernel (pair p of row r at word p * kAmxMr + r), then transposed 16 x 16 words at a
+  // time
+  alignas(64) uint32_t pairs_major[kAmxMr * (kMaxKc / 2)];
+  const int64_t pairs = ceil_div(kc, 2);
+  pack_row_pairs(A + k0 * g.lda + m0, g.lda, rows, kc, 0, pairs, kAmxMr, 0, pairs_major);
+  for (int64_t p0 = 0; p0 < pair_rows; p0 += 16)
+    for (int r0 = 0; r0 < kAmxMr; r0 += 16) {
+      __m512i v[16];
+      for (int i = 0; i < 16; ++i)
+        v[i] = p0 + i < pairs ? _mm512_loadu_si512(pairs_major + (p0 + i) * kAmxMr + r0)
+                              : _mm512_setzero_si512();
+      transpose16(v);  // v[j]: pairs p0 .. p0 + 15 of row r0 + j
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + (r0 + j) * pair_rows + p0, v[j]);
+    }
+}
+
+// One 32 x 32 micro-tile over pair_rows (a multiple of 16) pairs of the packed a and b.
+template <class Tiles>
+DDETR_TILES_INLINE void amx_tile(int64_t pair_rows, const uint32_t* a, const uint32_t* b,
+                                      const Tile& t) {
+  const int64_t a_stride = pair_rows * 4, b_stride = kNr * 4, p_stride = t.ld_partial * 4;
+  const auto partial = [&](int c) { return t.partial + 16 * (c / 2) * t.ld_partial + 16 * (c % 2); };
+  for (int c = 0; c < 4; ++c) {
+    if (t.first)
+      Tiles::zero(c);
+    else
+      Tiles::load(c, partial(c), p_stride);
+  }
+  for (int64_t p = 0; p < pair_rows; p += kAmxPairs) {
+    Tiles::load(4, a + p, a_stride);
+    Tiles::load(5, a + 16 * pair_rows + p, a_stride);
+    Tiles::load(6, b + p * kNr, b_stride);
+    Tiles::load(7, b + p * kNr + 16, b_stride);
+    for (int c = 0; c < 4; ++c) Tiles::dot(c);
+  }
+  if (!t.last) {
+    for (int c = 0; c < 4; ++c) Tiles::store(c, partial(c), p_stride);
+    return;
+  }
+  alignas(64) float sums[kAmxMr][kNr];
+  for (int c = 0; c < 4; ++c) Tiles::store(c, &sums[16 * (c / 2)][16 * (c % 2)], kNr * 4);
+  __mmask16 mask[kNv];
+  __m512 bias[kNv];
+  tile_columns<kNv>(t, mask, bias);
+  for (int i = 0; i < t.rows; ++i)
+    for (int v = 0; v < kNv; ++v)
+      finish_vector(_mm512_load_ps(&sums[i][16 * v]), t, i, v, mask[v], bias[v]);
+}
+
+template <class Tiles>
+struct AmxKernel {
+  static constexpr int kRows = kAmxMr;
+  static constexpr int64_t kPairAlign = kAmxPairs;
+  DDETR_TILES static void begin() { Tiles::configure(tile_config()); }
+  DDETR_TILES static void end() { Tiles::release(); }
+  static void pack(const GemmArgs& g, int64_t m0, int rows, int64_t k0, int64_t kc,
+                   int64_t pair_rows, uint32_t* out) {
+    pack_a_rows(g, m0, rows, k0, kc, pair_rows, out);
+  }
+  static void run(int64_t pair_rows, const uint32_t* a, const uint32_t* b, const Tile& t);
+};
+
+template <>
+DDETR_TILES void AmxKernel<EmulatedTiles>::run(int64_t pair_rows, const uint32_t* a,
+                                                    const uint32_t* b, const Tile& t) {
+  amx_tile<EmulatedTiles>(pair_rows, a, b, t);
+}
+
+#if DDETR_HAVE_AMX_PATH
+template <>
+DDETR_TILES void AmxKernel<HardwareTiles>::run(int64_t pair_rows, const uint32_t* a, const uint32_t* b,
+                              const Tile& t) {
+  amx_tile<HardwareTiles>(pair_rows, a, b, t);
+}
+#endif
+
+// ---------------------------------------------------------------------------
+// Driver: the blocking loops of one thread of the team, for a kernel K (Avx512Kernel or
+// AmxKernel): its micro-tile rows, the padding of its packs' pairs, its A packing and
+// its micro-kernel, with begin / end around a thread's tiles.
 
 struct Job {
   const GemmArgs* g;
@@ -386,21 +698,26 @@ struct Job {
 // Tiles [t0, t1) of one (rows, N, K) block, numbered row panel by row panel (tile t:
 // MR-row panel t / npanels, NR-column panel t % npanels); rows [m0, m0 + mc), columns
 // [n0, n0 + nc), K [k0, k0 + kc) of block kb.
+template <class K>
 DDETR_AVX512BF16 void run_tiles(const Job& job, int64_t m0, int64_t mc, int64_t n0, int64_t nc,
                                 int64_t k0, int64_t kc, int64_t kb, int64_t t0, int64_t t1) {
+  constexpr int MR = K::kRows;
   const GemmArgs& g = *job.g;
-  const int64_t pairs = ceil_div(kc, 2), npanels = ceil_div(nc, kNr);
+  const int64_t pair_rows = round_up(ceil_div(kc, 2), K::kPairAlign);
+  const int64_t npanels = ceil_div(nc, kNr);
   const int64_t esize = job.c_float ? 4 : 2;
-  alignas(64) uint32_t apack[kMr * (kMaxKc / 2)];
+  alignas(64) uint32_t apack[MR * (kMaxKc / 2)];
+  if (t0 >= t1) return;
+  K::begin();
   for (int64_t t = t0; t < t1;) {
     const int64_t i = t / npanels, j_end = std::min(t1, (i + 1) * npanels) - i * npanels;
-    const int rows = int(std::min<int64_t>(kMr, mc - i * kMr));
-    pack_a(g, m0 + i * kMr, rows, k0, kc, apack);
-    const int64_t next_rows = std::min<int64_t>(kMr, mc - (i + 1) * kMr);
+    const int rows = int(std::min<int64_t>(MR, mc - i * MR));
+    K::pack(g, m0 + i * MR, rows, k0, kc, pair_rows, apack);
+    const int64_t next_rows = std::min<int64_t>(MR, mc - (i + 1) * MR);
     for (int64_t j = t - i * npanels; j < j_end; ++j, ++t) {
-      prefetch_a(g, m0 + (i + 1) * kMr, next_rows, k0, kc, j, npanels);
+      prefetch_a(g, m0 + (i + 1) * MR, next_rows, k0, kc, j, npanels);
       Tile tile;
-      const int64_t m = m0 + i * kMr, n = n0 + j * kNr;
+      const int64_t m = m0 + i * MR, n = n0 + j * kNr;
       tile.c = static_cast<char*>(g.C) + (m * g.ldc + n) * esize;
       tile.ldc = g.ldc;
       tile.c_float = job.c_float;
@@ -410,60 +727,74 @@ DDETR_AVX512BF16 void run_tiles(const Job& job, int64_t m0, int64_t mc, int64_t 
       tile.rows = rows;
       tile.cols = int(std::min<int64_t>(kNr, nc - j * kNr));
       tile.ld_partial = round_up(nc, kNr);
-      tile.partial = job.partial + i * kMr * tile.ld_partial + j * kNr;
+      tile.partial = job.partial + i * MR * tile.ld_partial + j * kNr;
       tile.first = kb == 0;
       tile.last = kb == job.bl.nk - 1;
-      any_kernel(pairs, apack, job.bpack + j * pairs * kNr, tile);
+      K::run(pair_rows, apack, job.bpack + j * pair_rows * kNr, tile);
     }
   }
+  K::end();
 }
 
+template <class K>
 DDETR_AVX512BF16 void team_body(const Job& job) {
+  constexpr int MR = K::kRows;
   const GemmArgs& g = *job.g;
   const Blocking& bl = job.bl;
   for (int64_t n0 = 0; n0 < g.N; n0 += bl.nc) {
     const int64_t nc = std::min(bl.nc, g.N - n0), npanels = ceil_div(nc, kNr);
     for (int64_t m0 = 0; m0 < g.M; m0 += bl.mc) {
-      const int64_t mc = std::min(bl.mc, g.M - m0), mpanels = ceil_div(mc, kMr);
+      const int64_t mc = std::min(bl.mc, g.M - m0), mpanels = ceil_div(mc, MR);
       for (int64_t kb = 0; kb < bl.nk; ++kb) {
         const int64_t k0 = kb * bl.kc, kc = std::min(bl.kc, g.K - k0);
         // one B block serves every row block when K is not split
         if (m0 == 0 || bl.nk > 1) {
 #pragma omp barrier
-          pack_b_share(g, n0, nc, k0, kc, job.bpack);
+          pack_b_share(g, n0, nc, k0, kc, round_up(ceil_div(kc, 2), K::kPairAlign),
+                       job.bpack);
 #pragma omp barrier
         }
         // equal shares of the tiles; a row panel split between two threads is packed by both
         const auto [t0, t1] = thread_slice(mpanels * npanels, 1);
-        run_tiles(job, m0, mc, n0, nc, k0, kc, kb, t0, t1);
+        run_tiles<K>(job, m0, mc, n0, nc, k0, kc, kb, t0, t1);
       }
     }
   }
 }
 
-void gemm_bf16_avx512(const GemmArgs& g, bool c_float, int num_threads, float* scratch) {
+template <class K>
+void run_gemm(const GemmArgs& g, bool c_float, int num_threads, float* scratch) {
   Job job;
   job.g = &g;
   job.c_float = c_float;
-  job.bl = blocking(g.M, g.N, g.K);
+  job.bl = blocking(g.M, g.N, g.K, K::kRows, K::kPairAlign);
   job.bpack = reinterpret_cast<uint32_t*>(scratch);
   job.partial = scratch + kBWords;
   const int nt = resolve_threads(num_threads, g.M * g.N * g.K, kSerialBelowFlops);
 #pragma omp parallel num_threads(nt)
-  team_body(job);
+  team_body<K>(job);
 }
 
 #endif  // DDETR_HAVE_AVX512_BF16_PATH
 
 Bf16GemmKernel env_choice() {
   const char* env = std::getenv("DDETR_BF16_GEMM");
-  if (env && std::string(env) == "widen") return Bf16GemmKernel::widen;
+  const std::string name = env ? env : "";
+  if (name == "widen") return Bf16GemmKernel::widen;
+  if (name == "avx512") return Bf16GemmKernel::avx512;
+  if (name == "amx") return Bf16GemmKernel::amx;
+  if (name == "amx_emulated") return Bf16GemmKernel::amx_emulated;
+  if (!name.empty())
+    throw std::invalid_argument(
+        "DDETR_BF16_GEMM: expected amx, amx_emulated, avx512 or widen, got " + name);
+  if (amx_supported()) return Bf16GemmKernel::amx;
   return avx512_bf16_supported() ? Bf16GemmKernel::avx512 : Bf16GemmKernel::widen;
 }
 
 }  // namespace
 
 bool gemm_bf16_avx512_supported() { return avx512_bf16_supported(); }
+bool gemm_bf16_amx_supported() { return amx_supported(); }
 
 Bf16GemmKernel gemm_bf16_default_kernel() {
   static const Bf16GemmKernel k = env_choice();
@@ -480,13 +811,30 @@ void gemm_bf16(const GemmArgs& g, bool c_float, int num_threads, float* scratch,
                Bf16GemmKernel kernel) {
   if (!check_gemm_bf16(g, scratch)) return;
   if (kernel == Bf16GemmKernel::automatic) kernel = gemm_bf16_default_kernel();
-  if (kernel == Bf16GemmKernel::avx512) {
-#if DDETR_HAVE_AVX512_BF16_PATH
-    if (avx512_bf16_supported()) return gemm_bf16_avx512(g, c_float, num_threads, scratch);
+  switch (kernel) {
+    case Bf16GemmKernel::widen:
+      return gemm_bf16_widen(g, c_float, num_threads, scratch);
+    case Bf16GemmKernel::amx:
+#if DDETR_HAVE_AMX_PATH
+      if (amx_supported())
+        return run_gemm<AmxKernel<HardwareTiles>>(g, c_float, num_threads, scratch);
 #endif
-    throw std::runtime_error("gemm_bf16: this CPU lacks AVX512-BF16");
+      throw std::runtime_error("gemm_bf16: this CPU (or its operating system) offers no "
+                               "AMX-BF16 tiles");
+    case Bf16GemmKernel::amx_emulated:
+#if DDETR_HAVE_AVX512_BF16_PATH
+      if (avx512_bf16_supported())
+        return run_gemm<AmxKernel<EmulatedTiles>>(g, c_float, num_threads, scratch);
+#endif
+      throw std::runtime_error("gemm_bf16: the emulated AMX kernel needs AVX512-BF16, which "
+                               "this CPU lacks");
+    default:
+#if DDETR_HAVE_AVX512_BF16_PATH
+      if (avx512_bf16_supported())
+        return run_gemm<Avx512Kernel>(g, c_float, num_threads, scratch);
+#endif
+      throw std::runtime_error("gemm_bf16: this CPU lacks AVX512-BF16");
   }
-  gemm_bf16_widen(g, c_float, num_threads, scratch);
 }
 
 }  // namespace ddetr

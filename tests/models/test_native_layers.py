@@ -3,6 +3,9 @@ path, which is the reference: outputs and every gradient, dropout masks, gradche
 store vs recompute, determinism, fallbacks and bad input."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -405,6 +408,28 @@ def test_bfloat16_many_blocks_recompute_and_dropout():
         runs.append(outputs_and_grads(layer, "encoder", inp, True))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", ["amx", "amx_emulated", "avx512", "widen"])
+def test_bfloat16_on_every_gemm_kernel(kernel):
+    # the bfloat16 tests above, in a process whose layers run their GEMMs on `kernel`
+    # (DDETR_BF16_GEMM, read once per process): each kernel the CPU can run, not only
+    # the one it picks
+    from ddetr._native import gemm
+    runs = {"amx": gemm.bf16_amx_supported(), "amx_emulated": gemm.bf16_avx512_supported(),
+            "avx512": gemm.bf16_avx512_supported(), "widen": True}
+    if not runs[kernel]:
+        pytest.skip(f"this CPU cannot run the {kernel} bfloat16 GEMM")
+    env = dict(os.environ, DDETR_BF16_GEMM=kernel)
+    check = subprocess.run([sys.executable, "-c", "from ddetr._native import gemm; "
+                            "print(gemm.bf16_kernel())"], env=env, capture_output=True, text=True)
+    assert check.stdout.strip() == kernel, check.stderr
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          __file__, "-k", "test_bfloat16_against_float64 or "
+                          "test_bfloat16_many_blocks_recompute_and_dropout"],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "5 passed" in out.stdout, out.stdout[-2000:]
 
 
 def test_bfloat16_saves_half_the_bytes():

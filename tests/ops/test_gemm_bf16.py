@@ -1,6 +1,8 @@
 """The native bfloat16 GEMM (ddetr/blas.h gemm_bf16, through ddetr._native.gemm.gemm_sizes
-with bfloat16 operands), both implementations: the AVX512-BF16 kernel and the widening fallback
-(bf16 widened to float, OpenBLAS sgemm), against float64 matmul of the same bf16 values.
+with bfloat16 operands), every implementation: the AMX kernel (on CPUs with AMX-BF16), the
+same kernel with its tile instructions emulated in C++ (on any CPU with AVX512-BF16: its
+packing, blocking and epilogue), the AVX512-BF16 kernel and the widening fallback (bf16
+widened to float, OpenBLAS sgemm), against float64 matmul of the same bf16 values.
 
 Tolerances. The sums are float, so a float C may differ from the float64 result by the
 float rounding of the sum: at most err = 1e-5 x (sum_k |a_k b_k| + |beta C| + |bias|)
@@ -33,9 +35,16 @@ def _avx512_ok() -> bool:
     return _native.available() and native_gemm.bf16_avx512_supported()
 
 
+def _amx_ok() -> bool:
+    return _native.available() and native_gemm.bf16_amx_supported()
+
+
+NO_AVX512 = "this CPU lacks AVX512-BF16 (avx512_bf16)"
+NO_AMX = "this CPU lacks AMX-BF16 tiles (amx_bf16), or the OS does not grant them"
 KERNELS = [
-    pytest.param("avx512", marks=pytest.mark.skipif(
-        not _avx512_ok(), reason="this CPU lacks AVX512-BF16 (avx512_bf16)")),
+    pytest.param("amx", marks=pytest.mark.skipif(not _amx_ok(), reason=NO_AMX)),
+    pytest.param("amx_emulated", marks=pytest.mark.skipif(not _avx512_ok(), reason=NO_AVX512)),
+    pytest.param("avx512", marks=pytest.mark.skipif(not _avx512_ok(), reason=NO_AVX512)),
     pytest.param("widen", marks=pytest.mark.skipif(
         not blas_available(), reason="scipy-openblas32 is not loaded")),
 ]
@@ -154,27 +163,47 @@ def test_empty_k(kernel, c_float):
         assert torch.equal(out, want.float().to(torch.bfloat16))
 
 
-@pytest.mark.skipif(not _avx512_ok(), reason="this CPU lacks AVX512-BF16 (avx512_bf16)")
+@pytest.mark.parametrize("kernel", KERNELS[:3])
 @pytest.mark.parametrize("dims", [(257, 100, 33), (40, 70, 1100), (3, 600, 31)])
-def test_avx512_independent_of_threads(dims):
+def test_independent_of_threads(kernel, dims):
     a, b, c, bias, _, _ = make_case(*dims, False, True, 1.0, True, False, False, 0, 7)
     outs = []
-    for threads in (1, 2, 3):
+    for threads in (1, 2, 3, 7):
         out = c.clone()
-        gemm("avx512", a, b, out, *dims, False, True, 1.0, bias, False, threads)
+        gemm(kernel, a, b, out, *dims, False, True, 1.0, bias, False, threads)
         outs.append(out)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-@pytest.mark.skipif(not _avx512_ok(), reason="this CPU lacks AVX512-BF16 (avx512_bf16)")
-def test_auto_is_avx512_and_env_forces_widen():
-    assert native_gemm.bf16_kernel() == ("widen" if os.environ.get("DDETR_BF16_GEMM") == "widen"
-                                         else "avx512")
+def _kernel_in_subprocess(value):
     code = "from ddetr._native import gemm; print(gemm.bf16_kernel())"
-    env = dict(os.environ, DDETR_BF16_GEMM="widen")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "widen"
+    env = dict(os.environ, DDETR_BF16_GEMM=value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not _avx512_ok(), reason=NO_AVX512)
+def test_auto_is_the_widest_and_env_forces_another():
+    forced = os.environ.get("DDETR_BF16_GEMM")
+    assert native_gemm.bf16_kernel() == forced or (
+        not forced and native_gemm.bf16_kernel() == ("amx" if _amx_ok() else "avx512"))
+    for value in ("widen", "avx512", "amx", "amx_emulated"):
+        out = _kernel_in_subprocess(value)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == value
+
+
+def test_env_names_a_kernel():
+    out = _kernel_in_subprocess("fastest")
+    assert out.returncode != 0
+    assert "DDETR_BF16_GEMM" in out.stderr and "fastest" in out.stderr
+
+
+@pytest.mark.skipif(_amx_ok(), reason="this CPU has AMX")
+def test_amx_refused_without_tiles():
+    a = torch.zeros(4, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="AMX"):
+        native_gemm.gemm_sizes(a, a, a.clone(), m=4, n=4, k=4, lda=4, ldb=4, ldc=4, threads=1,
+                               workspace=WS, kernel="amx")
 
 
 def test_bad_arguments():

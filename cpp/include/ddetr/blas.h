@@ -79,27 +79,38 @@ bool check_gemm_args(const GemmArgs& g);
 // `scratch` holds at least kGemmBf16ScratchFloats floats (64-byte aligned). Sizes are
 // not limited to 32 bits, except on the widening path (OpenBLAS's ints).
 //
-// Two implementations (Bf16GemmKernel):
+// Implementations (Bf16GemmKernel):
+// * amx (cpp/gemm_bf16.cpp): the packs of avx512 with the pairs padded to whole tiles,
+//   32 x 32 micro-tiles of AMX TDPBF16PS (the same per-pair products and flushing as
+//   VDPBF16PS), the avx512 epilogue. Chosen where the CPU has AMX-BF16 and AVX512-BF16
+//   and the operating system grants the tile state. Its result does not depend on the
+//   thread count.
+// * amx_emulated: the amx kernel with the tile instructions done in plain C++ (slow):
+//   tests its packing, blocking and epilogue on any CPU with AVX512-BF16. Never chosen
+//   unless named.
 // * avx512 (cpp/gemm_bf16.cpp): packs op(A) and op(B) into bf16 pairs in the scratch
 //   (at most 3 MB of it) and multiplies with AVX512-BF16 dot products (VDPBF16PS: two
 //   bf16 products added into a float lane; denormal inputs read as zero, denormal
 //   results flushed to zero). Its result does not depend on the thread count. It needs
-//   no BLAS library. Chosen when the CPU has AVX512-BF16.
+//   no BLAS library. Chosen when the CPU has AVX512-BF16 but no AMX.
 // * widen (cpp/gemm_bf16_widen.cpp): widens op(A) and op(B) to float a panel at a time
 //   (three panels of kGemmBf16Panel floats) and calls OpenBLAS's sgemm (which has no
 //   bfloat16 GEMM); needs the BLAS library loaded when K > 0.
-// `automatic` is avx512 where the CPU has it, unless the environment variable
-// DDETR_BF16_GEMM=widen (read once per process) forces the widening path. The two paths
-// differ in the order of their float sums, so their results may differ in the last bit.
-enum class Bf16GemmKernel { automatic, avx512, widen };
+// `automatic` is the first of amx, avx512 and widen this CPU runs, unless the
+// environment variable DDETR_BF16_GEMM (read once per process: amx, amx_emulated, avx512
+// or widen; another value is an error) names one. The paths differ in the order of their float
+// sums, so their results may differ in the last bit. Asking for a kernel the CPU cannot
+// run throws std::runtime_error.
+enum class Bf16GemmKernel { automatic, avx512, widen, amx, amx_emulated };
 constexpr int64_t kGemmBf16Panel = int64_t(1) << 20;  // floats per panel (4 MB)
 constexpr int64_t kGemmBf16ScratchFloats = 3 * kGemmBf16Panel;
 constexpr size_t kGemmBf16ScratchBytes = size_t(kGemmBf16ScratchFloats) * sizeof(float);
 void gemm_bf16(const GemmArgs& g, bool c_float, int num_threads, float* scratch,
                Bf16GemmKernel kernel = Bf16GemmKernel::automatic);
-// What `automatic` runs (CPU and DDETR_BF16_GEMM), and whether avx512 can run at all.
+// What `automatic` runs (CPU and DDETR_BF16_GEMM), and whether avx512 / amx can run.
 Bf16GemmKernel gemm_bf16_default_kernel();
 bool gemm_bf16_avx512_supported();
+bool gemm_bf16_amx_supported();
 
 // The widening path itself, and the checks both paths share (check_gemm_args and a
 // non-null scratch).

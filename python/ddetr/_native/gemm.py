@@ -104,7 +104,9 @@ def gemm_sizes(a: Tensor | None, b: Tensor | None, c: Tensor, *, m: int, n: int,
     and argument checks this way.
 
     ``dtype`` is that of A, B and bias (default a's), ``c_dtype`` that of C (default c's);
-    bfloat16 operands take ``kernel`` "auto", "avx512" or "widen" and a ``workspace``
+    bfloat16 operands take ``kernel`` "auto", "amx", "amx_emulated" (the AMX kernel's
+    packing, blocking and epilogue with its tile instructions done in C++: slow, for
+    tests on CPUs without AMX), "avx512" or "widen" and a ``workspace``
     (None: a null pointer, which the extension refuses). ``threads`` 0: torch's setting.
     """
     dtype = a.dtype if dtype is None else dtype
@@ -118,13 +120,21 @@ def gemm_sizes(a: Tensor | None, b: Tensor | None, c: Tensor, *, m: int, n: int,
 
 
 def bf16_kernel() -> str:
-    """The bfloat16 kernel "auto" runs: "avx512" or "widen" (CPU and DDETR_BF16_GEMM)."""
+    """The bfloat16 kernel "auto" runs: "amx", "avx512" or "widen" (the first this CPU
+    runs), or the one the environment variable DDETR_BF16_GEMM names (those three or
+    "amx_emulated"; ValueError for another value there)."""
     return _C.gemm_bf16_kernel()
 
 
 def bf16_avx512_supported() -> bool:
-    """Whether this CPU runs the AVX512-BF16 kernel."""
+    """Whether this CPU runs the AVX512-BF16 kernel (and so the "amx_emulated" one)."""
     return bool(_C.gemm_bf16_avx512_supported())
+
+
+def bf16_amx_supported() -> bool:
+    """Whether this CPU has AMX-BF16 tiles (and AVX512-BF16) and the operating system lets
+    this process use them: the "amx" kernel runs."""
+    return bool(_C.gemm_bf16_amx_supported())
 
 
 INT8_KERNELS = ("auto", "scalar", "avx2", "avx512_vnni")
