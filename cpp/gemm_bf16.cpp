@@ -43,6 +43,7 @@
 // own target attributes, so the library builds with any -march), else the widening path
 // of gemm_bf16_widen.cpp. The environment variable DDETR_BF16_GEMM (amx, amx_emulated,
 // avx512, widen) forces one (for tests and benchmarks).
+#include "ddetr/amx_tiles.h"
 #include "ddetr/blas.h"
 #include "ddetr/threads.h"
 
@@ -59,23 +60,8 @@
 #define DDETR_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define DDETR_AVX512BF16_INLINE \
   DDETR_AVX512BF16 __attribute__((always_inline)) inline
-// AMX intrinsics: GCC 11, clang 12
-#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
-#define DDETR_HAVE_AMX_PATH 1
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-// The AMX micro-tile's target (also that of its emulation, which issues no tile
-// instruction: one function body for both).
-#define DDETR_TILES __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
-#else
-#define DDETR_HAVE_AMX_PATH 0
-#define DDETR_TILES DDETR_AVX512BF16
-#endif
-#define DDETR_TILES_INLINE DDETR_TILES __attribute__((always_inline)) inline
 #else
 #define DDETR_HAVE_AVX512_BF16_PATH 0
-#define DDETR_HAVE_AMX_PATH 0
 #endif
 
 namespace ddetr {
@@ -96,22 +82,11 @@ bool avx512_bf16_supported() {
 #endif
 }
 
-// AMX-BF16 tiles in the CPU (CPUID leaf 7: EDX bit 24 AMX-TILE, bit 22 AMX-BF16),
-// AVX512-BF16 (the AMX path packs and finishes with it), and the tile state granted to
-// this process (Linux asks for it once; other systems: no AMX path).
+// The AMX kernel runs: AMX-BF16 granted (ddetr/amx_tiles.h) and AVX512-BF16, which its
+// packing and epilogue use.
 bool amx_supported() {
-#if DDETR_HAVE_AMX_PATH && defined(__linux__)
-  static const bool yes = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!avx512_bf16_supported() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    if (!(d >> 24 & 1) || !(d >> 22 & 1)) return false;
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
+  static const bool yes = avx512_bf16_supported() && amx::amx_usable(amx::Unit::bf16);
   return yes;
-#else
-  return false;
-#endif
 }
 
 #if DDETR_HAVE_AVX512_BF16_PATH
@@ -460,134 +435,18 @@ struct Avx512Kernel {
 // it), and the epilogue runs from a 32 x 32 float copy of the tiles with the same
 // AVX-512 code, so beta, bias, ReLU and rounding are those of the other kernel.
 //
-// The tile instructions are behind a Tiles class: HardwareTiles issues them;
-// EmulatedTiles does the same arithmetic in C++ (thread-local tile registers), so every
-// CPU with AVX512-BF16 runs and tests the AMX path's packing, blocking and epilogue
-// (kernel amx_emulated, slow); HardwareTiles adds only the instructions themselves.
-//
-// Before the first tile instruction a Linux process asks for the tile state once
-// (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); the CPU check and that request
-// are amx_supported().
+// The tile instructions are behind a Tiles class (ddetr/amx_tiles.h): HardwareTiles
+// issues them; EmulatedTiles does the same arithmetic in C++, so every CPU with
+// AVX512-BF16 runs and tests the AMX path's packing, blocking and epilogue (kernel
+// amx_emulated, slow).
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};  // bytes per row of tile t
-  uint8_t rows[16] = {};
-};
-static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
-
-const TileConfig& tile_config() {
-  static const TileConfig c = [] {
-    TileConfig t;
-    for (int i = 0; i < 8; ++i) t.colsb[i] = 64, t.rows[i] = 16;
-    return t;
-  }();
-  return c;
-}
-
+using amx::EmulatedTiles;
 #if DDETR_HAVE_AMX_PATH
-// The tile number of an AMX intrinsic is part of the instruction: the switches fold away
-// once the calls, whose numbers are constants, are inlined.
-#define DDETR_EACH_TILE(t, X)   \
-  switch (t) {                  \
-    case 0: X(0); break;        \
-    case 1: X(1); break;        \
-    case 2: X(2); break;        \
-    case 3: X(3); break;        \
-    case 4: X(4); break;        \
-    case 5: X(5); break;        \
-    case 6: X(6); break;        \
-    default: X(7); break;       \
-  }
-struct HardwareTiles {
-  DDETR_TILES_INLINE static void configure(const TileConfig& c) { _tile_loadconfig(&c); }
-  DDETR_TILES_INLINE static void release() { _tile_release(); }
-  DDETR_TILES_INLINE static void zero(int t) {
-#define DDETR_X(n) _tile_zero(n)
-    DDETR_EACH_TILE(t, DDETR_X)
-#undef DDETR_X
-  }
-  DDETR_TILES_INLINE static void load(int t, const void* p, int64_t stride) {
-#define DDETR_X(n) _tile_loadd(n, p, stride)
-    DDETR_EACH_TILE(t, DDETR_X)
-#undef DDETR_X
-  }
-  DDETR_TILES_INLINE static void store(int t, void* p, int64_t stride) {
-#define DDETR_X(n) _tile_stored(n, p, stride)
-    DDETR_EACH_TILE(t, DDETR_X)
-#undef DDETR_X
-  }
-  // C tile c += A tile 4 + c / 2 times B tile 6 + c % 2
-  DDETR_TILES_INLINE static void dot(int c) {
-    switch (c) {
-      case 0: _tile_dpbf16ps(0, 4, 6); break;
-      case 1: _tile_dpbf16ps(1, 4, 7); break;
-      case 2: _tile_dpbf16ps(2, 5, 6); break;
-      default: _tile_dpbf16ps(3, 5, 7); break;
-    }
-  }
-};
-#undef DDETR_EACH_TILE
+using amx::HardwareTiles;
+#else  // a compiler without AMX: the emulation alone
+#define DDETR_TILES DDETR_AVX512BF16
+#define DDETR_TILES_INLINE DDETR_AVX512BF16_INLINE
 #endif
-
-// Flushes a bfloat16 or float denormal to a zero of its sign.
-inline float flush_denormal(float x) {
-  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.f, x) : x;
-}
-inline float bf16_value(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return flush_denormal(f);
-}
-
-struct EmulatedTiles {
-  struct State {
-    TileConfig config;
-    alignas(64) unsigned char tile[8][16][64];
-  };
-  static State& state() {
-    thread_local State s;
-    return s;
-  }
-  static void configure(const TileConfig& c) {
-    state().config = c;
-    std::memset(state().tile, 0, sizeof(state().tile));
-  }
-  static void release() {}
-  static void zero(int t) { std::memset(state().tile[t], 0, sizeof(state().tile[t])); }
-  static void load(int t, const void* p, int64_t stride) {
-    State& s = state();
-    zero(t);
-    for (int r = 0; r < s.config.rows[t]; ++r)
-      std::memcpy(s.tile[t][r], static_cast<const char*>(p) + r * stride, s.config.colsb[t]);
-  }
-  static void store(int t, void* p, int64_t stride) {
-    State& s = state();
-    for (int r = 0; r < s.config.rows[t]; ++r)
-      std::memcpy(static_cast<char*>(p) + r * stride, s.tile[t][r], s.config.colsb[t]);
-  }
-  static void dot(int c) {
-    State& s = state();
-    const int a = 4 + c / 2, b = 6 + c % 2;
-    const int rows = s.config.rows[c], cols = s.config.colsb[c] / 4;
-    const int pairs = s.config.colsb[a] / 4;
-    for (int m = 0; m < rows; ++m)
-      for (int n = 0; n < cols; ++n) {
-        float acc;
-        std::memcpy(&acc, &s.tile[c][m][4 * n], 4);
-        for (int k = 0; k < pairs; ++k)
-          for (int h = 0; h < 2; ++h) {
-            uint16_t x, y;
-            std::memcpy(&x, &s.tile[a][m][4 * k + 2 * h], 2);
-            std::memcpy(&y, &s.tile[b][k][4 * n + 2 * h], 2);
-            acc = flush_denormal(acc + bf16_value(x) * bf16_value(y));
-          }
-        std::memcpy(&s.tile[c][m][4 * n], &acc, 4);
-      }
-  }
-};
 
 // The A panel: rows [m0, m0 + rows) of op(A), K elements [k0, k0 + kc), as kAmxMr rows
 // of pair_rows words (pair p of row r at word r * pair_rows + p).
@@ -639,7 +498,7 @@ DDETR_TILES_INLINE void amx_tile(int64_t pair_rows, const uint32_t* a, const uin
     Tiles::load(5, a + 16 * pair_rows + p, a_stride);
     Tiles::load(6, b + p * kNr, b_stride);
     Tiles::load(7, b + p * kNr + 16, b_stride);
-    for (int c = 0; c < 4; ++c) Tiles::dot(c);
+    for (int c = 0; c < 4; ++c) Tiles::dot_bf16(c);
   }
   if (!t.last) {
     for (int c = 0; c < 4; ++c) Tiles::store(c, partial(c), p_stride);
@@ -659,7 +518,7 @@ template <class Tiles>
 struct AmxKernel {
   static constexpr int kRows = kAmxMr;
   static constexpr int64_t kPairAlign = kAmxPairs;
-  DDETR_TILES static void begin() { Tiles::configure(tile_config()); }
+  DDETR_TILES static void begin() { Tiles::configure(amx::tile_config()); }
   DDETR_TILES static void end() { Tiles::release(); }
   static void pack(const GemmArgs& g, int64_t m0, int rows, int64_t k0, int64_t kc,
                    int64_t pair_rows, uint32_t* out) {

@@ -20,7 +20,15 @@
 //   A panel: MR rows of a + 128 as bytes, word q of a row (a quad) broadcast to a zmm.
 // * scalar: the avx512_vnni layout and arithmetic in plain C++ (the portable fallback,
 //   and, on machines without VNNI, the check of that layout).
-// Edges: K is padded to whole pairs / quads with w = 0 (and a = 0, i.e. 128 unsigned),
+// * amx (MR 32, NR 32): AMX TDPBSSD multiplies signed int8 by signed int8 into int32, 64
+//   products a row per instruction, so no offset: A panel rows are the signed bytes,
+//   padded with zeros to whole tile rows (16 quads, 64 k); W panel: per quad 32 words as
+//   avx512_vnni's, without the compensation words, the quads padded to whole tiles. A
+//   32 x 32 micro-tile is four 16 x 16 int32 tiles (ddetr/amx_tiles.h), stored to
+//   memory for the avx512_vnni epilogue. amx_emulated runs the same code with the tile
+//   instructions done in C++.
+// Edges: K is padded to whole pairs / quads (amx: tile rows) with w = 0 (and a = 0, i.e.
+// 128 unsigned for avx512_vnni),
 // N to whole panels with w = 0 (never stored), M to whole panels (never stored).
 //
 // Epilogue (all kernels, per element): s = a_scale[m] * w_scale[n] (one float multiply),
@@ -33,6 +41,7 @@
 // on it. Quantising A: one pass for max |x| (AVX2 or scalar, the same result: max is
 // exact), one pass dividing by the scale (IEEE division, the same in both), clamping to
 // +-127 and rounding to nearest even.
+#include "ddetr/amx_tiles.h"
 #include "ddetr/gemm_int8.h"
 #include "ddetr/threads.h"
 
@@ -71,24 +80,37 @@ static_assert(sizeof(Header) <= kHeaderBytes, "header too large");
 
 constexpr int kAvx2Mr = 6, kAvx2Nr = 16;
 constexpr int kVnniMr = 8, kVnniNr = 32;
+constexpr int kAmxMr = 32, kAmxNr = 32;
+constexpr int kMaxMr = kAmxMr;
 
 // What a kernel's packed panels look like.
 struct Layout {
   int mr, nr;   // rows of an A panel, columns of a W panel
   int group;    // k values per 32-bit word: 2 (int16 pairs) or 4 (int8 quads)
-  bool comp;    // the W panel starts with nr compensation words
+  bool comp;    // the W panel starts with nr compensation words (and A is a + 128)
+  int align;    // words per row rounded up to a multiple of this (zero words after K)
 };
 
+bool is_amx(Int8GemmKernel k) {
+  return k == Int8GemmKernel::amx || k == Int8GemmKernel::amx_emulated;
+}
+
 Layout layout_of(Int8GemmKernel k) {
-  if (k == Int8GemmKernel::avx2) return {kAvx2Mr, kAvx2Nr, 2, false};
-  return {kVnniMr, kVnniNr, 4, true};
+  if (k == Int8GemmKernel::avx2) return {kAvx2Mr, kAvx2Nr, 2, false, 1};
+  if (is_amx(k)) return {kAmxMr, kAmxNr, 4, false, 16};
+  return {kVnniMr, kVnniNr, 4, true, 1};
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// 32-bit words of one row of an A panel (one per k group, padded)
+int64_t row_words(const Layout& l, int64_t K) {
+  return ceil_div(ceil_div(K, l.group), l.align) * l.align;
+}
+
 // 32-bit words of one W panel
 int64_t panel_words(const Layout& l, int64_t K) {
-  return (l.comp ? l.nr : 0) + ceil_div(K, l.group) * l.nr;
+  return (l.comp ? l.nr : 0) + row_words(l, K) * l.nr;
 }
 
 bool cpu_has_avx2() {
@@ -110,6 +132,12 @@ bool cpu_has_vnni() {
 #else
   return false;
 #endif
+}
+
+// AMX-INT8 granted (ddetr/amx_tiles.h), with the VNNI epilogue
+bool cpu_has_amx_int8() {
+  static const bool yes = cpu_has_vnni() && amx::amx_usable(amx::Unit::int8);
+  return yes;
 }
 
 // ---------------------------------------------------------------------------
@@ -207,12 +235,16 @@ uint32_t row_word(const int8_t* v, int64_t n, int64_t word, int group) {
   return out;
 }
 
-// Row r of an A panel (rows `words` words apart): int16 pairs (group 2), or int8 quads
-// as unsigned a + 128 (group 4); past K, a = 0.
+// Row r of an A panel (rows `words` words apart): int16 pairs (group 2), int8 quads as
+// unsigned a + 128 (group 4 with compensation), or as they are (amx); past K, a = 0.
 void pack_a_row(const Layout& l, const int8_t* q, int64_t K, int64_t words, int r,
                 uint32_t* apack) {
   uint32_t* row = apack + r * words;
-  if (l.group == 2) {
+  if (!l.comp && l.group == 4) {
+    auto* out = reinterpret_cast<int8_t*>(row);
+    std::memcpy(out, q, size_t(K));
+    std::memset(out + K, 0, size_t(4 * words - K));
+  } else if (l.group == 2) {
     for (int64_t p = 0; p < K / 2; ++p)  // (vectorised: sign extension and interleave)
       row[p] = uint32_t(uint16_t(int16_t(q[2 * p]))) |
                uint32_t(uint16_t(int16_t(q[2 * p + 1]))) << 16;
@@ -225,14 +257,14 @@ void pack_a_row(const Layout& l, const int8_t* q, int64_t K, int64_t words, int 
 }
 
 void pack_a_padding_row(const Layout& l, int64_t words, int r, uint32_t* apack) {
-  const uint32_t zero = l.group == 4 ? 0x80808080u : 0u;  // a = 0
+  const uint32_t zero = l.comp ? 0x80808080u : 0u;  // a = 0
   std::fill(apack + r * words, apack + (r + 1) * words, zero);
 }
 
 // W panel j (columns [j nr, j nr + nr)).
 void pack_w_panel(const Layout& l, const int8_t* W, int64_t N, int64_t K, int64_t ldw, int64_t j,
                   uint32_t* out) {
-  const int64_t words = ceil_div(K, l.group);
+  const int64_t words = row_words(l, K);  // the padding words: zero
   uint32_t* body = out + (l.comp ? l.nr : 0);
   for (int c = 0; c < l.nr; ++c) {
     const int64_t n = j * l.nr + c;
@@ -262,6 +294,16 @@ inline float epilogue(int32_t sum, float a_scale, const Tile& t, int c) {
   const float s = a_scale * t.w_scale[c];
   const float x = std::fma(float(sum), s, t.bias ? t.bias[c] : 0.f);
   return t.relu ? (x < 0.f ? 0.f : x) : x;  // as max(0, x): NaN and -0 stay
+}
+
+// The part of tile t (a row panel, all of C's columns) that W panel j of nr columns
+// covers: its columns of C, its scales and its bias.
+inline Tile panel_tile(Tile t, int nr, int64_t N, int64_t j) {
+  t.c += j * nr;
+  t.w_scale += j * nr;
+  if (t.bias) t.bias += j * nr;
+  t.cols = int(std::min<int64_t>(nr, N - j * nr));
+  return t;
 }
 
 // scalar: the avx512_vnni layout in plain C++.
@@ -341,19 +383,30 @@ DDETR_AVX2_INLINE void tile_avx2(int64_t pairs, const uint32_t* a, const uint32_
 
 DDETR_AVX2 void columns_avx2(int64_t words, const uint32_t* apack, const uint32_t* wpack,
                              int64_t pw, int64_t N, Tile t) {
-  float* c0 = t.c;
-  const float *ws0 = t.w_scale, *b0 = t.bias;
-  for (int64_t j = 0; j * kAvx2Nr < N; ++j) {
-    t.c = c0 + j * kAvx2Nr;
-    t.w_scale = ws0 + j * kAvx2Nr;
-    t.bias = b0 ? b0 + j * kAvx2Nr : nullptr;
-    t.cols = int(std::min<int64_t>(kAvx2Nr, N - j * kAvx2Nr));
-    tile_avx2(words, apack, wpack + j * pw, t);
-  }
+  for (int64_t j = 0; j * kAvx2Nr < N; ++j)
+    tile_avx2(words, apack, wpack + j * pw, panel_tile(t, kAvx2Nr, N, j));
 }
 
 DDETR_VNNI_INLINE __mmask16 first_lanes16(int n) {
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// The epilogue of a tile of up to 32 columns from its int32 sums (rows `ld` apart).
+DDETR_VNNI_INLINE void finish_sums_vnni(const int32_t* sums, int64_t ld, const Tile& t) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int v = 0; v < 2; ++v) {
+    const __mmask16 mask = first_lanes16(t.cols - 16 * v);
+    if (!mask) break;
+    const __m512 ws = _mm512_maskz_loadu_ps(mask, t.w_scale + 16 * v);
+    const __m512 b = t.bias ? _mm512_maskz_loadu_ps(mask, t.bias + 16 * v) : zero;
+    for (int r = 0; r < t.rows; ++r) {
+      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(t.a_scale[r]), ws);
+      const __m512i sum = _mm512_loadu_si512(sums + r * ld + 16 * v);
+      __m512 x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, b);
+      if (t.relu) x = _mm512_max_ps(zero, x);
+      _mm512_mask_storeu_ps(t.c + r * t.ldc + 16 * v, mask, x);
+    }
+  }
 }
 
 DDETR_VNNI_INLINE void tile_vnni(int64_t quads, const uint32_t* a, const uint32_t* w,
@@ -380,47 +433,53 @@ DDETR_VNNI_INLINE void tile_vnni(int64_t quads, const uint32_t* a, const uint32_
     _mm512_store_si512(sums[r], acc[r][0]);
     _mm512_store_si512(sums[r] + 16, acc[r][1]);
   }
-  const __m512 zero = _mm512_setzero_ps();
-  for (int v = 0; v < 2; ++v) {
-    const __mmask16 mask = first_lanes16(t.cols - 16 * v);
-    if (!mask) break;
-    const __m512 ws = _mm512_maskz_loadu_ps(mask, t.w_scale + 16 * v);
-    const __m512 b = t.bias ? _mm512_maskz_loadu_ps(mask, t.bias + 16 * v) : zero;
-    for (int r = 0; r < t.rows; ++r) {
-      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(t.a_scale[r]), ws);
-      const __m512i sum = _mm512_load_si512(sums[r] + 16 * v);
-      __m512 x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, b);
-      if (t.relu) x = _mm512_max_ps(zero, x);
-      _mm512_mask_storeu_ps(t.c + r * t.ldc + 16 * v, mask, x);
-    }
-  }
+  finish_sums_vnni(&sums[0][0], kVnniNr, t);
 }
 
 DDETR_VNNI void columns_vnni(int64_t words, const uint32_t* apack, const uint32_t* wpack,
                              int64_t pw, int64_t N, Tile t) {
-  float* c0 = t.c;
-  const float *ws0 = t.w_scale, *b0 = t.bias;
-  for (int64_t j = 0; j * kVnniNr < N; ++j) {
-    t.c = c0 + j * kVnniNr;
-    t.w_scale = ws0 + j * kVnniNr;
-    t.bias = b0 ? b0 + j * kVnniNr : nullptr;
-    t.cols = int(std::min<int64_t>(kVnniNr, N - j * kVnniNr));
-    tile_vnni(words, apack, wpack + j * pw, t);
+  for (int64_t j = 0; j * kVnniNr < N; ++j)
+    tile_vnni(words, apack, wpack + j * pw, panel_tile(t, kVnniNr, N, j));
+}
+
+#if !DDETR_HAVE_AMX_PATH  // a compiler without AMX: the emulation alone
+#define DDETR_TILES DDETR_VNNI
+#endif
+
+// amx: one 32 x 32 micro-tile over `words` (a multiple of 16) quads.
+template <class Tiles>
+DDETR_TILES __attribute__((always_inline)) inline void tile_amx(int64_t words,
+                                                                const uint32_t* a,
+                                                                const uint32_t* w,
+                                                                const Tile& t) {
+  const int64_t a_stride = words * 4, w_stride = kAmxNr * 4;
+  for (int c = 0; c < 4; ++c) Tiles::zero(c);
+  for (int64_t q = 0; q < words; q += 16) {
+    Tiles::load(4, a + q, a_stride);
+    Tiles::load(5, a + 16 * words + q, a_stride);
+    Tiles::load(6, w + q * kAmxNr, w_stride);
+    Tiles::load(7, w + q * kAmxNr + 16, w_stride);
+    for (int c = 0; c < 4; ++c) Tiles::dot_int8(c);
   }
+  alignas(64) int32_t sums[kAmxMr][kAmxNr];
+  for (int c = 0; c < 4; ++c) Tiles::store(c, &sums[16 * (c / 2)][16 * (c % 2)], kAmxNr * 4);
+  finish_sums_vnni(&sums[0][0], kAmxNr, t);
+}
+
+template <class Tiles>
+DDETR_TILES void columns_amx(int64_t words, const uint32_t* apack, const uint32_t* wpack,
+                             int64_t pw, int64_t N, Tile t) {
+  Tiles::configure(amx::tile_config());
+  for (int64_t j = 0; j * kAmxNr < N; ++j)
+    tile_amx<Tiles>(words, apack, wpack + j * pw, panel_tile(t, kAmxNr, N, j));
+  Tiles::release();
 }
 #endif
 
 void columns_scalar(int64_t words, const uint32_t* apack, const uint32_t* wpack, int64_t pw,
                     int64_t N, Tile t) {
-  float* c0 = t.c;
-  const float *ws0 = t.w_scale, *b0 = t.bias;
-  for (int64_t j = 0; j * kVnniNr < N; ++j) {
-    t.c = c0 + j * kVnniNr;
-    t.w_scale = ws0 + j * kVnniNr;
-    t.bias = b0 ? b0 + j * kVnniNr : nullptr;
-    t.cols = int(std::min<int64_t>(kVnniNr, N - j * kVnniNr));
-    tile_scalar(words, apack, wpack + j * pw, t);
-  }
+  for (int64_t j = 0; j * kVnniNr < N; ++j)
+    tile_scalar(words, apack, wpack + j * pw, panel_tile(t, kVnniNr, N, j));
 }
 
 // ---------------------------------------------------------------------------
@@ -439,7 +498,7 @@ const Header& check_packed(const void* packed, size_t packed_bytes) {
                                 " bytes, shorter than its header");
   const auto& h = *static_cast<const Header*>(packed);
   const int32_t k = h.kernel;
-  if (h.magic != kMagic || k < 1 || k > 3)
+  if (h.magic != kMagic || k < 1 || k > 5)
     throw std::invalid_argument("packed: not a buffer written by gemm_int8_pack");
   const auto kernel = Int8GemmKernel(k);
   if (h.N < 0 || h.K < 0 || h.K > kInt8MaxK ||
@@ -483,7 +542,7 @@ void row_panel(const Job& job, int64_t m0, std::vector<int8_t>& qrow,
   const Int8GemmArgs& g = *job.g;
   const Layout& l = job.lay;
   const int rows = int(std::min<int64_t>(l.mr, g.M - m0));
-  float scales[kVnniMr > kAvx2Mr ? kVnniMr : kAvx2Mr] = {};
+  float scales[kMaxMr] = {};
   for (int r = 0; r < l.mr; ++r) {
     if (r >= rows) {
       pack_a_padding_row(l, job.words, r, apack.data());
@@ -505,6 +564,12 @@ void row_panel(const Job& job, int64_t m0, std::vector<int8_t>& qrow,
       return columns_avx2(job.words, apack.data(), job.wpack, job.pw, g.N, t);
     case Int8GemmKernel::avx512_vnni:
       return columns_vnni(job.words, apack.data(), job.wpack, job.pw, g.N, t);
+    case Int8GemmKernel::amx_emulated:
+      return columns_amx<amx::EmulatedTiles>(job.words, apack.data(), job.wpack, job.pw, g.N, t);
+#if DDETR_HAVE_AMX_PATH
+    case Int8GemmKernel::amx:
+      return columns_amx<amx::HardwareTiles>(job.words, apack.data(), job.wpack, job.pw, g.N, t);
+#endif
 #endif
     default:
       return columns_scalar(job.words, apack.data(), job.wpack, job.pw, g.N, t);
@@ -518,7 +583,10 @@ Int8GemmKernel int8_kernel_from_name(const std::string& name) {
   if (name == "scalar") return Int8GemmKernel::scalar;
   if (name == "avx2") return Int8GemmKernel::avx2;
   if (name == "avx512_vnni") return Int8GemmKernel::avx512_vnni;
-  throw std::invalid_argument("kernel: expected auto, scalar, avx2 or avx512_vnni, got " + name);
+  if (name == "amx") return Int8GemmKernel::amx;
+  if (name == "amx_emulated") return Int8GemmKernel::amx_emulated;
+  throw std::invalid_argument(
+      "kernel: expected auto, scalar, avx2, avx512_vnni, amx or amx_emulated, got " + name);
 }
 
 std::string int8_kernel_name(Int8GemmKernel kernel) {
@@ -526,18 +594,23 @@ std::string int8_kernel_name(Int8GemmKernel kernel) {
     case Int8GemmKernel::scalar: return "scalar";
     case Int8GemmKernel::avx2: return "avx2";
     case Int8GemmKernel::avx512_vnni: return "avx512_vnni";
+    case Int8GemmKernel::amx: return "amx";
+    case Int8GemmKernel::amx_emulated: return "amx_emulated";
     default: return "auto";
   }
 }
 
 bool gemm_int8_supported(Int8GemmKernel kernel) {
   if (kernel == Int8GemmKernel::avx2) return cpu_has_avx2();
-  if (kernel == Int8GemmKernel::avx512_vnni) return cpu_has_vnni();
+  if (kernel == Int8GemmKernel::avx512_vnni || kernel == Int8GemmKernel::amx_emulated)
+    return cpu_has_vnni();
+  if (kernel == Int8GemmKernel::amx) return cpu_has_amx_int8();
   return true;
 }
 
 Int8GemmKernel gemm_int8_resolve(Int8GemmKernel kernel) {
   if (kernel != Int8GemmKernel::automatic) return kernel;
+  if (cpu_has_amx_int8()) return Int8GemmKernel::amx;
   if (cpu_has_vnni()) return Int8GemmKernel::avx512_vnni;
   if (cpu_has_avx2()) return Int8GemmKernel::avx2;
   return Int8GemmKernel::scalar;
@@ -588,7 +661,7 @@ void gemm_int8(const Int8GemmArgs& g, int num_threads) {
   job.lay = layout_of(job.kernel);
   job.wpack = reinterpret_cast<const uint32_t*>(static_cast<const char*>(g.packed) + kHeaderBytes);
   job.pw = panel_words(job.lay, g.K);
-  job.words = ceil_div(g.K, job.lay.group);
+  job.words = row_words(job.lay, g.K);
   const int64_t panels = ceil_div(g.M, job.lay.mr);
   const int nt = resolve_threads(num_threads, g.M * g.N * std::max<int64_t>(g.K, 1), kSerialBelow);
 #pragma omp parallel num_threads(nt)

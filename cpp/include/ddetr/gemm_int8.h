@@ -25,10 +25,20 @@
 
 namespace ddetr {
 
-// automatic: avx512_vnni where the CPU has AVX512-VNNI, else avx2 where it has AVX2,
-// else scalar. scalar is the portable spec: it reads the avx512_vnni layout with plain
-// C++, so a machine without VNNI still checks that layout.
-enum class Int8GemmKernel : int32_t { automatic = 0, scalar = 1, avx2 = 2, avx512_vnni = 3 };
+// automatic: amx where the CPU has AMX-INT8 (and AVX512-VNNI, and the OS grants the
+// tiles), else avx512_vnni where it has AVX512-VNNI, else avx2 where it has AVX2, else
+// scalar. scalar is the portable spec: it reads the avx512_vnni layout with plain C++, so
+// a machine without VNNI still checks that layout. amx_emulated is the amx kernel with
+// its tile instructions done in C++ (ddetr/amx_tiles.h; slow, never chosen by
+// automatic): it checks the amx layout and tails on any CPU with AVX512-VNNI.
+enum class Int8GemmKernel : int32_t {
+  automatic = 0,
+  scalar = 1,
+  avx2 = 2,
+  avx512_vnni = 3,
+  amx = 4,
+  amx_emulated = 5
+};
 
 constexpr int64_t kInt8MaxK = int64_t(1) << 16;  // 128 * 128 * 2^16 * 2 < 2^31
 

@@ -137,7 +137,9 @@ def bf16_amx_supported() -> bool:
     return bool(_C.gemm_bf16_amx_supported())
 
 
-INT8_KERNELS = ("auto", "scalar", "avx2", "avx512_vnni")
+# "amx_emulated": the amx kernel with its tile instructions done in C++ (slow; tests its
+# layout on CPUs with AVX512-VNNI but no AMX); "auto" never picks it
+INT8_KERNELS = ("auto", "scalar", "avx2", "avx512_vnni", "amx", "amx_emulated")
 
 
 class PackedInt8:
@@ -149,7 +151,7 @@ class PackedInt8:
 
 
 def int8_kernel() -> str:
-    """The int8 kernel "auto" runs on this CPU: "avx512_vnni", "avx2" or "scalar"."""
+    """The int8 kernel "auto" runs on this CPU: "amx", "avx512_vnni", "avx2" or "scalar"."""
     return _C.gemm_int8_kernel()
 
 
