@@ -464,21 +464,29 @@ DDETR_AVX512BF16 void pack_a_rows(const GemmArgs& g, int64_t m0, int rows, int64
     }
     return;
   }
-  // A is (K, M): pairs of rows of A interleaved into the pair-major layout of the other
-  // kernel (pair p of row r at word p * kAmxMr + r), then transposed 16 x 16 words at a
-  // time
-  alignas(64) uint32_t pairs_major[kAmxMr * (kMaxKc / 2)];
-  const int64_t pairs = ceil_div(kc, 2);
-  pack_row_pairs(A + k0 * g.lda + m0, g.lda, rows, kc, 0, pairs, kAmxMr, 0, pairs_major);
-  for (int64_t p0 = 0; p0 < pair_rows; p0 += 16)
-    for (int r0 = 0; r0 < kAmxMr; r0 += 16) {
-      __m512i v[16];
-      for (int i = 0; i < 16; ++i)
-        v[i] = p0 + i < pairs ? _mm512_loadu_si512(pairs_major + (p0 + i) * kAmxMr + r0)
-                              : _mm512_setzero_si512();
-      transpose16(v);  // v[j]: pairs p0 .. p0 + 15 of row r0 + j
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + (r0 + j) * pair_rows + p0, v[j]);
+  // A is (K, M): op(A)'s rows are A's columns. Per pair p, A's rows 2p and 2p + 1 (32
+  // columns, those past `rows` zero) interleaved 16 bits at a time give pair p of 16
+  // rows of op(A) per vector; 16 pairs of them, transposed as 16 x 16 words, are 16 rows
+  // of 16 pairs each
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  const __mmask32 cols = first_bits32(rows);
+  const auto row_of_a = [&](int64_t k) {
+    return k < kc ? _mm512_maskz_loadu_epi16(cols, A + (k0 + k) * g.lda + m0)
+                  : _mm512_setzero_si512();
+  };
+  for (int64_t p0 = 0; p0 < pair_rows; p0 += kAmxPairs) {
+    __m512i v[2][16];
+    for (int i = 0; i < 16; ++i) {
+      const __m512i x0 = row_of_a(2 * (p0 + i)), x1 = row_of_a(2 * (p0 + i) + 1);
+      v[0][i] = _mm512_permutex2var_epi16(x0, lo, x1);  // rows 0-15 of the panel
+      v[1][i] = _mm512_permutex2var_epi16(x0, hi, x1);  // rows 16-31
     }
+    for (int h = 0; h < 2; ++h) {
+      transpose16(v[h]);  // v[h][j]: pairs p0 .. p0 + 15 of row 16 h + j
+      for (int j = 0; j < 16; ++j)
+        _mm512_storeu_si512(out + (16 * h + j) * pair_rows + p0, v[h][j]);
+    }
+  }
 }
 
 // One 32 x 32 micro-tile over pair_rows (a multiple of 16) pairs of the packed a and b.
