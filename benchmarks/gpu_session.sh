@@ -97,6 +97,9 @@ fi
 if want cpu; then
   say "CPU benchmarks on two cores of this machine's CPU"
   two="taskset -c 0,1"
+  # the GEMM kernels this CPU runs (AMX tiles on a Xeon with AMX: their only hardware test)
+  timeout 120 $two $PY -m pytest -q -p no:cacheprovider -rfEs tests/ops/test_gemm_bf16.py \
+    tests/ops/test_gemm_int8.py 2>&1 | tail -8 | tee -a "$LOG"
   timeout 150 $two $PY benchmarks/bench_msda.py --shapes E1 --no-dense --repeats 7 \
     --out "$OUT" 2>&1 | tail -9 | tee -a "$LOG"
   timeout 150 $two $PY benchmarks/bench_layers.py --batches 1 --repeats 5 \
