@@ -50,7 +50,7 @@ def test_arch_dino_brings_the_recipe(tmp_path):
     assert make_config({"arch": "dino", "coco_path": "x", "lr": 3e-4}).lr == 3e-4
     demo = make_config({"arch": "dino"})
     assert (demo.num_queries, demo.d_model, demo.dn_number, demo.cls_loss_coef) == \
-        (60, 64, 100, 2.0)
+        (120, 64, 100, 2.0)
     # and its own schedule (README, DINO), while the main job's stays the demo's
     assert (demo.batch_size, demo.ema_decay, demo.epochs, demo.lr_drop) == (2, 0.999, 6, 6)
     assert (demo.lr, demo.lr_backbone) == (1e-3, 1e-3)  # the main job's
@@ -77,6 +77,8 @@ def test_train_help_with_arch_dino_states_its_defaults(capsys):
     assert "(default 0.0; synthetic demo 0.999)" in text[start:start + 600]
     start = text.rindex("--lr LR")
     assert "(default 0.0001; synthetic demo 0.001)" in text[start:start + 400]
+    start = text.rindex("--num_queries NUM_QUERIES")
+    assert "(default 900; synthetic demo 120)" in text[start:start + 400]
     try:
         cli.main(["train", "--help"])
     except SystemExit:
