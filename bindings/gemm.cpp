@@ -198,6 +198,12 @@ bool int8_kernel_supported(const std::string& kernel) {
   return gemm_int8_supported(int8_kernel_from_name(kernel));
 }
 
+bool int8_kernel_agrees(const std::string& kernel) {
+  const Int8GemmKernel k = int8_kernel_from_name(kernel);
+  py::gil_scoped_release unlocked;
+  return gemm_int8_agrees(k);
+}
+
 void bind_gemm_int8(py::module_& m) {
   NamedStruct<Int8PackCall>(m, "Int8PackCall", "Packs int8 W (N, K) for an int8 GEMM kernel.")
       .field("kernel", &Int8PackCall::kernel, "auto, scalar, avx2 or avx512_vnni")
@@ -247,6 +253,9 @@ void bind_gemm_int8(py::module_& m) {
   m.def("gemm_int8_kernel", &int8_default_kernel, "What kernel \"auto\" runs on this CPU.");
   m.def("gemm_int8_kernel_supported", &int8_kernel_supported, py::arg("kernel"),
         "Whether this CPU runs that int8 kernel.");
+  m.def("gemm_int8_agrees", &int8_kernel_agrees, py::arg("kernel"),
+        "Whether that kernel gives the scalar kernel's bits on the check \"auto\" runs "
+        "before choosing AMX.");
 }
 
 }  // namespace
@@ -284,6 +293,16 @@ void bind_gemm(py::module_& m) {
         "Whether this CPU runs the AVX512-BF16 kernel.");
   m.def("gemm_bf16_amx_supported", &gemm_bf16_amx_supported,
         "Whether this CPU (and its operating system) runs the AMX kernel.");
+  m.def(
+      "gemm_bf16_agrees",
+      [](const std::string& kernel) {
+        const Bf16GemmKernel k = bf16_kernel(kernel);
+        py::gil_scoped_release unlocked;
+        return gemm_bf16_agrees(k);
+      },
+      py::arg("kernel"),
+      "Whether that kernel gives the AVX512-BF16 kernel's result on the check \"auto\" "
+      "runs before choosing AMX.");
   m.def("load_blas", &load_blas, py::arg("path"), "Opens OpenBLAS at `path`.");
   m.def("blas_loaded", &blas_loaded);
   m.def("blas_core", &blas_core, "OpenBLAS's name for its kernels (\"\" before a load).");

@@ -49,10 +49,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DDETR_HAVE_AVX512_BF16_PATH 1
@@ -654,11 +656,54 @@ Bf16GemmKernel env_choice() {
   if (!name.empty())
     throw std::invalid_argument(
         "DDETR_BF16_GEMM: expected amx, amx_emulated, avx512 or widen, got " + name);
-  if (amx_supported()) return Bf16GemmKernel::amx;
+  if (amx_supported()) {
+    if (gemm_bf16_agrees(Bf16GemmKernel::amx)) return Bf16GemmKernel::amx;
+    std::fprintf(stderr,
+                 "ddetr: the AMX bfloat16 GEMM disagreed with the AVX512-BF16 one on a "
+                 "check on this CPU; bfloat16 GEMMs run on AVX512-BF16 instead (please "
+                 "report this)\n");
+  }
   return avx512_bf16_supported() ? Bf16GemmKernel::avx512 : Bf16GemmKernel::widen;
 }
 
 }  // namespace
+
+bool gemm_bf16_agrees(Bf16GemmKernel kernel) {
+  // 33 x 47 x 75 with op(A) plain and transposed: a tail in every size of both kernels'
+  // micro-tiles and packs; float C, beta 1 and a bias, so the epilogue is in the check
+  constexpr int64_t M = 33, N = 47, K = 75;
+  std::vector<bf16> a(M * K), b(N * K), bias(N);
+  std::vector<float> c0(M * N);
+  uint32_t state = 12345;
+  const auto next = [&] {  // in [-2, 2), rounded to bf16
+    state = state * 1664525u + 1013904223u;
+    return to_bf16(float(state >> 8) / float(1 << 24) * 4.f - 2.f);
+  };
+  for (auto* v : {&a, &b, &bias})
+    for (bf16& x : *v) x = next();
+  for (float& x : c0) x = to_acc(next());
+  std::vector<float> storage(size_t(kGemmBf16ScratchFloats) + 16);
+  float* scratch = reinterpret_cast<float*>(
+      (reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  for (const bool trans_a : {false, true}) {
+    std::vector<float> want = c0, got = c0;
+    const int64_t lda = trans_a ? M : K;
+    GemmArgs g = gemm_args(trans_a, true, M, N, K, a.data(), lda, b.data(), K, 1.0, nullptr,
+                           N, bias.data(), false);
+    g.C = want.data();
+    gemm_bf16(g, true, 1, scratch, Bf16GemmKernel::avx512);
+    g.C = got.data();
+    gemm_bf16(g, true, 2, scratch, kernel);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float size = std::fabs(c0[m * N + n]) + std::fabs(to_acc(bias[n]));
+        for (int64_t k = 0; k < K; ++k)
+          size += std::fabs(to_acc(a[trans_a ? k * M + m : m * K + k]) * to_acc(b[n * K + k]));
+        if (!(std::fabs(got[m * N + n] - want[m * N + n]) <= 1e-5f * size)) return false;
+      }
+  }
+  return true;
+}
 
 bool gemm_bf16_avx512_supported() { return avx512_bf16_supported(); }
 bool gemm_bf16_amx_supported() { return amx_supported(); }

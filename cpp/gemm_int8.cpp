@@ -48,6 +48,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -608,9 +609,54 @@ bool gemm_int8_supported(Int8GemmKernel kernel) {
   return true;
 }
 
+// The AMX kernel, where the CPU has it, checked once against the scalar one (its tests
+// run on CPUs with AMX only); a disagreement is printed and AMX left unused.
+static bool amx_int8_checked() {
+  static const bool ok = [] {
+    if (!cpu_has_amx_int8()) return false;
+    if (gemm_int8_agrees(Int8GemmKernel::amx)) return true;
+    std::fprintf(stderr, "ddetr: the AMX int8 GEMM disagreed with the scalar one on a check "
+                         "on this CPU; int8 GEMMs run on AVX512-VNNI instead (please report "
+                         "this)\n");
+    return false;
+  }();
+  return ok;
+}
+
+bool gemm_int8_agrees(Int8GemmKernel kernel) {
+  // 33 x 47 x 75: a tail in every size of every kernel's panels; float A quantised in
+  // the call, a bias and ReLU
+  constexpr int64_t M = 33, N = 47, K = 75;
+  std::vector<float> a(M * K), w_scale(N), bias(N);
+  std::vector<int8_t> w(N * K);
+  uint32_t state = 12345;
+  const auto next = [&] {
+    state = state * 1664525u + 1013904223u;
+    return state >> 8;
+  };
+  for (float& x : a) x = float(next()) / float(1 << 24) * 4.f - 2.f;
+  for (int8_t& x : w) x = int8_t(int(next() % 255) - 127);
+  for (float& x : w_scale) x = float(next() % 1000 + 1) / 1e4f;
+  for (float& x : bias) x = float(next()) / float(1 << 24) - 0.5f;
+  std::vector<float> out[2];
+  const Int8GemmKernel kernels[2] = {Int8GemmKernel::scalar, kernel};
+  for (int i = 0; i < 2; ++i) {
+    std::vector<uint64_t> packed(gemm_int8_packed_bytes(kernels[i], N, K) / 8 + 1);
+    const size_t bytes = packed.size() * 8;
+    gemm_int8_pack(kernels[i], w.data(), N, K, K, packed.data(), bytes, 1);
+    out[i].assign(M * N, 0.f);
+    Int8GemmArgs g;
+    g.M = M, g.N = N, g.K = K, g.A = a.data(), g.lda = K, g.packed = packed.data();
+    g.packed_bytes = bytes, g.w_scale = w_scale.data(), g.bias = bias.data(), g.relu = true;
+    g.C = out[i].data(), g.ldc = N;
+    gemm_int8(g, 2);
+  }
+  return std::memcmp(out[0].data(), out[1].data(), out[0].size() * sizeof(float)) == 0;
+}
+
 Int8GemmKernel gemm_int8_resolve(Int8GemmKernel kernel) {
   if (kernel != Int8GemmKernel::automatic) return kernel;
-  if (cpu_has_amx_int8()) return Int8GemmKernel::amx;
+  if (amx_int8_checked()) return Int8GemmKernel::amx;
   if (cpu_has_vnni()) return Int8GemmKernel::avx512_vnni;
   if (cpu_has_avx2()) return Int8GemmKernel::avx2;
   return Int8GemmKernel::scalar;

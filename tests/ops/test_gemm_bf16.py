@@ -175,6 +175,14 @@ def test_independent_of_threads(kernel, dims):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_check_auto_runs_before_amx(kernel):
+    # "auto" trusts AMX only after this check: every kernel that works passes it
+    if not _avx512_ok():
+        pytest.skip(NO_AVX512)
+    assert native_gemm.bf16_kernel_agrees(kernel)
+
+
 def _kernel_in_subprocess(value):
     code = "from ddetr._native import gemm; print(gemm.bf16_kernel())"
     env = dict(os.environ, DDETR_BF16_GEMM=value)

@@ -94,6 +94,12 @@ def test_float_activations_to_float32_rounding(kernel, relu):
     assert ((got.double() - want).abs() <= want.abs() * 2.0 ** -24 + 1e-30).all()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_check_auto_runs_before_amx(kernel):
+    # "auto" trusts AMX only after this check: every kernel passes it
+    assert native.int8_kernel_agrees(kernel)
+
+
 def test_kernels_agree_bitwise():
     g = torch.Generator().manual_seed(4)
     x, w = torch.randn(29, 301, generator=g), _randint8(g, 70, 301)

@@ -107,6 +107,12 @@ constexpr int64_t kGemmBf16ScratchFloats = 3 * kGemmBf16Panel;
 constexpr size_t kGemmBf16ScratchBytes = size_t(kGemmBf16ScratchFloats) * sizeof(float);
 void gemm_bf16(const GemmArgs& g, bool c_float, int num_threads, float* scratch,
                Bf16GemmKernel kernel = Bf16GemmKernel::automatic);
+// Whether `kernel` gives the AVX512-BF16 kernel's result (within float rounding) on a
+// small GEMM with a tail in every size, both A layouts, beta and bias. `automatic`
+// checks amx this way once before choosing it (the AMX kernel's tests run on CPUs with
+// AMX only); on a disagreement it prints a line to stderr and chooses avx512. Needs
+// AVX512-BF16 (std::runtime_error otherwise).
+bool gemm_bf16_agrees(Bf16GemmKernel kernel);
 // What `automatic` runs (CPU and DDETR_BF16_GEMM), and whether avx512 / amx can run.
 Bf16GemmKernel gemm_bf16_default_kernel();
 bool gemm_bf16_avx512_supported();

@@ -46,6 +46,11 @@ Int8GemmKernel int8_kernel_from_name(const std::string& name);  // throws on an 
 std::string int8_kernel_name(Int8GemmKernel kernel);
 bool gemm_int8_supported(Int8GemmKernel kernel);  // automatic and scalar: always
 Int8GemmKernel gemm_int8_resolve(Int8GemmKernel kernel);  // automatic -> the CPU's best
+// Whether `kernel` gives the scalar kernel's bits on a small GEMM with a tail in every
+// size. automatic checks amx this way once before choosing it (the AMX kernel's tests run
+// on CPUs with AMX only); on a disagreement it prints a line to stderr and goes on down
+// the list.
+bool gemm_int8_agrees(Int8GemmKernel kernel);
 
 // Bytes of W (N, K) packed for `kernel` (automatic resolved), header included.
 size_t gemm_int8_packed_bytes(Int8GemmKernel kernel, int64_t N, int64_t K);

@@ -131,6 +131,19 @@ def bf16_avx512_supported() -> bool:
     return bool(_C.gemm_bf16_avx512_supported())
 
 
+def bf16_kernel_agrees(kernel: str) -> bool:
+    """Whether bfloat16 ``kernel`` gives the AVX512-BF16 kernel's result (within float
+    rounding) on the small GEMM that "auto" checks AMX with before choosing it (needs
+    AVX512-BF16: RuntimeError otherwise)."""
+    return bool(_C.gemm_bf16_agrees(kernel))
+
+
+def int8_kernel_agrees(kernel: str) -> bool:
+    """Whether int8 ``kernel`` gives the scalar kernel's bits on the small GEMM that "auto"
+    checks AMX with before choosing it."""
+    return bool(_C.gemm_int8_agrees(kernel))
+
+
 def bf16_amx_supported() -> bool:
     """Whether this CPU has AMX-BF16 tiles (and AVX512-BF16) and the operating system lets
     this process use them: the "amx" kernel runs."""
