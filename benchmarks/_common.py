@@ -332,6 +332,37 @@ def measure(spec: dict) -> dict:
     return result
 
 
+def measure_paired(spec: dict) -> dict:
+    """The native op (``spec["impl"]``) against the grid_sample reference on the same
+    inputs (realistic locations), taking turns: each of ``spec["rounds"]`` rounds times
+    ``spec["repeats"]`` native calls (their median) and then one reference call, and
+    keeps their ratio. A change in the machine's speed over the minutes a run takes
+    (this VM's is up to 2x) then slows both sides of each ratio alike, where rows timed
+    one after the other, in their own processes, meet it at different times.
+    ``{"ok", "ratios", "x_ref" (their median), "native_ms", "reference_ms"}``."""
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    grad = spec["pass"] == "fwd+bwd"
+    try:
+        for impl in (spec["impl"], "reference"):  # see measure: the first call's imports
+            for step in msda_steps(make_shape("prime", (64, 64)), impl, grad, dtype,
+                                   device).values():
+                step()
+        native = msda_steps(spec["shape"], spec["impl"], grad, dtype, device)["realistic"]
+        reference = msda_steps(spec["shape"], "reference", grad, dtype, device)["realistic"]
+        time_step(native, device, spec["warmup"], 0)
+        time_step(reference, device, spec["warmup"], 0)
+        native_ms, reference_ms = [], []
+        for _ in range(spec["rounds"]):
+            native_ms.append(statistics.median(time_step(native, device, 0, spec["repeats"])))
+            reference_ms.append(time_step(reference, device, 0, 1)[0])
+    except (RuntimeError, MemoryError) as exc:
+        reason = "out of memory" if _is_oom(exc) else "failed"
+        return {"ok": False, "error": f"{reason}: {str(exc).splitlines()[0][:160]}"}
+    ratios = [r / n for r, n in zip(reference_ms, native_ms)]
+    return {"ok": True, "ratios": ratios, "x_ref": statistics.median(ratios),
+            "native_ms": native_ms, "reference_ms": reference_ms}
+
+
 # ---------------------------------------------------------------- environment
 
 def device_name(device: str) -> str:

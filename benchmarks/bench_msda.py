@@ -16,6 +16,12 @@ What is measured, per shape x implementation x pass:
   broadcast to all levels, plus Gaussian noise of 2 pixels of each level per level and
   point) and ``uniform`` in [0, 1] (no locality at all); weights softmax over L*P.
 
+Ratios taken side by side (``x ref*``, CPU and CUDA, E1 / E2 / D1, unless ``--no-paired``):
+a worker per (shape, native impl, pass) times the native op and the reference on the same
+inputs in turns, ``--paired-rounds`` rounds of ``--repeats`` native calls and one reference
+call, and reports the median of the rounds' ratios (``_common.measure_paired``); a drift of
+the machine's speed during the run then moves both sides of a ratio alike.
+
 Time: median of ``--repeats`` calls (``--slow-repeats`` for reference and dense) after
 ``--warmup`` untimed ones; perf_counter on CPU, CUDA events on GPU. Peak memory: each
 (shape, impl, pass) runs in a fresh worker process (this script with ``--worker``), which
@@ -63,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     p.add_argument("--no-reference", action="store_true", help="skip the grid_sample reference")
     p.add_argument("--no-dense", action="store_true", help="skip dense SDPA attention")
+    p.add_argument("--no-paired", action="store_true",
+                   help="skip the side-by-side native / reference ratios (x ref*)")
+    p.add_argument("--paired-rounds", type=int, default=5,
+                   help="rounds of the side-by-side ratios (each: --repeats native calls, "
+                        "one reference call)")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
                    default="float32", help="dtype of value (and q, k, v for dense)")
     p.add_argument("--out", default=os.path.join(HERE, "results"),
@@ -136,13 +147,31 @@ def run_all(args, jobs) -> list[dict]:
             result["repeats"] = spec["repeats"]
         done[(job["shape"]["name"], job["impl"], job["pass"])] = result
         rows.append({"group": job["group"], "shape": job["shape"]["name"], "impl": job["impl"],
-                     "pass": job["pass"], **result})
+                     "pass": job["pass"], "_shape": job["shape"], **result})
         ms = result.get("median_ms", {})
         shown = ms.get("realistic", ms.get("dense"))
         status = f"{shown:.2f} ms" if result["ok"] else result["error"]
         print(f"[{i}/{len(jobs)} {time.time() - t_start:6.0f}s] {name}: {status}",
               file=sys.stderr, flush=True)
     return rows
+
+
+def run_paired(args, rows) -> None:
+    """x ref* for the native rows of E1, E2 and D1 that have a reference row: one worker
+    each, native and reference in turns (see the module docstring)."""
+    if args.no_reference or args.no_paired:
+        return
+    for r in rows:
+        if not (r["impl"].startswith("native") and r["group"] != "sweep" and r.get("ok")):
+            continue
+        spec = {"mode": "paired", "shape": r["_shape"], "impl": r["impl"], "pass": r["pass"],
+                "device": args.device, "dtype": args.dtype, "warmup": args.warmup,
+                "repeats": args.repeats, "rounds": args.paired_rounds}
+        result = C.measure_paired(spec) if args.in_process else run_worker(spec)
+        r["paired"] = result
+        shown = f"{result['x_ref']:.1f}x" if result["ok"] else result["error"]
+        print(f"[paired] {r['shape']} {r['impl']} {r['pass']}: {shown}", file=sys.stderr,
+              flush=True)
 
 
 # ---------------------------------------------------------------- figures and table
@@ -195,8 +224,11 @@ def print_table(rows, meta) -> None:
           "locations; peak MB: " + meta["memory_method"])
     print("# GB/s: nominal bilinear gather bytes (4 corners x D per sample; x3 for fwd+bwd) "
           "/ time")
+    print("# x ref*: the same ratio with native and reference timed in turns in one process "
+          "(median of the rounds' ratios; see --paired-rounds)")
     header = (f"{'shape':<9} {'tokens':>7} {'queries':>7} {'impl':<13} {'pass':<8} {'ms':>10} "
-              f"{'ms(unif)':>10} {'x ref':>7} {'x dense':>8} {'peak MB':>9} {'GB/s':>6}")
+              f"{'ms(unif)':>10} {'x ref':>7} {'x ref*':>7} {'x dense':>8} {'peak MB':>9} "
+              f"{'GB/s':>6}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -208,8 +240,10 @@ def print_table(rows, meta) -> None:
             continue
         unif = None if r["impl"] == "dense" else r["median_ms"].get("uniform")
         peak = r["peak_mb"].get("realistic", r["peak_mb"].get("dense"))
+        paired = r.get("paired") or {}
         print(f"{lead} {_fmt(primary_ms(r), '10.2f')} {_fmt(unif, '10.2f')} "
               f"{_fmt(r['x_ref'].get('realistic'), '7.2f')} "
+              f"{_fmt(paired.get('x_ref') if paired.get('ok') else None, '7.2f')} "
               f"{_fmt(r['x_dense'].get('realistic'), '8.2f')} {_fmt(peak, '9.1f')} "
               f"{_fmt(r['gather_gbps'].get('realistic'), '6.1f')}"
               + (f"  (= {r['reused']})" if r.get("reused") else ""))
@@ -250,6 +284,7 @@ def environment(args, shapes) -> dict:
             "extension_built": extension_built(), "threads": torch.get_num_threads(),
             "loadavg_at_start": os.getloadavg(),  # the machine may be shared: context for noise
             "dtype": args.dtype, "repeats": args.repeats, "slow_repeats": args.slow_repeats,
+            "paired_rounds": None if args.no_paired or args.no_reference else args.paired_rounds,
             "warmup": args.warmup, "quick": args.quick, "argv": sys.argv[1:],
             "memory_method": method,
             "timing_method": "CUDA events" if args.device == "cuda" else "time.perf_counter",
@@ -263,7 +298,9 @@ def environment(args, shapes) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:  # child: one measurement, one JSON line
-        print(json.dumps(C.measure(json.loads(args.worker))), flush=True)
+        spec = json.loads(args.worker)
+        measure = C.measure_paired if spec.get("mode") == "paired" else C.measure
+        print(json.dumps(measure(spec)), flush=True)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible to torch")
@@ -274,6 +311,9 @@ def main(argv=None) -> int:
     shapes = {j["shape"]["name"]: j["shape"] for j in jobs}
     meta = environment(args, shapes)
     rows = run_all(args, jobs)
+    run_paired(args, rows)
+    for r in rows:
+        del r["_shape"]
     meta["loadavg_at_end"] = os.getloadavg()
     add_ratios(rows, shapes, args.dtype)
     print_table(rows, meta)

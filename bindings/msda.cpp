@@ -76,7 +76,8 @@ void backward(const MsdaCall c) {
         msda_backward_cpu<T>(s, as<const T>(c.value), as<const A>(c.sampling_locations),
                              as<const A>(c.attention_weights), as<const T>(c.grad_output),
                              as<A>(c.grad_value), as<A>(c.grad_sampling_locations),
-                             as<A>(c.grad_attention_weights), c.device.threads);
+                             as<A>(c.grad_attention_weights), c.device.threads,
+                             c.output ? as<T>(c.output) : nullptr);
       },
       [&](auto dt) {
         msda_backward_cuda(dt, s, as<const void>(c.value), as<const void>(c.sampling_locations),
@@ -122,7 +123,9 @@ void bind_msda(py::module_& m) {
       .field("value", &C::value, "(N, S, M, D)")
       .field("sampling_locations", &C::sampling_locations, "(N, Lq, M, L, P, 2), Acc<T>")
       .field("attention_weights", &C::attention_weights, "(N, Lq, M, L, P), Acc<T>")
-      .field("output", &C::output, "(N, Lq, M, D), written by the forward")
+      .field("output", &C::output,
+             "(N, Lq, M, D), written by the forward; by the CPU backward too when not 0 "
+             "(the forward's rows, from the corners it gathers)")
       .field("grad_output", &C::grad_output, "(N, Lq, M, D)")
       .field("grad_value", &C::grad_value, "(N, S, M, D), Acc<T>, zeroed by the caller")
       .field("grad_sampling_locations", &C::grad_sampling_locations, "like the locations")

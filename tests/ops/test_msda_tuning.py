@@ -82,6 +82,27 @@ def test_bf16_in_every_pass_keeps_the_house_error_bound(tuning, vector_pass):
             assert got <= factor * ref_err + 1e-2, (str(case), i, got, ref_err)
 
 
+@pytest.mark.parametrize("vector_pass", _passes())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_backward_gives_the_forward_rows_bit_for_bit(tuning, vector_pass, dtype):
+    # the native encoder layer's backward takes its sampled features from the MSDA
+    # backward's gathers instead of storing the forward's: in every pass they must be the
+    # forward's output to the bit (both sum the corners in the same running sums)
+    from ddetr._native import msda as native
+    from ddetr.ops.levels import as_level_table
+    tuning.set_msda_tuning(vector_pass=vector_pass)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for case in CASES + [MANY_QUERIES]:
+        for kind in ("random", "border"):
+            value, shapes, start, loc, attn = make_inputs(case, kind=kind)
+            value, loc, attn = value.to(dtype), loc.float(), attn.float()
+            rows = list(as_level_table(shapes, start, value.device).rows)
+            out = native.forward(value, rows, loc, attn)
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+            again = native.backward(g, value, rows, loc, attn, forward_rows=True)[3]
+            assert torch.equal(out.view(bits), again.view(bits)), (str(case), kind)
+
+
 def test_prefetch_distances_change_no_bit(tuning):
     case = MANY_QUERIES
     results = []

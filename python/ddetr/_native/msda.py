@@ -37,13 +37,22 @@ def forward(value: Tensor, levels: list[tuple[int, int, int]], loc: Tensor,
 
 
 def backward(grad_out: Tensor, value: Tensor, levels: list[tuple[int, int, int]], loc: Tensor,
-             attn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (value, sampling_locations, attention_weights)."""
+             attn: Tensor, forward_rows: bool = False) -> tuple[Tensor, ...]:
+    """Gradients (value, sampling_locations, attention_weights); with ``forward_rows`` (CPU
+    only) also the forward's output, which the CPU backward computes from the corners it
+    gathers (the native encoder layer's backward takes its sampled features from there)."""
     grad_out = grad_out.contiguous()
     grad_value = torch.zeros(value.shape, dtype=acc_dtype(value.dtype), device=value.device)
     grad_loc = torch.empty_like(loc)
     grad_attn = torch.empty_like(attn)
-    call = _call(value, levels, loc, attn, grad_output=ptr(grad_out),
+    rows = {}
+    if forward_rows:
+        if value.device.type != "cpu":
+            raise ValueError("forward_rows: only the CPU backward computes them")
+        rows["output"] = torch.empty((value.shape[0], loc.shape[1], value.shape[2] * value.shape[3]),
+                                     dtype=value.dtype, device=value.device)
+    call = _call(value, levels, loc, attn, **{k: ptr(v) for k, v in rows.items()},
+                 grad_output=ptr(grad_out),
                  grad_value=ptr(grad_value), grad_sampling_locations=ptr(grad_loc),
                  grad_attention_weights=ptr(grad_attn),
                  deterministic=torch.are_deterministic_algorithms_enabled())
@@ -51,7 +60,7 @@ def backward(grad_out: Tensor, value: Tensor, levels: list[tuple[int, int, int]]
     workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=value.device)
     call.workspace, call.workspace_bytes = ptr(workspace), ws_bytes
     _C.msda_backward(call)
-    return grad_value.to(value.dtype), grad_loc, grad_attn
+    return (grad_value.to(value.dtype), grad_loc, grad_attn, *rows.values())
 
 
 # The CPU kernels' run-time settings (ddetr/msda.h MsdaCpuTuning); the pass codes by name.
