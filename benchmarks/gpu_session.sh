@@ -83,9 +83,9 @@ fi
 if want bench; then
   say "benchmarks"
   # --in-process: a worker process per measurement costs a CUDA start-up each (~8 s)
-  timeout 100 $PY benchmarks/bench_msda.py --device cuda --shapes E1 E2 D1 --repeats 20 \
+  timeout 100 $PY benchmarks/bench_msda.py --device cuda --shapes E1 E2 D1 --no-paired --repeats 20 \
     --warmup 3 --in-process --out "$OUT" 2>&1 | tail -25 | tee -a "$LOG"
-  timeout 60 $PY benchmarks/bench_msda.py --device cuda --shapes E1 D1 --dtype bfloat16 \
+  timeout 60 $PY benchmarks/bench_msda.py --device cuda --shapes E1 D1 --no-paired --dtype bfloat16 \
     --repeats 20 --warmup 3 --no-dense --in-process --out "$OUT" 2>&1 | tail -15 | tee -a "$LOG"
   timeout 60 $PY benchmarks/bench_layers.py --device cuda --repeats 20 --warmup 3 \
     --out "$OUT" 2>&1 | tail -20 | tee -a "$LOG"
@@ -100,7 +100,7 @@ if want cpu; then
   # the GEMM kernels this CPU runs (AMX tiles on a Xeon with AMX: their only hardware test)
   timeout 120 $two $PY -m pytest -q -p no:cacheprovider -rfEs tests/ops/test_gemm_bf16.py \
     tests/ops/test_gemm_int8.py 2>&1 | tail -8 | tee -a "$LOG"
-  timeout 150 $two $PY benchmarks/bench_msda.py --shapes E1 --no-dense --repeats 7 \
+  timeout 200 $two $PY benchmarks/bench_msda.py --shapes E1 --no-dense --repeats 7 --paired-rounds 3 \
     --out "$OUT" 2>&1 | tail -9 | tee -a "$LOG"
   timeout 150 $two $PY benchmarks/bench_layers.py --batches 1 --repeats 5 \
     --out "$OUT" 2>&1 | tail -9 | tee -a "$LOG"
