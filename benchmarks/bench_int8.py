@@ -138,6 +138,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if not _native.available():
         sys.exit("the ddetr extension is not built")
+    if not native_gemm.int8_kernel_supported(args.kernel):
+        sys.exit(f"--kernel {args.kernel}: this CPU cannot run that int8 kernel")
     result = run(args)
     print_table(result)
     write_result(args.out, "gemm_int8_cpu", result)

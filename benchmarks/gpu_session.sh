@@ -107,5 +107,10 @@ if want cpu; then
   timeout 150 $two $PY benchmarks/bench_layers.py --batches 1 --repeats 5 --dtype bfloat16 \
     --out "$OUT" 2>&1 | tail -9 | tee -a "$LOG"
   timeout 100 $two $PY benchmarks/bench_gemm_bf16.py --out "$OUT" 2>&1 | tail -15 | tee -a "$LOG"
+  # the int8 GEMM on AMX tiles against AVX512-VNNI (an error line where there is no AMX)
+  for k in amx avx512_vnni; do
+    timeout 60 $two $PY benchmarks/bench_int8.py --threads 2 --repeats 7 --kernel $k \
+      --out "$OUT" 2>&1 | tail -12 | tee -a "$LOG"
+  done
 fi
 say "done"
