@@ -206,7 +206,8 @@ bool int8_kernel_agrees(const std::string& kernel) {
 
 void bind_gemm_int8(py::module_& m) {
   NamedStruct<Int8PackCall>(m, "Int8PackCall", "Packs int8 W (N, K) for an int8 GEMM kernel.")
-      .field("kernel", &Int8PackCall::kernel, "auto, scalar, avx2 or avx512_vnni")
+      .field("kernel", &Int8PackCall::kernel,
+             "auto, scalar, avx2, avx512_vnni, amx or amx_emulated")
       .field("N", &Int8PackCall::N, "rows of W (output channels)")
       .field("K", &Int8PackCall::K, "columns of W (input channels)")
       .field("W", &Int8PackCall::W, "int8 (N, K)")

@@ -496,7 +496,9 @@ template <class Tiles>
 DDETR_TILES_INLINE void amx_tile(int64_t pair_rows, const uint32_t* a, const uint32_t* b,
                                       const Tile& t) {
   const int64_t a_stride = pair_rows * 4, b_stride = kNr * 4, p_stride = t.ld_partial * 4;
-  const auto partial = [&](int c) { return t.partial + 16 * (c / 2) * t.ld_partial + 16 * (c % 2); };
+  const auto partial = [&](int c) {
+    return t.partial + 16 * (c / 2) * t.ld_partial + 16 * (c % 2);
+  };
   for (int c = 0; c < 4; ++c) {
     if (t.first)
       Tiles::zero(c);
@@ -545,7 +547,8 @@ DDETR_TILES void AmxKernel<EmulatedTiles>::run(int64_t pair_rows, const uint32_t
 
 #if DDETR_HAVE_AMX_PATH
 template <>
-DDETR_TILES void AmxKernel<HardwareTiles>::run(int64_t pair_rows, const uint32_t* a, const uint32_t* b,
+DDETR_TILES void AmxKernel<HardwareTiles>::run(int64_t pair_rows, const uint32_t* a,
+                                               const uint32_t* b,
                               const Tile& t) {
   amx_tile<HardwareTiles>(pair_rows, a, b, t);
 }

@@ -405,7 +405,8 @@ void sample_pass_simd(const T* value_n, float* grad_value_n, Corners<float>& c, 
     _mm_storeu_ps(c.dot.data() + 4 * j, Isa::sum4(p[0], p[1], p[2], p[3]));
   }
   if constexpr (kOut)
-    for (int i = 0; i < kChunks; ++i) Isa::store(fwd + kW * i, corner_sum<Isa, kSets>(&acc[0][0], kChunks, i));
+    for (int i = 0; i < kChunks; ++i)
+      Isa::store(fwd + kW * i, corner_sum<Isa, kSets>(&acc[0][0], kChunks, i));
 }
 #endif
 
@@ -465,10 +466,12 @@ void forward_head(int64_t D, const T* value_n, const Corners<Acc<T>>& c, int64_t
             const T* v = at<T>(value_n, c.off[kk][j]);
             const V w = Isa::set1(c.w[kk][j]);
             V* into = sum[kk % kSets];
-            for (int i = 0; i < kChunks; ++i) into[i] = Isa::fmadd(w, Isa::load(v + kW * i), into[i]);
+            for (int i = 0; i < kChunks; ++i)
+              into[i] = Isa::fmadd(w, Isa::load(v + kW * i), into[i]);
           }
         }
-        for (int i = 0; i < kChunks; ++i) Isa::store(acc + kW * i, corner_sum<Isa, kSets>(&sum[0][0], kChunks, i));
+        for (int i = 0; i < kChunks; ++i)
+          Isa::store(acc + kW * i, corner_sum<Isa, kSets>(&sum[0][0], kChunks, i));
       };
 #ifdef DDETR_MSDA_AVX512
       if (k.pass == kPassAvx512 && DC % 16 == 0)

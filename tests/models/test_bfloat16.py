@@ -5,9 +5,9 @@ images accepted) and float32 under ``torch.autocast("cpu", dtype=torch.bfloat16)
 Bounds (about twice the largest of three seeds measured): logits within 0.08 and boxes
 within 0.015 of float32. A random two-stage model's proposal scores are close to tied, so
 bfloat16 rounding may pick other proposals: its encoder outputs are held to the bounds
-(0.15 / 0.01), its decoder outputs to being finite. DINO selects its queries from the proposals the same
-way, so its encoder's output (the memory, up to 3.5 in size here) is held to 0.25 (three
-seeds measured 0.08-0.12) and its outputs to being finite."""
+(0.15 / 0.01), its decoder outputs to being finite. DINO selects its queries from the
+proposals the same way, so its encoder's output (the memory, up to 3.5 in size here) is
+held to 0.25 (three seeds measured 0.08-0.12) and its outputs to being finite."""
 
 import pytest
 import torch

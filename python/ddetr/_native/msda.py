@@ -49,8 +49,9 @@ def backward(grad_out: Tensor, value: Tensor, levels: list[tuple[int, int, int]]
     if forward_rows:
         if value.device.type != "cpu":
             raise ValueError("forward_rows: only the CPU backward computes them")
-        rows["output"] = torch.empty((value.shape[0], loc.shape[1], value.shape[2] * value.shape[3]),
-                                     dtype=value.dtype, device=value.device)
+        n, _, m, d = value.shape
+        rows["output"] = torch.empty((n, loc.shape[1], m * d), dtype=value.dtype,
+                                     device=value.device)
     call = _call(value, levels, loc, attn, **{k: ptr(v) for k, v in rows.items()},
                  grad_output=ptr(grad_out),
                  grad_value=ptr(grad_value), grad_sampling_locations=ptr(grad_loc),
