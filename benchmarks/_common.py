@@ -325,11 +325,16 @@ def measure(spec: dict) -> dict:
             result["peak_mb"][kind] = mem.peak_bytes / 2**20
             result["memory_method"] = mem.method
     except (RuntimeError, MemoryError) as exc:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        reason = "out of memory" if _is_oom(exc) else "failed"
-        return {"ok": False, "error": f"{reason}: {str(exc).splitlines()[0][:160]}"}
+        return _failure(exc, device)
     return result
+
+
+def _failure(exc: BaseException, device: torch.device) -> dict:
+    """The result of a measurement that raised (CUDA's cache emptied for the next one)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    reason = "out of memory" if _is_oom(exc) else "failed"
+    return {"ok": False, "error": f"{reason}: {str(exc).splitlines()[0][:160]}"}
 
 
 def measure_paired(spec: dict) -> dict:
@@ -356,8 +361,7 @@ def measure_paired(spec: dict) -> dict:
             native_ms.append(statistics.median(time_step(native, device, 0, spec["repeats"])))
             reference_ms.append(time_step(reference, device, 0, 1)[0])
     except (RuntimeError, MemoryError) as exc:
-        reason = "out of memory" if _is_oom(exc) else "failed"
-        return {"ok": False, "error": f"{reason}: {str(exc).splitlines()[0][:160]}"}
+        return _failure(exc, device)
     ratios = [r / n for r, n in zip(reference_ms, native_ms)]
     return {"ok": True, "ratios": ratios, "x_ref": statistics.median(ratios),
             "native_ms": native_ms, "reference_ms": reference_ms}

@@ -147,7 +147,7 @@ def run_all(args, jobs) -> list[dict]:
             result["repeats"] = spec["repeats"]
         done[(job["shape"]["name"], job["impl"], job["pass"])] = result
         rows.append({"group": job["group"], "shape": job["shape"]["name"], "impl": job["impl"],
-                     "pass": job["pass"], "_shape": job["shape"], **result})
+                     "pass": job["pass"], **result})
         ms = result.get("median_ms", {})
         shown = ms.get("realistic", ms.get("dense"))
         status = f"{shown:.2f} ms" if result["ok"] else result["error"]
@@ -156,15 +156,16 @@ def run_all(args, jobs) -> list[dict]:
     return rows
 
 
-def run_paired(args, rows) -> None:
+def run_paired(args, rows, shapes) -> None:
     """x ref* for the native rows of E1, E2 and D1 that have a reference row: one worker
-    each, native and reference in turns (see the module docstring)."""
+    each, native and reference in turns (see the module docstring); ``shapes`` by name."""
     if args.no_reference or args.no_paired:
         return
     for r in rows:
         if not (r["impl"].startswith("native") and r["group"] != "sweep" and r.get("ok")):
             continue
-        spec = {"mode": "paired", "shape": r["_shape"], "impl": r["impl"], "pass": r["pass"],
+        spec = {"mode": "paired", "shape": shapes[r["shape"]], "impl": r["impl"],
+                "pass": r["pass"],
                 "device": args.device, "dtype": args.dtype, "warmup": args.warmup,
                 "repeats": args.repeats, "rounds": args.paired_rounds}
         result = C.measure_paired(spec) if args.in_process else run_worker(spec)
@@ -311,9 +312,7 @@ def main(argv=None) -> int:
     shapes = {j["shape"]["name"]: j["shape"] for j in jobs}
     meta = environment(args, shapes)
     rows = run_all(args, jobs)
-    run_paired(args, rows)
-    for r in rows:
-        del r["_shape"]
+    run_paired(args, rows, shapes)
     meta["loadavg_at_end"] = os.getloadavg()
     add_ratios(rows, shapes, args.dtype)
     print_table(rows, meta)

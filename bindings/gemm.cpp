@@ -40,11 +40,7 @@ size_t workspace_bytes(const std::string& dtype) {
 }
 
 Bf16GemmKernel bf16_kernel(const std::string& name) {
-  if (name == "auto") return Bf16GemmKernel::automatic;
-  if (name == "avx512") return Bf16GemmKernel::avx512;
-  if (name == "widen") return Bf16GemmKernel::widen;
-  if (name == "amx") return Bf16GemmKernel::amx;
-  if (name == "amx_emulated") return Bf16GemmKernel::amx_emulated;
+  if (const std::optional<Bf16GemmKernel> k = bf16_kernel_named(name)) return *k;
   throw std::invalid_argument(
       "gemm: kernel must be auto, amx, amx_emulated, avx512 or widen, got " + name);
 }
@@ -97,14 +93,7 @@ void gemm_call(const GemmCall c) {
   gemm(t, g, c.threads);
 }
 
-std::string default_bf16_kernel() {
-  switch (gemm_bf16_default_kernel()) {
-    case Bf16GemmKernel::amx: return "amx";
-    case Bf16GemmKernel::amx_emulated: return "amx_emulated";
-    case Bf16GemmKernel::avx512: return "avx512";
-    default: return "widen";
-  }
-}
+std::string default_bf16_kernel() { return bf16_kernel_name(gemm_bf16_default_kernel()); }
 
 struct Int8PackCall {
   std::string kernel = "auto";

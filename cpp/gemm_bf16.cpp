@@ -52,8 +52,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -494,7 +496,7 @@ DDETR_AVX512BF16 void pack_a_rows(const GemmArgs& g, int64_t m0, int rows, int64
 // One 32 x 32 micro-tile over pair_rows (a multiple of 16) pairs of the packed a and b.
 template <class Tiles>
 DDETR_TILES_INLINE void amx_tile(int64_t pair_rows, const uint32_t* a, const uint32_t* b,
-                                      const Tile& t) {
+                                 const Tile& t) {
   const int64_t a_stride = pair_rows * 4, b_stride = kNr * 4, p_stride = t.ld_partial * 4;
   const auto partial = [&](int c) {
     return t.partial + 16 * (c / 2) * t.ld_partial + 16 * (c % 2);
@@ -536,28 +538,23 @@ struct AmxKernel {
                    int64_t pair_rows, uint32_t* out) {
     pack_a_rows(g, m0, rows, k0, kc, pair_rows, out);
   }
-  static void run(int64_t pair_rows, const uint32_t* a, const uint32_t* b, const Tile& t);
-};
-
-template <>
-DDETR_TILES void AmxKernel<EmulatedTiles>::run(int64_t pair_rows, const uint32_t* a,
-                                                    const uint32_t* b, const Tile& t) {
-  amx_tile<EmulatedTiles>(pair_rows, a, b, t);
-}
-
-#if DDETR_HAVE_AMX_PATH
-template <>
-DDETR_TILES void AmxKernel<HardwareTiles>::run(int64_t pair_rows, const uint32_t* a,
-                                               const uint32_t* b,
+  DDETR_TILES static void run(int64_t pair_rows, const uint32_t* a, const uint32_t* b,
                               const Tile& t) {
-  amx_tile<HardwareTiles>(pair_rows, a, b, t);
-}
-#endif
+    amx_tile<Tiles>(pair_rows, a, b, t);
+  }
+};
 
 // ---------------------------------------------------------------------------
 // Driver: the blocking loops of one thread of the team, for a kernel K (Avx512Kernel or
 // AmxKernel): its micro-tile rows, the padding of its packs' pairs, its A packing and
 // its micro-kernel, with begin / end around a thread's tiles.
+
+// The pairs each packed row of a K block of kc elements holds for kernel K (its pairs,
+// zero-padded to K::kPairAlign).
+template <class K>
+int64_t pair_rows_of(int64_t kc) {
+  return round_up(ceil_div(kc, 2), K::kPairAlign);
+}
 
 struct Job {
   const GemmArgs* g;
@@ -575,7 +572,7 @@ DDETR_AVX512BF16 void run_tiles(const Job& job, int64_t m0, int64_t mc, int64_t 
                                 int64_t k0, int64_t kc, int64_t kb, int64_t t0, int64_t t1) {
   constexpr int MR = K::kRows;
   const GemmArgs& g = *job.g;
-  const int64_t pair_rows = round_up(ceil_div(kc, 2), K::kPairAlign);
+  const int64_t pair_rows = pair_rows_of<K>(kc);
   const int64_t npanels = ceil_div(nc, kNr);
   const int64_t esize = job.c_float ? 4 : 2;
   alignas(64) uint32_t apack[MR * (kMaxKc / 2)];
@@ -622,8 +619,7 @@ DDETR_AVX512BF16 void team_body(const Job& job) {
         // one B block serves every row block when K is not split
         if (m0 == 0 || bl.nk > 1) {
 #pragma omp barrier
-          pack_b_share(g, n0, nc, k0, kc, round_up(ceil_div(kc, 2), K::kPairAlign),
-                       job.bpack);
+          pack_b_share(g, n0, nc, k0, kc, pair_rows_of<K>(kc), job.bpack);
 #pragma omp barrier
         }
         // equal shares of the tiles; a row panel split between two threads is packed by both
@@ -649,16 +645,21 @@ void run_gemm(const GemmArgs& g, bool c_float, int num_threads, float* scratch) 
 
 #endif  // DDETR_HAVE_AVX512_BF16_PATH
 
+constexpr std::pair<const char*, Bf16GemmKernel> kKernelNames[] = {
+    {"auto", Bf16GemmKernel::automatic},  {"amx", Bf16GemmKernel::amx},
+    {"amx_emulated", Bf16GemmKernel::amx_emulated}, {"avx512", Bf16GemmKernel::avx512},
+    {"widen", Bf16GemmKernel::widen}};
+
 Bf16GemmKernel env_choice() {
   const char* env = std::getenv("DDETR_BF16_GEMM");
   const std::string name = env ? env : "";
-  if (name == "widen") return Bf16GemmKernel::widen;
-  if (name == "avx512") return Bf16GemmKernel::avx512;
-  if (name == "amx") return Bf16GemmKernel::amx;
-  if (name == "amx_emulated") return Bf16GemmKernel::amx_emulated;
-  if (!name.empty())
-    throw std::invalid_argument(
-        "DDETR_BF16_GEMM: expected amx, amx_emulated, avx512 or widen, got " + name);
+  if (!name.empty()) {
+    const std::optional<Bf16GemmKernel> k = bf16_kernel_named(name);
+    if (!k || *k == Bf16GemmKernel::automatic)
+      throw std::invalid_argument(
+          "DDETR_BF16_GEMM: expected amx, amx_emulated, avx512 or widen, got " + name);
+    return *k;
+  }
   if (amx_supported()) {
     if (gemm_bf16_agrees(Bf16GemmKernel::amx)) return Bf16GemmKernel::amx;
     std::fprintf(stderr,
@@ -670,6 +671,18 @@ Bf16GemmKernel env_choice() {
 }
 
 }  // namespace
+
+const char* bf16_kernel_name(Bf16GemmKernel kernel) {
+  for (const auto& [name, k] : kKernelNames)
+    if (k == kernel) return name;
+  return "auto";  // (every kernel is in the table)
+}
+
+std::optional<Bf16GemmKernel> bf16_kernel_named(const std::string& name) {
+  for (const auto& [n, k] : kKernelNames)
+    if (name == n) return k;
+  return std::nullopt;
+}
 
 bool gemm_bf16_agrees(Bf16GemmKernel kernel) {
   // 33 x 47 x 75 with op(A) plain and transposed: a tail in every size of both kernels'

@@ -365,6 +365,7 @@ struct Avx512 {
 // (sums: S rows of `chunks` vectors)
 template <class Isa, int S>
 typename Isa::V corner_sum(const typename Isa::V* sums, int chunks, int i) {
+  static_assert(S == 1 || S == 4, "corner_sum adds 1 or 4 running sums");
   if constexpr (S == 4)
     return Isa::add(Isa::add(sums[i], sums[chunks + i]),
                     Isa::add(sums[2 * chunks + i], sums[3 * chunks + i]));

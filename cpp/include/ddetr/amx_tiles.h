@@ -52,16 +52,14 @@ enum class Unit { bf16, int8 };
 // (asked for once; Linux only). The caller checks the AVX-512 its packing needs.
 inline bool amx_usable(Unit unit) {
 #if DDETR_HAVE_AMX_PATH && defined(__linux__)
-  static const bool granted = [] {
+  // CPUID leaf 7's EDX where AMX-TILE is there and the tile state granted, else 0
+  static const unsigned edx = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1)) return false;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1)) return 0u;
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0 ? d : 0u;
   }();
-  if (!granted) return false;
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  __get_cpuid_count(7, 0, &a, &b, &c, &d);
-  return unit == Unit::bf16 ? (d >> 22 & 1) : (d >> 25 & 1);
+  return unit == Unit::bf16 ? (edx >> 22 & 1) : (edx >> 25 & 1);
 #else
   (void)unit;
   return false;

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "ddetr/core.h"
@@ -102,6 +103,10 @@ bool check_gemm_args(const GemmArgs& g);
 // sums, so their results may differ in the last bit. Asking for a kernel the CPU cannot
 // run throws std::runtime_error.
 enum class Bf16GemmKernel { automatic, avx512, widen, amx, amx_emulated };
+// The kernels' names as the bindings and DDETR_BF16_GEMM spell them ("auto", "amx",
+// "amx_emulated", "avx512", "widen"), and the kernel of a name (none for another).
+const char* bf16_kernel_name(Bf16GemmKernel kernel);
+std::optional<Bf16GemmKernel> bf16_kernel_named(const std::string& name);
 constexpr int64_t kGemmBf16Panel = int64_t(1) << 20;  // floats per panel (4 MB)
 constexpr int64_t kGemmBf16ScratchFloats = 3 * kGemmBf16Panel;
 constexpr size_t kGemmBf16ScratchBytes = size_t(kGemmBf16ScratchFloats) * sizeof(float);
