@@ -452,6 +452,14 @@ using amx::HardwareTiles;
 #define DDETR_TILES_INLINE DDETR_AVX512BF16_INLINE
 #endif
 
+// Row k0 + k of a (K, M) A, its columns m0 .. m0 + 31 under `cols` (zeros past kc).
+// (A function, not a lambda: a lambda does not take its caller's target attribute, so
+// a build without -march=native could not inline the intrinsics into it.)
+DDETR_AVX512BF16_INLINE __m512i column_block(const bf16* A, int64_t lda, int64_t k0, int64_t kc,
+                                             int64_t m0, __mmask32 cols, int64_t k) {
+  return k < kc ? _mm512_maskz_loadu_epi16(cols, A + (k0 + k) * lda + m0) : _mm512_setzero_si512();
+}
+
 // The A panel: rows [m0, m0 + rows) of op(A), K elements [k0, k0 + kc), as kAmxMr rows
 // of pair_rows words (pair p of row r at word r * pair_rows + p).
 DDETR_AVX512BF16 void pack_a_rows(const GemmArgs& g, int64_t m0, int rows, int64_t k0,
@@ -474,14 +482,11 @@ DDETR_AVX512BF16 void pack_a_rows(const GemmArgs& g, int64_t m0, int rows, int64
   // of 16 pairs each
   const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
   const __mmask32 cols = first_bits32(rows);
-  const auto row_of_a = [&](int64_t k) {
-    return k < kc ? _mm512_maskz_loadu_epi16(cols, A + (k0 + k) * g.lda + m0)
-                  : _mm512_setzero_si512();
-  };
   for (int64_t p0 = 0; p0 < pair_rows; p0 += kAmxPairs) {
     __m512i v[2][16];
     for (int i = 0; i < 16; ++i) {
-      const __m512i x0 = row_of_a(2 * (p0 + i)), x1 = row_of_a(2 * (p0 + i) + 1);
+      const __m512i x0 = column_block(A, g.lda, k0, kc, m0, cols, 2 * (p0 + i));
+      const __m512i x1 = column_block(A, g.lda, k0, kc, m0, cols, 2 * (p0 + i) + 1);
       v[0][i] = _mm512_permutex2var_epi16(x0, lo, x1);  // rows 0-15 of the panel
       v[1][i] = _mm512_permutex2var_epi16(x0, hi, x1);  // rows 16-31
     }
