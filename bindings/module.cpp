@@ -8,6 +8,7 @@
 #endif
 
 #include "common.h"
+#include "ddetr/msda.h"
 
 #ifdef DDETR_WITH_CUDA
 #include "../cuda/runtime_status.h"
@@ -38,6 +39,7 @@ py::dict build_info() {
   info["openmp_max_threads"] = 1;
 #endif
   info["cpu_arch_flags"] = DDETR_CPU_ARCH_FLAGS;
+  info["cpu_runtime_dispatch"] = msda_cpu_per_isa();
   info["max_levels"] = kMaxLevels;
   return info;
 }

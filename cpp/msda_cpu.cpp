@@ -34,6 +34,11 @@
 //
 // D is a template argument for the common head sizes so the channel loops have a
 // constant trip count; other sizes take the runtime-D instantiation.
+//
+// The kernels themselves are in msda_cpu_isa.inc, compiled here once per instruction set
+// (generic, AVX2 + FMA, AVX-512); each call runs the widest copy the CPU can (or the one
+// MsdaCpuTuning::vector_pass names), so a portable build (DDETR_NATIVE_ARCH=OFF) is as
+// fast as a -march=native one. This file holds what the copies share and the dispatch.
 #include <atomic>
 #include <cstdint>
 #include <stdexcept>
@@ -50,12 +55,20 @@
 #include "ddetr/bilinear.h"
 #include "ddetr/msda.h"
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#define DDETR_MSDA_AVX2 1  // (every AVX-512 CPU has AVX2 and FMA)
+// Which copies are compiled. GCC on x86 compiles the AVX2 and AVX-512 copies for their
+// instruction set whatever the build's flags (#pragma GCC target); other compilers get the
+// copies the build's flags allow, as before.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define DDETR_MSDA_PER_ISA 1
 #endif
-#if defined(__AVX512F__)
+#if defined(DDETR_MSDA_PER_ISA) || (defined(__AVX2__) && defined(__FMA__))
+#define DDETR_MSDA_AVX2 1
+#endif
+#if defined(DDETR_MSDA_PER_ISA) || defined(__AVX512F__)
 #define DDETR_MSDA_AVX512 1
+#endif
+#if defined(DDETR_MSDA_AVX2)
+#include <immintrin.h>
 #endif
 
 namespace ddetr {
@@ -125,14 +138,35 @@ std::atomic<int> g_corners_ahead_backward{MsdaCpuTuning{}.corners_ahead_backward
 std::atomic<int> g_queries_ahead{MsdaCpuTuning{}.queries_ahead};
 std::atomic<int> g_vector_pass{kPassAuto};
 
-constexpr int kWidestPass =
-#if defined(DDETR_MSDA_AVX512)
-    kPassAvx512;
-#elif defined(DDETR_MSDA_AVX2)
-    kPassAvx2;
-#else
-    kPassGeneric;
+// Whether this CPU (and its OS, which must save the wider registers) runs a pass; the
+// same feature lists as the #pragma GCC target lines below.
+bool cpu_runs(int pass) {
+#if defined(__GNUC__) || defined(__clang__)
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else  // no run-time check: the copies the build's flags allow
+  const bool avx2 = true, avx512 = true;
 #endif
+  if (pass == kPassAvx512) return avx512;
+  if (pass == kPassAvx2) return avx2;
+  return pass == kPassGeneric;
+}
+
+// The pass kPassAuto runs: the widest this build has and this CPU runs.
+int widest_pass() {
+  static const int widest = [] {
+#if defined(DDETR_MSDA_AVX512)
+    if (cpu_runs(kPassAvx512)) return int(kPassAvx512);
+#endif
+#if defined(DDETR_MSDA_AVX2)
+    if (cpu_runs(kPassAvx2)) return int(kPassAvx2);
+#endif
+    return int(kPassGeneric);
+  }();
+  return widest;
+}
 
 struct Knobs {
   int64_t corners_ahead_forward, corners_ahead, queries_ahead;
@@ -142,7 +176,7 @@ struct Knobs {
         corners_ahead(g_corners_ahead_backward.load(std::memory_order_relaxed)),
         queries_ahead(g_queries_ahead.load(std::memory_order_relaxed)),
         pass(g_vector_pass.load(std::memory_order_relaxed)) {
-    if (pass == kPassAuto) pass = kWidestPass;
+    if (pass == kPassAuto) pass = widest_pass();
   }
 };
 
@@ -193,342 +227,6 @@ template <class P> intptr_t byte_distance(const P* from, const void* to) {
   return intptr_t(reinterpret_cast<uintptr_t>(to) - reinterpret_cast<uintptr_t>(from));
 }
 
-// Samples [first, first + count) of the table for one query: loc / attn point at
-// the first of them. kGrad also fills what the backward needs.
-template <bool kGrad, class A>
-void setup_corners(const SampleTable& t, int64_t first, int64_t count, const A* loc,
-                   const A* attn, const OffMap& om, Corners<A>& c) {
-  // Raw pointers: the vectoriser does not see through std::vector inside the loop.
-  const int32_t *h = t.h.data() + first, *w = t.w.data() + first;
-  const intptr_t* head = t.head.data() + first;
-  const intptr_t pixel_bytes = t.pixel_bytes;
-  intptr_t *off0 = c.off[0].data(), *off1 = c.off[1].data(), *off2 = c.off[2].data(),
-           *off3 = c.off[3].data();
-  intptr_t *goff0 = c.goff[0].data(), *goff1 = c.goff[1].data(), *goff2 = c.goff[2].data(),
-           *goff3 = c.goff[3].data();
-  A *w0 = c.w[0].data(), *w1 = c.w[1].data(), *w2 = c.w[2].data(), *w3 = c.w[3].data();
-  A *r0 = c.raw[0].data(), *r1 = c.raw[1].data(), *r2 = c.raw[2].data(), *r3 = c.raw[3].data();
-  A *ly = c.ly.data(), *lx = c.lx.data();
-  uint8_t* inside = c.inside.data();
-  const intptr_t zero = om.zero, scale = om.grad_scale;
-  const intptr_t dummy0 = om.dummy[0], dummy1 = om.dummy[1], dummy2 = om.dummy[2],
-                 dummy3 = om.dummy[3];
-#pragma omp simd
-  for (int64_t j = 0; j < count; ++j) {
-    Bilinear<A> b;
-    const bool on_map = bilinear_setup(loc[2 * j], loc[2 * j + 1], h[j], w[j], b);
-    const A a = attn[j];
-    const intptr_t at0 = head[j] + intptr_t(b.pixel[0]) * pixel_bytes;
-    const intptr_t at1 = head[j] + intptr_t(b.pixel[1]) * pixel_bytes;
-    const intptr_t at2 = head[j] + intptr_t(b.pixel[2]) * pixel_bytes;
-    const intptr_t at3 = head[j] + intptr_t(b.pixel[3]) * pixel_bytes;
-    off0[j] = b.pixel[0] >= 0 ? at0 : zero;
-    off1[j] = b.pixel[1] >= 0 ? at1 : zero;
-    off2[j] = b.pixel[2] >= 0 ? at2 : zero;
-    off3[j] = b.pixel[3] >= 0 ? at3 : zero;
-    w0[j] = fold_weight(a, b.weight[0]);
-    w1[j] = fold_weight(a, b.weight[1]);
-    w2[j] = fold_weight(a, b.weight[2]);
-    w3[j] = fold_weight(a, b.weight[3]);
-    if constexpr (kGrad) {
-      goff0[j] = b.pixel[0] >= 0 ? at0 * scale : dummy0;
-      goff1[j] = b.pixel[1] >= 0 ? at1 * scale : dummy1;
-      goff2[j] = b.pixel[2] >= 0 ? at2 * scale : dummy2;
-      goff3[j] = b.pixel[3] >= 0 ? at3 * scale : dummy3;
-      r0[j] = b.weight[0];
-      r1[j] = b.weight[1];
-      r2[j] = b.weight[2];
-      r3[j] = b.weight[3];
-    }
-    if constexpr (kGrad) {
-      inside[j] = on_map;
-      ly[j] = b.ly;
-      lx[j] = b.lx;
-    }
-  }
-}
-
-
-// Phase 2 of the backward for the samples [first, first + count) of one (n, q, m):
-// per sample, the four dots <g, value_k> into c.dot and the scatter
-// grad_value_k += w_k * g; with kOut, also fwd = sum of w_k * value_k (the forward's
-// output row). go is the D-channel row of grad_out, g a scratch row for it in the
-// accumulation type, fwd D floats (or doubles).
-template <class T, int DC, bool kOut>
-void sample_pass_generic(int64_t D, const T* value_n, Acc<T>* grad_value_n, Corners<Acc<T>>& c,
-                         int64_t first, int64_t count, int64_t set_up, int64_t ahead,
-                         const T* go, Acc<T>* g, Acc<T>* fwd) {
-  using A = Acc<T>;
-  if constexpr (DC) D = DC;
-  for (int64_t ch = 0; ch < D; ++ch) g[ch] = to_acc(go[ch]);
-  if constexpr (kOut)
-    for (int64_t ch = 0; ch < D; ++ch) fwd[ch] = A(0);
-  for (int64_t j = first; j < first + count; ++j) {
-    if (ahead > 0 && j + ahead < set_up)
-      prefetch_corners<T, DC, true>(value_n, grad_value_n, c, j + ahead);
-    const T *v0 = at<T>(value_n, c.off[0][j]), *v1 = at<T>(value_n, c.off[1][j]);
-    const T *v2 = at<T>(value_n, c.off[2][j]), *v3 = at<T>(value_n, c.off[3][j]);
-    A* gv0 = const_cast<A*>(at<A>(grad_value_n, c.goff[0][j]));
-    A* gv1 = const_cast<A*>(at<A>(grad_value_n, c.goff[1][j]));
-    A* gv2 = const_cast<A*>(at<A>(grad_value_n, c.goff[2][j]));
-    A* gv3 = const_cast<A*>(at<A>(grad_value_n, c.goff[3][j]));
-    const A w0 = c.w[0][j], w1 = c.w[1][j], w2 = c.w[2][j], w3 = c.w[3][j];
-    A d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-    for (int64_t ch = 0; ch < D; ++ch) {
-      const A gc = g[ch];
-      const A x0 = to_acc(v0[ch]), x1 = to_acc(v1[ch]), x2 = to_acc(v2[ch]), x3 = to_acc(v3[ch]);
-      d0 += gc * x0;
-      d1 += gc * x1;
-      d2 += gc * x2;
-      d3 += gc * x3;
-      gv0[ch] += w0 * gc;
-      gv1[ch] += w1 * gc;
-      gv2[ch] += w2 * gc;
-      gv3[ch] += w3 * gc;
-      if constexpr (kOut) fwd[ch] += w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3;
-    }
-    A* dot = c.dot.data() + 4 * j;
-    dot[0] = d0;
-    dot[1] = d1;
-    dot[2] = d2;
-    dot[3] = d3;
-  }
-}
-
-// The same pass with vector intrinsics, for float or bf16 values and D a multiple of the
-// vector width: g, the output accumulators and the four dot products stay in registers,
-// and the dots of a sample end in one 4-way horizontal sum (sum4) instead of four lane
-// reductions. Written by hand because GCC spilled the dot vectors to the stack and summed
-// their lanes in scalar loops, most of the instructions of the generic loop (which also
-// prefetches less well). One template over the ISA (Isa: the vector type and the
-// handful of operations it needs): Avx512 (16 lanes, head sizes 16, 32, 64) and Avx2
-// (AVX2 + FMA, 8 lanes, also 8: CPUs without AVX-512, e.g. AMD Zen 2/3).
-#ifdef DDETR_MSDA_AVX2
-struct Avx2 {
-  using V = __m256;
-  static constexpr int kLanes = 8;
-  static constexpr int kCornerSets = 1;
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V zero() { return _mm256_setzero_ps(); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static V load(const bf16* p) {  // bf16 -> float: the bits move to the upper half
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-  }
-  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
-  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  // (sum of a's lanes, of b's, of c's, of d's)
-  static __m128 sum4(V a, V b, V c, V d) {
-    // per 128-bit half: (a01, a23, b01, b23), then (a0123, b0123, c0123, d0123)
-    const V abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-  }
-};
-#endif
-
-#ifdef DDETR_MSDA_AVX512
-struct Avx512 {
-  using V = __m512;
-  static constexpr int kLanes = 16;
-  static constexpr int kCornerSets = 4;  // (AVX2 keeps one: 16 ymm registers)
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V zero() { return _mm512_setzero_ps(); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static V load(const bf16* p) {  // bf16 -> float: the bits move to the upper half
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  }
-  static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
-  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static __m128 sum4(V a, V b, V c, V d) {
-    // per 128-bit block: ab = (a0+a2, b0+b2, a1+a3, b1+b3), cd likewise
-    const V ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const V cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    // per block: (a, b, c, d) partial sums; then the four blocks added together
-    const V abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
-                                 _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
-    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), upper);
-    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-  }
-};
-#endif
-
-#ifdef DDETR_MSDA_AVX2
-// Chunk i of a sample row summed in Isa::kCornerSets running sums (corner k of every
-// sample goes into sum k % kCornerSets: shorter chains of dependent FMAs), added at the
-// end as ((s0 + s1) + (s2 + s3)). The forward and the backward's forward row both sum
-// this way, so they agree bit for bit.
-// (sums: S rows of `chunks` vectors)
-template <class Isa, int S>
-typename Isa::V corner_sum(const typename Isa::V* sums, int chunks, int i) {
-  static_assert(S == 1 || S == 4, "corner_sum adds 1 or 4 running sums");
-  if constexpr (S == 4)
-    return Isa::add(Isa::add(sums[i], sums[chunks + i]),
-                    Isa::add(sums[2 * chunks + i], sums[3 * chunks + i]));
-  else
-    return sums[i];
-}
-
-template <class Isa, class T, int DC, bool kOut>
-void sample_pass_simd(const T* value_n, float* grad_value_n, Corners<float>& c, int64_t first,
-                      int64_t count, int64_t set_up, int64_t ahead, const T* go, float* fwd) {
-  using V = typename Isa::V;
-  constexpr int kW = Isa::kLanes, kChunks = DC / kW, kSets = Isa::kCornerSets;
-  V gr[kChunks], acc[kSets][kChunks];
-  for (int i = 0; i < kChunks; ++i) {
-    gr[i] = Isa::load(go + kW * i);
-    for (int s = 0; s < kSets; ++s) acc[s][i] = Isa::zero();
-  }
-  for (int64_t j = first; j < first + count; ++j) {
-    if (ahead > 0 && j + ahead < set_up)
-      prefetch_corners<T, DC, true>(value_n, grad_value_n, c, j + ahead);
-    const T* v[4];
-    float* gv[4];
-    V w[4], p[4];
-    for (int k = 0; k < 4; ++k) {
-      v[k] = at<T>(value_n, c.off[k][j]);
-      gv[k] = const_cast<float*>(at<float>(grad_value_n, c.goff[k][j]));
-      w[k] = Isa::set1(c.w[k][j]);
-      p[k] = Isa::zero();
-    }
-    for (int i = 0; i < kChunks; ++i)
-      for (int k = 0; k < 4; ++k) {
-        const V x = Isa::load(v[k] + kW * i);
-        p[k] = Isa::fmadd(gr[i], x, p[k]);
-        if constexpr (kOut) acc[k % kSets][i] = Isa::fmadd(w[k], x, acc[k % kSets][i]);
-        float* dst = gv[k] + kW * i;
-        Isa::store(dst, Isa::fmadd(w[k], gr[i], Isa::load(dst)));
-      }
-    _mm_storeu_ps(c.dot.data() + 4 * j, Isa::sum4(p[0], p[1], p[2], p[3]));
-  }
-  if constexpr (kOut)
-    for (int i = 0; i < kChunks; ++i)
-      Isa::store(fwd + kW * i, corner_sum<Isa, kSets>(&acc[0][0], kChunks, i));
-}
-#endif
-
-// set_up: how many entries of `c` hold this query's corners (for the prefetch); `pass`
-// a resolved MsdaPass this build has (set_msda_cpu_tuning checks).
-template <class T, int DC, bool kOut>
-void sample_pass(int64_t D, const T* value_n, Acc<T>* grad_value_n, Corners<Acc<T>>& c,
-                 int64_t first, int64_t count, int64_t set_up, const Knobs& k, const T* go,
-                 Acc<T>* g, Acc<T>* fwd) {
-  [[maybe_unused]] constexpr bool kSimd = !std::is_same_v<T, double> && DC > 0;
-#ifdef DDETR_MSDA_AVX512
-  if constexpr (kSimd && DC % 16 == 0)
-    if (k.pass == kPassAvx512) {
-      sample_pass_simd<Avx512, T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up,
-                                            k.corners_ahead, go, fwd);
-      return;
-    }
-#endif
-#ifdef DDETR_MSDA_AVX2
-  if constexpr (kSimd && DC % 8 == 0)
-    if (k.pass == kPassAvx2 || k.pass == kPassAvx512) {  // (AVX-512 with D = 8: 8 lanes)
-      sample_pass_simd<Avx2, T, DC, kOut>(value_n, grad_value_n, c, first, count, set_up,
-                                          k.corners_ahead, go, fwd);
-      return;
-    }
-#endif
-  sample_pass_generic<T, DC, kOut>(D, value_n, grad_value_n, c, first, count, set_up,
-                                   k.corners_ahead, go, g, fwd);
-}
-
-// The forward's output row of one (n, q, m) from its samples [first, first + count) of
-// `c` (set_up: how many entries `c` holds, for the prefetch): the vector pass keeps the
-// row in registers and adds the corners with FMAs into corner_sum's running sums (on
-// AVX-512 one per corner: a chain of 4 dependent FMAs per sample became one, 10-16%
-// faster at E1 in an interleaved A/B on the Zen 5), as the backward's vector pass
-// computes the same row (so the two agree bit for bit); the generic loop sums each
-// sample's four products first. acc: a D-float scratch row.
-template <class T, int DC>
-void forward_head(int64_t D, const T* value_n, const Corners<Acc<T>>& c, int64_t first,
-                  int64_t count, int64_t set_up, const Knobs& k, Acc<T>* acc, T* out) {
-  using A = Acc<T>;
-  const int64_t ahead = k.corners_ahead_forward;
-#ifdef DDETR_MSDA_AVX2
-  if constexpr (!std::is_same_v<T, double> && DC > 0 && DC % 8 == 0)
-    if (k.pass != kPassGeneric) {
-      const auto run = [&](auto isa) {
-        using Isa = decltype(isa);
-        using V = typename Isa::V;
-        constexpr int kW = Isa::kLanes, kChunks = DC / kW, kSets = Isa::kCornerSets;
-        V sum[kSets][kChunks];
-        for (int s = 0; s < kSets; ++s)
-          for (int i = 0; i < kChunks; ++i) sum[s][i] = Isa::zero();
-        for (int64_t j = first; j < first + count; ++j) {
-          if (ahead > 0 && j + ahead < set_up)
-            prefetch_corners<T, DC, false>(value_n, static_cast<A*>(nullptr), c, j + ahead);
-          for (int kk = 0; kk < 4; ++kk) {
-            const T* v = at<T>(value_n, c.off[kk][j]);
-            const V w = Isa::set1(c.w[kk][j]);
-            V* into = sum[kk % kSets];
-            for (int i = 0; i < kChunks; ++i)
-              into[i] = Isa::fmadd(w, Isa::load(v + kW * i), into[i]);
-          }
-        }
-        for (int i = 0; i < kChunks; ++i)
-          Isa::store(acc + kW * i, corner_sum<Isa, kSets>(&sum[0][0], kChunks, i));
-      };
-#ifdef DDETR_MSDA_AVX512
-      if (k.pass == kPassAvx512 && DC % 16 == 0)
-        run(Avx512{});
-      else
-#endif
-        run(Avx2{});
-      for (int64_t ch = 0; ch < DC; ++ch) out[ch] = from_acc<T>(acc[ch]);
-      return;
-    }
-#endif
-  for (int64_t ch = 0; ch < D; ++ch) acc[ch] = A(0);
-  for (int64_t j = first; j < first + count; ++j) {
-    if (ahead > 0 && j + ahead < set_up)
-      prefetch_corners<T, DC, false>(value_n, static_cast<A*>(nullptr), c, j + ahead);
-    const T* v0 = at<T>(value_n, c.off[0][j]);
-    const T* v1 = at<T>(value_n, c.off[1][j]);
-    const T* v2 = at<T>(value_n, c.off[2][j]);
-    const T* v3 = at<T>(value_n, c.off[3][j]);
-    const A w0 = c.w[0][j], w1 = c.w[1][j], w2 = c.w[2][j], w3 = c.w[3][j];
-#pragma omp simd
-    for (int64_t ch = 0; ch < D; ++ch)
-      acc[ch] += w0 * to_acc(v0[ch]) + w1 * to_acc(v1[ch]) + w2 * to_acc(v2[ch]) +
-                 w3 * to_acc(v3[ch]);
-  }
-  for (int64_t ch = 0; ch < D; ++ch) out[ch] = from_acc<T>(acc[ch]);
-}
-
-template <class T, int DC>
-void forward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>* attn, T* out,
-             int threads) {
-  using A = Acc<T>;
-  const int64_t D = DC ? DC : s.D;
-  const int64_t lp = s.L * s.P, samples = s.M * lp;  // per (n, q, m) and per (n, q)
-  const int64_t pairs = s.N * s.Lq;
-  const SampleTable table(s, sizeof(T));
-  const Knobs k;
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<A> acc(D);
-    std::vector<T> zero_row(D, from_acc<T>(A(0)));
-    Corners<A> c(samples);
-#pragma omp for DDETR_SHARE_ROWS
-    for (int64_t nq = 0; nq < pairs; ++nq) {
-      const T* value_n = value + (nq / s.Lq) * s.S * s.M * s.D;
-      OffMap om;
-      om.zero = byte_distance(value_n, zero_row.data());
-      setup_corners<false>(table, 0, samples, loc + 2 * nq * samples, attn + nq * samples, om,
-                           c);
-      for (int64_t m = 0; m < s.M; ++m)
-        forward_head<T, DC>(D, value_n, c, m * lp, lp, samples, k, acc.data(),
-                            out + (nq * s.M + m) * D);
-    }
-  }
-}
-
 // Per-thread buffers of the backward.
 template <class T> struct BackwardScratch {
   std::vector<T> zero_row;    // read for corners off the map
@@ -539,52 +237,6 @@ template <class T> struct BackwardScratch {
   BackwardScratch(int64_t D, int64_t samples)
       : zero_row(D, from_acc<T>(Acc<T>(0))), dummy(4 * D), g(D), fwd(D), corners(samples) {}
 };
-
-// The L*P samples of one (n, q, m), whose corners start at entry `first` of `c`:
-// first the dots and the scatter, sample by sample over the channels (and, when `out`
-// is not null, the forward's output row from the same corners); then, in one
-// vectorised pass over the samples, their location and attention gradients.
-// go/attn/grad_loc/grad_attn point at this (n, q, m)'s row or first sample.
-template <class T, int DC, bool kOut>
-void backward_head(const MsdaShape& s, const SampleTable& t, int64_t table_first,
-                   const T* value_n, Acc<T>* grad_value_n, BackwardScratch<T>& buf,
-                   int64_t first, int64_t set_up, const Knobs& k, const T* go, const Acc<T>* attn,
-                   Acc<T>* grad_loc, Acc<T>* grad_attn, T* out) {
-  using A = Acc<T>;
-  const int64_t D = DC ? DC : s.D;
-  const int64_t lp = s.L * s.P;
-  Corners<A>& c = buf.corners;
-  // (a fixed-size local for the common head sizes, which the compiler keeps in registers
-  // across the samples; the scratch row for other sizes)
-  A fwd_local[DC ? DC : 1];
-  A* fwd = DC ? fwd_local : buf.fwd.data();
-  sample_pass<T, DC, kOut>(D, value_n, grad_value_n, c, first, lp, set_up, k, go,
-                           buf.g.data(), fwd);
-  if constexpr (kOut)
-    for (int64_t ch = 0; ch < D; ++ch) out[ch] = from_acc<T>(fwd[ch]);
-  const int32_t *h = t.h.data() + table_first, *w = t.w.data() + table_first;
-  const uint8_t* inside = c.inside.data() + first;
-  const A *ly = c.ly.data() + first, *lx = c.lx.data() + first;
-  const A *r0 = c.raw[0].data() + first, *r1 = c.raw[1].data() + first;
-  const A *r2 = c.raw[2].data() + first, *r3 = c.raw[3].data() + first;
-  const A* e = c.dot.data() + 4 * first;
-#pragma omp simd
-  for (int64_t i = 0; i < lp; ++i) {
-    Bilinear<A> b;
-    b.weight[0] = r0[i];
-    b.weight[1] = r1[i];
-    b.weight[2] = r2[i];
-    b.weight[3] = r3[i];
-    b.ly = ly[i];
-    b.lx = lx[i];
-    const A dot[4] = {e[4 * i], e[4 * i + 1], e[4 * i + 2], e[4 * i + 3]};
-    const SampleGrad<A> sg = bilinear_backward(b, dot, attn[i], h[i], w[i]);
-    // explicit zeros off the map: a non-finite attn must not turn them into NaN
-    grad_attn[i] = inside[i] ? sg.attn : A(0);
-    grad_loc[2 * i] = inside[i] ? sg.x : A(0);
-    grad_loc[2 * i + 1] = inside[i] ? sg.y : A(0);
-  }
-}
 
 // Work items of the backward: image n with heads [m0, m1). Heads are split into as
 // few contiguous blocks as give every thread an item, so the corner setup of a
@@ -609,8 +261,8 @@ struct HeadBlocks {
 // hold. So the queries are visited in vertical strips of the largest level, kStripPixels
 // wide, rows top to bottom within a strip, by where their first sample lies (a counting
 // sort on that key). Empty when the call is too small to gain, or the grid would have
-// many more cells than there are queries. Every thread uses the same order whatever the thread count, so
-// the backward stays bitwise reproducible. Measured at E1: about 8% faster (strips of 8
+// many more cells than there are queries. Every thread uses the same order whatever the
+// thread count, so the backward stays bitwise reproducible. Measured at E1: about 8% faster (strips of 8
 // and 32 pixels gained less). The forward keeps the given order, which measured faster
 // there: it reads loc and attn query after query, and no window of scatters is at stake.
 constexpr int64_t kStripPixels = 16;
@@ -642,58 +294,6 @@ std::vector<int64_t> visit_order(const MsdaShape& s, const A* loc, int64_t n) {
   return order;
 }
 
-template <class T, int DC, bool kOut>
-void backward(const MsdaShape& s, const T* value, const Acc<T>* loc, const Acc<T>* attn,
-              const T* grad_out, Acc<T>* grad_value, Acc<T>* grad_loc, Acc<T>* grad_attn,
-              int threads, T* out) {
-  using A = Acc<T>;
-  const int64_t lp = s.L * s.P;
-  const HeadBlocks blocks(s, threads);
-  const SampleTable table(s, sizeof(T));
-  const Knobs k;
-  std::vector<std::vector<int64_t>> orders;  // per image; empty: the given order
-  for (int64_t n = 0; n < s.N; ++n) orders.push_back(visit_order(s, loc, n));
-#pragma omp parallel num_threads(threads)
-  {
-    BackwardScratch<T> buf(s.D, blocks.size * lp);
-    // Whole heads per thread: see the file comment for why this is race-free.
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < s.N * blocks.per_image; ++item) {
-      const int64_t n = item / blocks.per_image;
-      const int64_t m0 = (item % blocks.per_image) * blocks.size;
-      const int64_t m1 = m0 + blocks.size < s.M ? m0 + blocks.size : s.M;
-      const T* value_n = value + n * s.S * s.M * s.D;
-      A* grad_value_n = grad_value + n * s.S * s.M * s.D;
-      OffMap om;
-      om.zero = byte_distance(value_n, buf.zero_row.data());
-      for (int k = 0; k < 4; ++k)
-        om.dummy[k] = byte_distance(grad_value_n, buf.dummy.data() + k * s.D);
-      om.grad_scale = intptr_t(sizeof(A) / sizeof(T));
-      const std::vector<int64_t>& order = orders[n];
-      const auto query = [&](int64_t i) { return order.empty() ? i : order[i]; };
-      for (int64_t i = 0; i < s.Lq; ++i) {
-        const int64_t q = query(i);
-        const int64_t first = ((n * s.Lq + q) * s.M + m0) * lp;  // sample (n, q, m0, 0, 0)
-        if (k.queries_ahead > 0 && i + k.queries_ahead < s.Lq) {
-          const int64_t head = (n * s.Lq + query(i + k.queries_ahead)) * s.M + m0;  // (n, q', m0)
-          prefetch_bytes(loc + 2 * head * lp, (m1 - m0) * lp * 2 * sizeof(A));
-          prefetch_bytes(attn + head * lp, (m1 - m0) * lp * sizeof(A));
-          prefetch_bytes(grad_out + head * s.D, (m1 - m0) * s.D * sizeof(T));
-        }
-        setup_corners<true>(table, m0 * lp, (m1 - m0) * lp, loc + 2 * first, attn + first, om,
-                            buf.corners);
-        for (int64_t m = m0; m < m1; ++m) {
-          const int64_t nqm = (n * s.Lq + q) * s.M + m;
-          backward_head<T, DC, kOut>(s, table, m * lp, value_n, grad_value_n, buf,
-                                     (m - m0) * lp, (m1 - m0) * lp, k, grad_out + nqm * s.D,
-                                     attn + nqm * lp, grad_loc + 2 * nqm * lp,
-                                     grad_attn + nqm * lp, kOut ? out + nqm * s.D : nullptr);
-        }
-      }
-    }
-  }
-}
-
 // Calls fn.template operator()<DC>() with DC = D for the head sizes worth a
 // dedicated instantiation, 0 (runtime D) otherwise.
 template <class Fn> void with_head_size(int64_t D, Fn&& fn) {
@@ -706,6 +306,43 @@ template <class Fn> void with_head_size(int64_t D, Fn&& fn) {
   }
 }
 
+// ---- The per-instruction-set copies of the kernels (msda_cpu_isa.inc).
+namespace msda_generic {
+#define DDETR_MSDA_LEVEL 1
+#include "msda_cpu_isa.inc"
+#undef DDETR_MSDA_LEVEL
+}  // namespace msda_generic
+
+#if defined(DDETR_MSDA_AVX2)
+#if defined(DDETR_MSDA_PER_ISA)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace msda_avx2 {
+#define DDETR_MSDA_LEVEL 2
+#include "msda_cpu_isa.inc"
+#undef DDETR_MSDA_LEVEL
+}  // namespace msda_avx2
+#if defined(DDETR_MSDA_PER_ISA)
+#pragma GCC pop_options
+#endif
+#endif
+
+#if defined(DDETR_MSDA_AVX512)
+#if defined(DDETR_MSDA_PER_ISA)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#endif
+namespace msda_avx512 {
+#define DDETR_MSDA_LEVEL 3
+#include "msda_cpu_isa.inc"
+#undef DDETR_MSDA_LEVEL
+}  // namespace msda_avx512
+#if defined(DDETR_MSDA_PER_ISA)
+#pragma GCC pop_options
+#endif
+#endif
+
 }  // namespace
 
 MsdaCpuTuning msda_cpu_tuning() {
@@ -717,7 +354,15 @@ MsdaCpuTuning msda_cpu_tuning() {
   return t;
 }
 
-int msda_cpu_widest_pass() { return kWidestPass; }
+int msda_cpu_widest_pass() { return widest_pass(); }
+
+bool msda_cpu_per_isa() {
+#if defined(DDETR_MSDA_PER_ISA)
+  return true;
+#else
+  return false;
+#endif
+}
 
 void set_msda_cpu_tuning(const MsdaCpuTuning& t) {
   const std::pair<const char*, int> distances[] = {
@@ -731,11 +376,11 @@ void set_msda_cpu_tuning(const MsdaCpuTuning& t) {
   const int pass = t.vector_pass;
   const bool known = pass == kPassAuto || pass == kPassGeneric || pass == kPassAvx2 ||
                      pass == kPassAvx512;
-  // every pass up to the widest one exists in this build
-  if (!known || (pass != kPassAuto && pass > kWidestPass))
+  // every pass up to the widest one is compiled and runs here
+  if (!known || (pass != kPassAuto && pass > widest_pass()))
     throw std::invalid_argument("vector_pass: " + std::to_string(pass) +
-                                " is not a pass this build has (widest: " +
-                                std::to_string(kWidestPass) + ")");
+                                " is not a pass this build runs on this CPU (widest: " +
+                                std::to_string(widest_pass()) + ")");
   g_corners_ahead_forward = t.corners_ahead_forward;
   g_corners_ahead_backward = t.corners_ahead_backward;
   g_queries_ahead = t.queries_ahead;
@@ -747,11 +392,18 @@ void msda_forward_cpu(const MsdaShape& s, const T* value, const Acc<T>* loc,
                       const Acc<T>* attn, T* out, int num_threads) {
   validate(s);
   if (s.N * s.Lq * s.M * s.D == 0) return;
-  with_head_size(s.D, [&](auto dc) {
-    const int threads = resolve_threads(num_threads, s.N * s.Lq * s.M * s.L * s.P,
-                                        kSerialBelowSamples);
-    forward<T, decltype(dc)::value>(s, value, loc, attn, out, threads);
-  });
+  const int threads =
+      resolve_threads(num_threads, s.N * s.Lq * s.M * s.L * s.P, kSerialBelowSamples);
+  const Knobs k;
+  switch (k.pass) {
+#if defined(DDETR_MSDA_AVX512)
+    case kPassAvx512: return msda_avx512::run_forward(s, value, loc, attn, out, threads, k);
+#endif
+#if defined(DDETR_MSDA_AVX2)
+    case kPassAvx2: return msda_avx2::run_forward(s, value, loc, attn, out, threads, k);
+#endif
+    default: return msda_generic::run_forward(s, value, loc, attn, out, threads, k);
+  }
 }
 
 template <class T>
@@ -760,16 +412,24 @@ void msda_backward_cpu(const MsdaShape& s, const T* value, const Acc<T>* loc,
                        Acc<T>* grad_loc, Acc<T>* grad_attn, int num_threads, T* out) {
   validate(s);
   if (s.N * s.Lq * s.M == 0) return;
-  with_head_size(s.D, [&](auto dc) {
-    const int threads = resolve_threads(num_threads, s.N * s.Lq * s.M * s.L * s.P,
-                                        kSerialBelowSamples);
-    if (out)
-      backward<T, decltype(dc)::value, true>(s, value, loc, attn, grad_out, grad_value,
-                                             grad_loc, grad_attn, threads, out);
-    else
-      backward<T, decltype(dc)::value, false>(s, value, loc, attn, grad_out, grad_value,
-                                              grad_loc, grad_attn, threads, nullptr);
-  });
+  const int threads =
+      resolve_threads(num_threads, s.N * s.Lq * s.M * s.L * s.P, kSerialBelowSamples);
+  const Knobs k;
+  switch (k.pass) {
+#if defined(DDETR_MSDA_AVX512)
+    case kPassAvx512:
+      return msda_avx512::run_backward(s, value, loc, attn, grad_out, grad_value, grad_loc,
+                                       grad_attn, threads, out, k);
+#endif
+#if defined(DDETR_MSDA_AVX2)
+    case kPassAvx2:
+      return msda_avx2::run_backward(s, value, loc, attn, grad_out, grad_value, grad_loc,
+                                     grad_attn, threads, out, k);
+#endif
+    default:
+      return msda_generic::run_backward(s, value, loc, attn, grad_out, grad_value, grad_loc,
+                                        grad_attn, threads, out, k);
+  }
 }
 
 #define DDETR_INSTANTIATE(T)                                                             \

@@ -47,3 +47,31 @@ def test_build_info_names_the_cpu_and_the_kernels_chosen_for_it():
     assert info["gemm_bf16_kernel"] == gemm.bf16_kernel()
     assert info["gemm_int8_kernel"] == gemm.int8_kernel()
     assert gemm.int8_kernel_supported(info["gemm_int8_kernel"])
+
+
+def _cpu_flags() -> set[str]:
+    if not os.path.exists("/proc/cpuinfo"):
+        return set()
+    with open("/proc/cpuinfo") as f:
+        return set(next((ln for ln in f if ln.startswith("flags")), ":").split(":")[1].split())
+
+
+def test_the_deformable_attention_kernels_run_the_widest_loops_this_cpu_has():
+    # Picked at run time from the CPU, in a portable build (DDETR_NATIVE_ARCH=OFF, which CI
+    # also tests) as in a -march=native one: a build for the baseline x86-64 still runs
+    # its AVX2 and AVX-512 copies on CPUs that have them (with GCC on x86).
+    from ddetr._native import msda
+
+    flags = _cpu_flags()
+    if not flags or "sse2" not in flags:
+        pytest.skip("not an x86 CPU with /proc/cpuinfo")
+    info = ddetr.build_info()
+    if not info["cpu_runtime_dispatch"]:
+        pytest.skip("built by a compiler without the per-instruction-set copies: the "
+                    "passes are those the build's flags allow")
+    passes = msda.cpu_passes()
+    avx2 = {"avx2", "fma"} <= flags
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert ("avx2" in passes) == avx2, (passes, info["cpu_arch_flags"])
+    assert ("avx512" in passes) == avx512, (passes, info["cpu_arch_flags"])
+    assert info["msda_tuning"]["passes"] == passes

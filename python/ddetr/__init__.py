@@ -29,7 +29,11 @@ def build_info() -> dict:
 
     Keys: ``version``, ``native`` (the extension imported), ``cuda`` (CUDA kernels
     compiled in), ``cuda_archs``, ``cuda_version``, ``openmp``, ``threads`` (what the
-    CPU kernels use: ``torch.get_num_threads()``), ``cpu_arch_flags``, ``max_levels``,
+    CPU kernels use: ``torch.get_num_threads()``), ``cpu_arch_flags`` (the build's
+    instruction-set flags: "-march=native", or "" for a portable build),
+    ``cpu_runtime_dispatch`` (the CPU deformable-attention kernels carry a copy per
+    instruction set and run the widest this CPU has, whatever ``cpu_arch_flags``; False
+    only for compilers other than GCC, whose build flags decide), ``max_levels``,
     ``blas`` (the OpenBLAS kernels the CPU linear layers run, by OpenBLAS's name, e.g.
     "SkylakeX"; "" when OpenBLAS is not available; asking loads it), ``gemm_bf16_kernel``
     and ``gemm_int8_kernel`` (the kernels the bfloat16 layers and the int8 linears run on

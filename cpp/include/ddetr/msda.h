@@ -56,9 +56,11 @@ void msda_backward_cpu(const MsdaShape& shape, const T* value, const Acc<T>* loc
 // machine (python/ddetr/ops/msda_tuning.py measures them): how many samples ahead the
 // forward and the backward prefetch the corners they gather (and scatter), and how many
 // queries ahead the backward prefetches its loc, attn and grad_out rows; 0 = none.
-// `vector_pass` picks the per-sample channel loops of the forward and the backward:
-// kPassAuto (the widest this build has), kPassGeneric (the portable loops), kPassAvx2,
-// kPassAvx512; a pass the build lacks is refused by set_msda_cpu_tuning. The passes add
+// `vector_pass` picks the copy of the kernels a call runs (each compiled for its
+// instruction set, with its own per-sample channel loops): kPassAuto (the widest this
+// build has and this CPU runs), kPassGeneric (the portable loops, the build's flags),
+// kPassAvx2, kPassAvx512; a pass the build lacks or the CPU cannot run is refused by
+// set_msda_cpu_tuning. The passes add
 // the corners in a different order, so forcing one is for tests; each is bitwise the
 // same at any thread count, and its forward equals its backward's forward row.
 enum MsdaPass : int { kPassAuto = 0, kPassGeneric = 1, kPassAvx2 = 2, kPassAvx512 = 3 };
@@ -72,11 +74,16 @@ MsdaCpuTuning msda_cpu_tuning();
 // Throws std::invalid_argument naming the field: distances outside [0, 256], a pass
 // that is not one of the above or that this build does not have.
 void set_msda_cpu_tuning(const MsdaCpuTuning& tuning);
-// The pass kPassAuto resolves to in this build (kPassAvx512, kPassAvx2 or kPassGeneric).
+// The pass kPassAuto resolves to here: the widest this build has and this CPU runs
+// (kPassAvx512, kPassAvx2 or kPassGeneric).
 int msda_cpu_widest_pass();
+// Whether the CPU kernels were compiled once per instruction set (GCC on x86), so that
+// the passes a CPU runs do not depend on the build's -march; otherwise a build has the
+// passes its flags allow.
+bool msda_cpu_per_isa();
 
-// CUDA launchers (cuda/msda_forward.cu, cuda/msda_backward*.cu). `stream` is a cudaStream_t passed as an
-// integer so this header stays free of CUDA includes; `device` is the CUDA
+// CUDA launchers (cuda/msda_forward.cu, cuda/msda_backward*.cu). `stream` is a
+// cudaStream_t passed as an integer so this header stays free of CUDA includes; `device` is the CUDA
 // device index the pointers live on. Both throw std::runtime_error on CUDA errors.
 // loc, attn, grad_value, grad_loc and grad_attn are float for f32/f16/bf16 and
 // double for f64.
