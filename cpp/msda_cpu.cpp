@@ -141,12 +141,12 @@ std::atomic<int> g_vector_pass{kPassAuto};
 // Whether this CPU (and its OS, which must save the wider registers) runs a pass; the
 // same feature lists as the #pragma GCC target lines below.
 bool cpu_runs(int pass) {
-#if defined(__GNUC__) || defined(__clang__)
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                       __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-#else  // no run-time check: the copies the build's flags allow
+#else  // no run-time check (or not x86: no such copies): the copies the build has
   const bool avx2 = true, avx512 = true;
 #endif
   if (pass == kPassAvx512) return avx512;
