@@ -33,6 +33,18 @@ def test_help_documents_every_flag(capsys):
         assert flag in text
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "export", "compress", "plot",
+                                     "tune"])
+def test_every_help_page_prints_clean_text(command, capsys):
+    # argparse %-formats each flag's help but not a command's description: a "%%" written
+    # for one shows literally in the other
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = capsys.readouterr().out
+    assert f"usage: ddetr {command}" in text
+    assert "%%" not in text and "%(" not in text
+
+
 def test_train_prints_coco_numbers(trained):
     tmp_path, out, printed = trained
     assert "no dataset given" in printed

@@ -229,7 +229,7 @@ def _add_tune_parser(sub) -> None:
     tune = sub.add_parser(
         "tune", help="measure the CPU kernels' prefetch distances on this machine",
         description="Time the CPU multi-scale deformable attention kernels at an encoder-"
-                    "sized call with several prefetch distances (a candidate must be 3%% "
+                    "sized call with several prefetch distances (a candidate must be 3% "
                     "faster to replace the default), and save the best for this CPU and "
                     "build in $DDETR_CACHE/msda_tuning.json (~/.cache/ddetr), where every "
                     "later 'import ddetr' on this machine applies them. No setting "
