@@ -160,6 +160,10 @@ def test_environment_variable_is_applied_at_import(tmp_path):
     assert (info["queries_ahead"], info["vector_pass"], info["source"]) == (9, "generic", "env")
     bad = _import_info({"DDETR_MSDA_TUNING": "queries_ahead=far"})
     assert bad.returncode != 0 and "DDETR_MSDA_TUNING: queries_ahead expects an int" in bad.stderr
+    # a pass this CPU cannot run (or no pass at all) is refused naming the variable
+    bad = _import_info({"DDETR_MSDA_TUNING": "vector_pass=sse"})
+    assert bad.returncode != 0
+    assert "DDETR_MSDA_TUNING: vector_pass: expected one of" in bad.stderr, bad.stderr[-500:]
 
 
 def test_tune_saves_per_machine_and_import_applies_it(tmp_path, monkeypatch, tuning):

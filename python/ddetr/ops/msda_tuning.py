@@ -87,8 +87,8 @@ def set_msda_tuning(**settings) -> dict:
         if name == "vector_pass":
             allowed = ["auto", *msda.cpu_passes()]
             if value not in allowed:
-                raise ValueError(f"vector_pass: expected one of {allowed} (this build), "
-                                 f"got {value!r}")
+                raise ValueError(f"vector_pass: expected one of {allowed} (what this build "
+                                 f"runs on this CPU), got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
             raise ValueError(f"{name}: expected an int in [0, 256], got {value!r}")
     current.update(settings)
@@ -140,7 +140,11 @@ def apply_saved() -> str:
         _source = "default"
         return _source
     if text:
-        set_msda_tuning(**_parse_env(text))
+        try:
+            set_msda_tuning(**_parse_env(text))
+        except ValueError as e:  # name the variable the setting came from
+            message = str(e)
+            raise ValueError(message if message.startswith(ENV) else f"{ENV}: {message}") from None
         _source = "env"
         return _source
     entry = _read_cache().get(machine_key())
@@ -245,7 +249,8 @@ def tune_msda(image: tuple[int, int] = (800, 1333), repeats: int = 7, save: bool
     _source = "tuned"
     result = {"settings": {k: base[k] for k in DISTANCES}, "times_ms": times,
               "machine": machine_key(), "threads": torch.get_num_threads(),
-              "image": list(image), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "image": list(image),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if save:
         saved = _read_cache()
         saved[machine_key()] = result
