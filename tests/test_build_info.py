@@ -30,14 +30,18 @@ def test_build_info_names_the_openblas_kernels_in_use():
         assert core.lower() == forced.lower()
 
 
+def _cpu_flags() -> set[str]:
+    if not os.path.exists("/proc/cpuinfo"):
+        return set()
+    with open("/proc/cpuinfo") as f:
+        return set(next((ln for ln in f if ln.startswith("flags")), ":").split(":")[1].split())
+
+
 def test_build_info_names_the_cpu_and_the_kernels_chosen_for_it():
     from ddetr._native import gemm
 
     info = ddetr.build_info()
-    flags = set()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((ln for ln in f if ln.startswith("flags")), ":").split(":")[1].split())
+    flags = _cpu_flags()
     # "<name> (family F model M; ext ext ...)": every extension the CPU reports is named,
     # and none it lacks
     listed = set(info["cpu"].rsplit(";", 1)[-1].rstrip(")").split())
@@ -47,13 +51,6 @@ def test_build_info_names_the_cpu_and_the_kernels_chosen_for_it():
     assert info["gemm_bf16_kernel"] == gemm.bf16_kernel()
     assert info["gemm_int8_kernel"] == gemm.int8_kernel()
     assert gemm.int8_kernel_supported(info["gemm_int8_kernel"])
-
-
-def _cpu_flags() -> set[str]:
-    if not os.path.exists("/proc/cpuinfo"):
-        return set()
-    with open("/proc/cpuinfo") as f:
-        return set(next((ln for ln in f if ln.startswith("flags")), ":").split(":")[1].split())
 
 
 def test_the_deformable_attention_kernels_run_the_widest_loops_this_cpu_has():
