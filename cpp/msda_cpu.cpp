@@ -267,8 +267,9 @@ struct HeadBlocks {
 // sort on that key). Empty when the call is too small to gain, or the grid would have
 // many more cells than there are queries. Every thread uses the same order whatever the
 // thread count, so the backward stays bitwise reproducible. Measured at E1: about 8%
-// faster (strips of 8 and 32 pixels gained less). The forward keeps the given order, which measured faster
-// there: it reads loc and attn query after query, and no window of scatters is at stake.
+// faster (strips of 8 and 32 pixels gained less). The forward keeps the given order,
+// which measured faster there: it reads loc and attn query after query, and no window of
+// scatters is at stake.
 constexpr int64_t kStripPixels = 16;
 constexpr int64_t kReorderMinQueries = 1024;
 

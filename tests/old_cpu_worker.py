@@ -16,17 +16,15 @@ import ddetr
 from ddetr import DeformableDetr
 from ddetr._native import gemm, msda
 from ddetr.ops import ms_deform_attn, ms_deform_attn_reference
+from tests.ops.msda_cases import Case, make_inputs
+
+# D = 32: the AVX2 and AVX-512 copies run their vector loops
+CASE = Case(((9, 11), (5, 6)), n=2, m=4, d=32, lq=7, p=3)
 
 
 def check_msda() -> None:
-    torch.manual_seed(0)
-    shapes = torch.tensor([[9, 11], [5, 6]])
-    start = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
-    s = int(shapes.prod(1).sum())
-    value = torch.randn(2, s, 4, 32, dtype=torch.float64)
-    # (N, Lq, M, L, P, 2), some points off the map
-    loc = torch.rand(2, 7, 4, 2, 3, 2, dtype=torch.float64) * 1.2 - 0.1
-    attn = torch.rand(2, 7, 4, 2, 3, dtype=torch.float64).softmax(-1)
+    # points inside and outside the maps
+    value, shapes, start, loc, attn = make_inputs(CASE, torch.float64, kind="random")
     # The reference in float64 only: under qemu, torch's own float32 grid_sample
     # (AVX2 gathers) was measured wrong while its float64 path was right.
     leaves64 = [t.clone().requires_grad_() for t in (value, loc, attn)]

@@ -83,8 +83,8 @@ int msda_cpu_widest_pass();
 bool msda_cpu_per_isa();
 
 // CUDA launchers (cuda/msda_forward.cu, cuda/msda_backward*.cu). `stream` is a
-// cudaStream_t passed as an integer so this header stays free of CUDA includes; `device` is the CUDA
-// device index the pointers live on. Both throw std::runtime_error on CUDA errors.
+// cudaStream_t passed as an integer so this header stays free of CUDA includes; `device`
+// is the CUDA device index the pointers live on. Both throw std::runtime_error on CUDA errors.
 // loc, attn, grad_value, grad_loc and grad_attn are float for f32/f16/bf16 and
 // double for f64.
 void msda_forward_cuda(DType dtype, const MsdaShape& shape, const void* value, const void* loc,

@@ -140,11 +140,11 @@ def apply_saved() -> str:
         _source = "default"
         return _source
     if text:
+        settings = _parse_env(text)  # (its errors name the variable)
         try:
-            set_msda_tuning(**_parse_env(text))
+            set_msda_tuning(**settings)
         except ValueError as e:  # name the variable the setting came from
-            message = str(e)
-            raise ValueError(message if message.startswith(ENV) else f"{ENV}: {message}") from None
+            raise ValueError(f"{ENV}: {e}") from None
         _source = "env"
         return _source
     entry = _read_cache().get(machine_key())
